@@ -1,0 +1,19 @@
+"""lenetlab: regularised LeNet-5 networks on Fashion-MNIST, trained fast and reported honestly.
+
+The original study's API is kept: LeNet5V1, train_model, MODEL_PATH, MODEL_SAVE_PATHS,
+plus make_dataloaders() to build its three DataLoaders from the local data.
+"""
+
+from .compat import make_dataloaders, train_model
+from .data import CLASS_NAMES, load_fashion_mnist, make_splits
+from .errors import DataError, LenetlabError, RunDirError, SpecError, WeightsError
+from .model import LeNet5V1, detect_flags, load_weights
+from .recipes import MODEL_PATH, MODEL_SAVE_PATHS, RECIPES, Recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLASS_NAMES", "MODEL_PATH", "MODEL_SAVE_PATHS", "RECIPES", "DataError", "LeNet5V1",
+    "LenetlabError", "Recipe", "RunDirError", "SpecError", "WeightsError", "detect_flags",
+    "load_fashion_mnist", "load_weights", "make_dataloaders", "make_splits", "train_model",
+]

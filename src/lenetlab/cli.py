@@ -1,0 +1,345 @@
+"""The `lenetlab` command: variants, train, evaluate, study, sweep, report.
+
+Every error a user can cause (bad option, bad file, bad run folder) ends as one
+line on stderr and exit status 2; Ctrl-C during a study says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LenetlabError, SpecError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _list_of(kind):
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"--device {name}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SpecError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return name
+
+
+def _quiet(args) -> bool:
+    return args.quiet or not sys.stderr.isatty()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_variants(args) -> int:
+    from .recipes import RECIPES, file_name
+
+    print(f"{'variant':<18} {'dropout':>7} {'bn':>3} {'epochs':>6} {'batch':>5} {'lr':>7} "
+          f"{'wd':>7} {'optim':>5}  file")
+    for r in RECIPES.values():
+        print(f"{r.name:<18} {r.dropout_rate if r.use_dropout else '-':>7} "
+              f"{'yes' if r.use_batch_norm else '-':>3} {r.epochs:>6} {r.batch_size:>5} "
+              f"{r.lr:>7g} {r.weight_decay:>7g} {r.optimizer:>5}  {file_name(r.name)}")
+    print("l2_optimized trains from scratch; --warm-start continues the trained l2_regularization "
+          "model instead, as the original did.")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import time
+
+    import torch
+
+    from . import files
+    from .data import load_fashion_mnist, make_splits
+    from .evaluation import evaluate
+    from .provenance import library_versions, machine_info
+    from .recipes import describe_start, file_name, get_recipe
+    from .training import train_trial
+
+    recipe = get_recipe(args.variant, args.warm_start)
+    changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                 ("lr", args.lr), ("weight_decay", args.weight_decay))
+               if v is not None}
+    recipe = recipe.with_changes(**changes)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
+    splits = make_splits(data, args.split_seed, device, args.train_subset)
+    echo = (lambda line: None) if args.quiet else print
+    echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on {device}, "
+         f"{len(splits.train_x)} training images")
+    started = time.perf_counter()
+    output = train_trial(recipe, args.seed, splits, progress=not _quiet(args), log=echo)
+    seconds = time.perf_counter() - started
+    test = evaluate(output.model, splits.test_x, splits.test_y)
+    out = Path(args.out) / file_name(recipe.name)
+    files.torch_save({k: v.cpu() for k, v in output.model.state_dict().items()}, out)
+    files.write_json(out.with_suffix(".json"), {
+        "variant": recipe.name, "seed": args.seed, "recipe": recipe.to_dict(),
+        "start": describe_start(recipe), "split_seed": args.split_seed,
+        "train_subset": args.train_subset, "metrics": output.history,
+        "test_accuracy": test.accuracy, "data_sha256": data.checksums,
+        "versions": library_versions(), "machine": machine_info(device),
+        "threads": torch.get_num_threads(), "wall_time_s": seconds,
+    })
+    final = {r["split"]: r["accuracy"] for r in output.history if r["epoch"] == output.history[-1]["epoch"]}
+    print(f"{recipe.name}: train {final['train']:.4f}  val {final['val']:.4f}  "
+          f"test {test.accuracy:.4f}  ({seconds:.0f} s)  saved {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import CLASS_NAMES, load_fashion_mnist, normalise
+    from .evaluation import evaluate
+    from .model import architecture_name, load_weights
+
+    model = load_weights(args.weights)
+    device = resolve_device(args.device)
+    data = load_fashion_mnist(args.data_dir, quiet=True)
+    x, y = normalise(data.test_images).to(device), data.test_labels.to(device)
+    result = evaluate(model.to(device), x, y)
+    variant = architecture_name(model.use_dropout, model.use_batch_norm)
+    if args.json:
+        print(json.dumps({"weights": str(args.weights), "variant": variant,
+                          "use_dropout": model.use_dropout, "use_batch_norm": model.use_batch_norm,
+                          "test_accuracy": result.accuracy, "test_loss": result.loss,
+                          "per_class_accuracy": dict(zip(CLASS_NAMES, result.per_class_accuracy)),
+                          "confusion_matrix": result.confusion_matrix,
+                          "classes": list(CLASS_NAMES)}))
+        return 0
+    print(f"{args.weights}: LeNet5V1(use_dropout={model.use_dropout}, "
+          f"use_batch_norm={model.use_batch_norm}) [{variant}]")
+    print(f"test accuracy {result.accuracy:.4f}  (loss {result.loss:.4f}, 10,000 images)")
+    for name, acc in zip(CLASS_NAMES, result.per_class_accuracy):
+        print(f"  {name:<12} {acc:.4f}")
+    return 0
+
+
+def _run_options(args) -> dict:
+    return {"device": resolve_device(args.device), "split_seed": args.split_seed,
+            "train_subset": args.train_subset, "threads": args.threads}
+
+
+def _start_or_resume(args, kind: str, make_plan) -> int:
+    import os
+
+    from .engines import default_workers
+    from .study import create_run, execute, load_plan, new_run_dir
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        plan = load_plan(run_dir)
+    else:
+        run_dir, plan_args = make_plan()
+        options = _run_options(args)
+        workers = args.workers or default_workers(options["device"])
+        if options["threads"] is None:  # share the cores between the workers
+            options["threads"] = max(1, (os.cpu_count() or 1) // workers)
+        options.update(engine=args.engine, workers=workers)
+        plan = create_run(run_dir, kind, *plan_args, options=options)
+    echo = (lambda line: None) if args.quiet else print
+    try:
+        summary = execute(run_dir, plan, args.engine, args.address, args.workers or
+                          plan["options"].get("workers"), args.data_dir, args.quiet, echo)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials and each running trial's last epoch are saved; "
+              f"resume with: lenetlab {kind} --resume {run_dir}", file=sys.stderr)
+        return 130
+    failed = sum(len(c["failed"]) for c in summary["configs"])
+    print(f"{kind} {run_dir}: {sum(len(c['completed_seeds']) for c in summary['configs'])} "
+          f"trial(s) done, {failed} failed; report: {run_dir / 'report.md'}")
+    if summary["best"]:
+        best = next(c for c in summary["configs"] if c["name"] == summary["best"]["name"])
+        print(f"best: {best['name']} test accuracy {best['final']['test']['mean']:.4f} "
+              f"(mean of {best['final']['test']['n']} seed(s))")
+    if failed:
+        print(f"resume the failed trials with: lenetlab {kind} --resume {run_dir}")
+    return 1 if failed else 0
+
+
+def cmd_study(args) -> int:
+    from .recipes import RECIPES
+    from .study import new_run_dir, study_configs
+    from .sweep import parse_seeds
+
+    def make_plan():
+        variants = args.variants or list(RECIPES)
+        for name in variants:
+            if name not in RECIPES:
+                raise SpecError(f"--variants: unknown variant {name!r} (choose from {', '.join(RECIPES)})")
+        configs = study_configs(variants, args.epochs_scale, args.warm_start)
+        reference = "baseline" if "baseline" in variants else None
+        return new_run_dir(args.out, args.name, "study"), (configs, parse_seeds(args.seeds), reference)
+
+    return _start_or_resume(args, "study", make_plan)
+
+
+def cmd_sweep(args) -> int:
+    from .study import new_run_dir
+    from .sweep import expand, load_spec
+
+    def make_plan():
+        if args.spec:
+            name, seeds, configs = load_spec(args.spec)
+        else:
+            spec = {"seeds": args.seeds, "grid": {}}
+            for key in ("variant", "weight_decay", "dropout_rate", "epochs", "batch_size", "lr",
+                        "optimizer"):
+                values = getattr(args, key)
+                if values:
+                    spec["grid"][key] = values
+            name, seeds, configs = expand(spec)
+        reference = next((n for n, _ in configs if n == "baseline"), None)
+        return new_run_dir(args.out, args.name or name, "sweep"), (configs, seeds, reference)
+
+    return _start_or_resume(args, "sweep", make_plan)
+
+
+def cmd_report(args) -> int:
+    from .report import render_report
+
+    path = render_report(Path(args.run_dir))
+    print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
+                   "(default: $LENETLAB_DATA, then the cache, downloading if needed)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    _add_data_options(p)
+    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", help="run folder name (default: derived from the time)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run: skip what finished")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local process pool (default) or ray")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--workers", type=_positive_int, help="trials at a time (default: one per core)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch threads per trial (default: cores / workers)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only "
+                   "(quick checks)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lenetlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("variants", help="list the study's recipes")
+    p.set_defaults(func=cmd_variants)
+
+    p = sub.add_parser("train", help="train one variant and save its weights")
+    p.add_argument("variant")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--weight-decay", type=_non_negative_float)
+    p.add_argument("--warm-start", action="store_true",
+                   help="l2_optimized: continue the trained l2_regularization model, as the original")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
+    p.add_argument("--out", default="models", help="folder for the weights (default: models)")
+    p.add_argument("--quiet", action="store_true")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test accuracy, per class, of a weights file")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("study", help="the whole comparison: every variant over several seeds")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per variant (default 3)")
+    p.add_argument("--variants", type=_list_of(str), help="comma-separated (default: all five)")
+    p.add_argument("--epochs-scale", type=_positive_float, default=1.0,
+                   help="multiply every recipe's epochs (quick runs)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="l2_optimized continues the trained L2 model, as the original")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("sweep", help="a grid over recipe fields, each over several seeds")
+    p.add_argument("spec", nargs="?", help="a TOML spec (see lenetlab.sweep); or use the flags")
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--variant", type=_list_of(str))
+    p.add_argument("--weight-decay", type=_list_of(_non_negative_float))
+    p.add_argument("--dropout-rate", type=_list_of(_non_negative_float))
+    p.add_argument("--epochs", type=_list_of(_positive_int))
+    p.add_argument("--batch-size", type=_list_of(_positive_int))
+    p.add_argument("--lr", type=_list_of(_positive_float))
+    p.add_argument("--optimizer", type=_list_of(str))
+    _add_run_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="render tables, plots and report.md again from a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LenetlabError as exc:
+        print(f"lenetlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlenetlab: interrupted", file=sys.stderr)
+        return 130

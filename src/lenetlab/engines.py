@@ -1,0 +1,143 @@
+"""Where trials run: a local process pool (default) or a Ray cluster.
+
+Trials are independent, so on one machine the fastest way to use every core is
+several single-threaded processes side by side rather than one process with
+many threads (LeNet-5's layers are too small to keep many threads busy). Each
+local worker is a fresh process per trial, started from a forkserver that has
+already imported torch; a worker that dies (killed, out of memory) costs only
+its own trial, which is recorded as failed.
+
+Ray is the engine past one machine: each trial is a Ray task, the data set is
+put in the object store once, and results come back to this process, which
+writes them into the run folder as they finish.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from .data import FashionMNIST, load_fashion_mnist
+from .errors import SpecError
+from .trials import (checkpoint_path, execute_trial, record_failure, record_trial,
+                     trial_result_path)
+
+OnDone = Callable[[dict], None]
+OnStart = Callable[[dict], None]
+
+
+def default_workers(device: str) -> int:
+    """One worker per core on CPU; one on a GPU, where a single process already fills the queue."""
+    return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker if the study process dies (kill -9 included)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _local_worker(trial: dict, run_dir: str, options: dict) -> None:
+    """Entry point of a local worker process: one trial, its files written here."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for everyone
+    run = Path(run_dir)
+    try:
+        data = load_fashion_mnist(options["data_dir"], download=False, quiet=True)
+        outcome = execute_trial(trial, data, options, checkpoint_path(run, trial))
+        record_trial(run, outcome, data.checksums)
+    except Exception as exc:  # a failed trial is reported, the others go on
+        record_failure(run, trial, f"{type(exc).__name__}: {exc}")
+
+
+def _read_result(run_dir: Path, trial: dict) -> dict | None:
+    import json
+
+    try:
+        return json.loads(trial_result_path(run_dir, trial).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_local(trials: list[dict], run_dir: Path, options: dict, workers: int,
+              on_start: OnStart, on_done: OnDone) -> None:
+    """Run trials in at most `workers` processes at a time; call on_done with each result."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["lenetlab.trials"])
+    pending = list(trials)
+    running: dict[int, tuple] = {}  # sentinel -> (process, trial)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                trial = pending.pop(0)
+                # Drop a stale result of an earlier try so that only this run's file counts.
+                trial_result_path(run_dir, trial).unlink(missing_ok=True)
+                process = context.Process(target=_local_worker, args=(trial, str(run_dir), options),
+                                          name=f"lenetlab-{trial['key']}")
+                process.start()
+                running[process.sentinel] = (process, trial)
+                on_start(trial)
+            for sentinel in wait(list(running)):
+                process, trial = running.pop(sentinel)
+                process.join()
+                result = _read_result(run_dir, trial)
+                if result is None:
+                    code = process.exitcode
+                    how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
+                    result = record_failure(run_dir, trial, f"worker died ({how})")
+                on_done(result)
+    finally:
+        for process, _ in running.values():
+            process.kill()
+            process.join()
+
+
+def _ray_trial(trial: dict, data: FashionMNIST, options: dict, checkpoint: str) -> dict:
+    """A Ray task: train one trial where Ray placed it; checkpoint if the run folder is reachable."""
+    path = Path(checkpoint)
+    usable = path.parent.is_dir() and os.access(path.parent, os.W_OK)
+    return execute_trial(trial, data, options, path if usable else None)
+
+
+def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | None,
+            workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone) -> None:
+    """Run trials as Ray tasks on the cluster at address, or on a local Ray instance."""
+    try:
+        import ray
+    except ImportError:
+        raise SpecError("--engine ray needs Ray: pip install 'lenetlab[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        init = {"address": address} if address else {"num_cpus": workers * options["threads"]}
+        ray.init(**init, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, ignore_reinit_error=True)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        data_ref = ray.put(data)  # shipped to the object store once, shared by every task
+        task = ray.remote(num_cpus=options["threads"], max_retries=0)(_ray_trial)
+        futures = {}
+        for trial in trials:
+            trial_result_path(run_dir, trial).unlink(missing_ok=True)
+            futures[task.remote(trial, data_ref, options, str(checkpoint_path(run_dir, trial)))] = trial
+            on_start(trial)
+        while futures:
+            done, _ = ray.wait(list(futures), num_returns=1)
+            trial = futures.pop(done[0])
+            try:
+                result = record_trial(run_dir, ray.get(done[0]), data.checksums)
+            except Exception as exc:  # RayTaskError, WorkerCrashedError, ...
+                message = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                result = record_failure(run_dir, trial, f"{type(exc).__name__}: {message}")
+            on_done(result)
+    finally:
+        if started_here:
+            ray.shutdown()

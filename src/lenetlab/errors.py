@@ -1,0 +1,21 @@
+"""Typed errors. The CLI turns each into one line on stderr and exit status 2."""
+
+
+class LenetlabError(Exception):
+    """Base class: bad input from outside (a file, an option, a run folder)."""
+
+
+class DataError(LenetlabError):
+    """The Fashion-MNIST files are missing, truncated, corrupt or mismatched."""
+
+
+class WeightsError(LenetlabError):
+    """A weights file is missing or is not a LeNet5V1 state_dict."""
+
+
+class RunDirError(LenetlabError):
+    """A run folder is missing, is not a lenetlab run, or is damaged."""
+
+
+class SpecError(LenetlabError):
+    """A sweep specification or option value is malformed."""

@@ -1,0 +1,51 @@
+"""Accuracy, loss, per-class accuracy and the confusion matrix of a model on one split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import CLASS_NAMES
+from .model import LeNet5V1, fast_forward
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+
+    def to_dict(self) -> dict:
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "per_class_accuracy": dict(zip(CLASS_NAMES, self.per_class_accuracy)),
+            "confusion_matrix": self.confusion_matrix,
+        }
+
+
+@torch.inference_mode()
+def evaluate(model: LeNet5V1, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 2000) -> Evaluation:
+    """Evaluate in eval mode (dropout off, batch-norm running statistics) in large batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    confusion = torch.zeros(100, dtype=torch.long, device=x.device)
+    for start in range(0, len(x), batch_size):
+        logits = fast_forward(model, x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum")
+        confusion += torch.bincount(target * 10 + logits.argmax(1), minlength=100)
+    model.train(was_training)
+    matrix = confusion.view(10, 10).cpu()
+    per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
+    return Evaluation(
+        loss=loss_sum.item() / max(len(x), 1),
+        accuracy=matrix.diag().sum().item() / max(len(x), 1),
+        per_class_accuracy=per_class,
+        confusion_matrix=matrix.tolist(),
+    )

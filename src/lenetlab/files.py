@@ -1,0 +1,44 @@
+"""Atomic writes: a temporary file in the same folder, then a rename.
+
+A run killed at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call write(handle) on a temporary file beside path, then rename it to path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8",
+                                                                            "newline": ""})) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda handle: json.dump(obj, handle, indent=2, sort_keys=False))
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)

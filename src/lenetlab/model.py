@@ -1,0 +1,202 @@
+"""LeNet5V1 exactly as the original study built it, plus a faster forward pass for training.
+
+The module layout (two nn.Sequential attributes, layers appended in a fixed order,
+optional layers shifting the indices of later ones) is what makes weights saved by
+the original code load here unchanged, so it must not change. See
+shared/spec/facts.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WeightsError
+
+
+class LeNet5V1(nn.Module):
+    """LeNet-5 with tanh and average pooling; optional dropout and batch normalisation."""
+
+    def __init__(self, use_dropout: bool = False, use_batch_norm: bool = False,
+                 dropout_rate: float = 0.5) -> None:
+        super().__init__()
+        self.use_dropout = use_dropout
+        self.use_batch_norm = use_batch_norm
+        feature: list[nn.Module] = [nn.Conv2d(1, 6, kernel_size=5, stride=1, padding=2)]
+        if use_batch_norm:
+            feature.append(nn.BatchNorm2d(6))
+        feature += [nn.Tanh(), nn.AvgPool2d(kernel_size=2, stride=2),
+                    nn.Conv2d(6, 16, kernel_size=5, stride=1)]
+        if use_batch_norm:
+            feature.append(nn.BatchNorm2d(16))
+        feature += [nn.Tanh(), nn.AvgPool2d(kernel_size=2, stride=2)]
+        classifier: list[nn.Module] = [nn.Flatten(), nn.Linear(16 * 5 * 5, 120)]
+        if use_dropout:
+            classifier.append(nn.Dropout(dropout_rate))
+        classifier += [nn.Tanh(), nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, 10)]
+        self.feature = nn.Sequential(*feature)
+        self.classifier = nn.Sequential(*classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.feature(x))
+
+
+def architecture_name(use_dropout: bool, use_batch_norm: bool) -> str:
+    """A short name for a flag combination, as `evaluate` reports it."""
+    parts = [name for name, on in (("dropout", use_dropout), ("batch_norm", use_batch_norm)) if on]
+    return "+".join(parts) or "baseline"
+
+
+def expected_shapes(use_dropout: bool, use_batch_norm: bool) -> dict[str, tuple[int, ...]]:
+    """The state_dict keys and shapes of one flag combination."""
+    return {k: tuple(v.shape) for k, v in LeNet5V1(use_dropout, use_batch_norm).state_dict().items()}
+
+
+def detect_flags(state_dict: dict) -> tuple[bool, bool]:
+    """Tell (use_dropout, use_batch_norm) from a state_dict's keys alone.
+
+    Batch norm adds `feature.1.*`; dropout has no weights but shifts the second
+    linear layer from `classifier.3` to `classifier.4`. Raises WeightsError when the
+    keys or shapes fit no combination.
+    """
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise WeightsError("not a state_dict (expected a mapping of names to tensors)")
+    use_batch_norm = "feature.1.weight" in state_dict
+    use_dropout = "classifier.4.weight" in state_dict
+    expected = expected_shapes(use_dropout, use_batch_norm)
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("wrong shape", wrong)) if keys
+        )
+        raise WeightsError(f"not a LeNet5V1 state_dict ({detail})")
+    return use_dropout, use_batch_norm
+
+
+def load_weights(path: str | Path) -> LeNet5V1:
+    """Load a .pth state_dict (weights_only) into a LeNet5V1 of the right variant, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not its own
+        detail = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+        raise WeightsError(f"{path}: not a torch weights file ({type(exc).__name__}"
+                           f"{': ' + detail if detail else ''})") from None
+    try:
+        use_dropout, use_batch_norm = detect_flags(state_dict)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    model = LeNet5V1(use_dropout=use_dropout, use_batch_norm=use_batch_norm)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------
+# The fast forward pass used by lenetlab's own training and evaluation.
+#
+# On CPU, PyTorch's tanh and average-pooling kernels are slow for these small
+# maps (tanh took 3x as long as sigmoid here). The functions below compute the
+# same values through faster kernels; the module above still uses nn.Tanh and
+# nn.AvgPool2d so that `model(x)` behaves exactly as in the original.
+# ---------------------------------------------------------------------------
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh(x) = 2 * sigmoid(2x) - 1, with the usual 1 - y^2 backward (|error| < 1e-6)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """2x2 average pooling, stride 2, as four strided adds; backward spreads a quarter each."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return (x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2]
+                + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]).mul_(0.25)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, c, h, w = grad.shape
+        return (grad * 0.25)[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x) if x.is_cuda else _Tanh.apply(x)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2) if x.is_cuda else _AvgPool2x2.apply(x)
+
+
+class _Layers(NamedTuple):
+    conv1: nn.Conv2d
+    bn1: nn.BatchNorm2d | None
+    conv2: nn.Conv2d
+    bn2: nn.BatchNorm2d | None
+    fc1: nn.Linear
+    dropout: nn.Dropout | None
+    fc2: nn.Linear
+    fc3: nn.Linear
+
+
+def _layers(model: LeNet5V1) -> _Layers:
+    f, c = model.feature, model.classifier
+    bn = 1 if model.use_batch_norm else 0
+    dr = 1 if model.use_dropout else 0
+    return _Layers(f[0], f[1] if bn else None, f[3 + bn], f[4 + bn] if bn else None,
+                   c[1], c[2] if dr else None, c[3 + dr], c[5 + dr])
+
+
+def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool) -> torch.Tensor:
+    if training:
+        bn.num_batches_tracked.add_(1)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                        training, bn.momentum, bn.eps)
+
+
+def fast_forward(model: LeNet5V1, x: torch.Tensor,
+                 dropout_generator: torch.Generator | None = None) -> torch.Tensor:
+    """The logits of model(x), computed with the faster kernels above.
+
+    In training mode the dropout mask is drawn from dropout_generator, so a run's
+    randomness is fully determined by its seed and can be replayed on resume.
+    """
+    L = _layers(model)
+    h = F.conv2d(x, L.conv1.weight, L.conv1.bias, padding=2)
+    if L.bn1 is not None:
+        h = _batch_norm(h, L.bn1, model.training)
+    h = _pool(_tanh(h))
+    h = F.conv2d(h, L.conv2.weight, L.conv2.bias)
+    if L.bn2 is not None:
+        h = _batch_norm(h, L.bn2, model.training)
+    h = _pool(_tanh(h)).flatten(1)
+    h = F.linear(h, L.fc1.weight, L.fc1.bias)
+    if L.dropout is not None and model.training and L.dropout.p > 0:
+        keep = torch.rand(h.shape, generator=dropout_generator, device=h.device) >= L.dropout.p
+        h = h * keep / (1.0 - L.dropout.p)
+    h = _tanh(h)
+    h = _tanh(F.linear(h, L.fc2.weight, L.fc2.bias))
+    return F.linear(h, L.fc3.weight, L.fc3.bias)

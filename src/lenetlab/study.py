@@ -1,0 +1,262 @@
+"""A study (the five recipes) or a sweep (any grid of recipes), each over several seeds, in a run folder.
+
+plan -> run.json; engines run the missing trials, each recorded as it finishes;
+then finalize() aggregates what finished into metrics.csv, summary.json, the best
+seed's weights under the original names, the plots and report.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import files
+from .data import load_fashion_mnist
+from .engines import default_workers, run_local, run_ray
+from .errors import RunDirError
+from .provenance import library_versions, machine_info
+from .recipes import RECIPES, Recipe, file_name
+from .stats import paired_difference, summarize
+from .trials import make_trial, trial_result_path
+
+METRICS_HEADER = ["config", "variant", "seed", "epoch", "split", "loss", "accuracy"]
+SPLITS = ("train", "val", "test")
+
+
+def new_run_dir(out: Path, name: str | None, kind: str) -> Path:
+    """runs/NAME, or runs/<kind>-<time> when no name is given; never an existing run."""
+    name = name or f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(out) / name
+    if (run_dir / "run.json").exists():
+        raise RunDirError(f"{run_dir}: already holds a run (use --resume {run_dir}, or another --name)")
+    return run_dir
+
+
+def create_run(run_dir: Path, kind: str, configs: list[tuple[str, Recipe]], seeds: list[int],
+               reference: str | None, options: dict) -> dict:
+    """Write run.json: the plan every later step (and --resume) works from."""
+    plan = {
+        "lenetlab_version": library_versions()["lenetlab"], "kind": kind, "name": run_dir.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "configs": [{"name": name, "recipe": recipe.to_dict()} for name, recipe in configs],
+        "seeds": seeds, "options": options, "reference": reference, "elapsed_s": 0.0,
+    }
+    files.write_json(run_dir / "run.json", plan)
+    return plan
+
+
+def load_plan(run_dir: Path) -> dict:
+    """Read and check run.json; a folder that is not a lenetlab run gets a RunDirError."""
+    path = Path(run_dir) / "run.json"
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir}: no such run folder")
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir}: not a lenetlab run folder (no run.json)") from None
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path}: unreadable ({exc})") from None
+    try:
+        for entry in plan["configs"]:
+            Recipe(**entry["recipe"])
+        [int(seed) for seed in plan["seeds"]]
+        plan["options"]["threads"], plan["kind"]  # noqa: B018 - presence check
+    except (KeyError, TypeError) as exc:
+        raise RunDirError(f"{path}: malformed run plan ({type(exc).__name__}: {exc})") from None
+    return plan
+
+
+def plan_trials(plan: dict) -> list[dict]:
+    return [make_trial(entry["name"], Recipe(**entry["recipe"]), seed)
+            for seed in plan["seeds"] for entry in plan["configs"]]
+
+
+def read_results(run_dir: Path, plan: dict) -> dict[str, dict]:
+    """Results recorded so far, by trial key; unreadable result files count as missing."""
+    results = {}
+    for trial in plan_trials(plan):
+        try:
+            results[trial["key"]] = json.loads(trial_result_path(run_dir, trial).read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+    return results
+
+
+class Progress:
+    """Done / running / failed across trials, with tqdm's time estimate on a terminal."""
+
+    def __init__(self, total: int, quiet: bool, echo: Callable[[str], None]) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        self.echo = echo
+        self.quiet = quiet
+        self.running = 0
+        self.failed = 0
+        self.bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr,
+                        disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def start(self, trial: dict) -> None:
+        self.running += 1
+        self.bar.set_postfix(running=self.running, failed=self.failed)
+
+    def done(self, result: dict) -> None:
+        self.running -= 1
+        if result["status"] == "done":
+            line = (f"done   {result['config']} seed {result['seed']}: test accuracy "
+                    f"{result['test']['accuracy']:.4f} ({result['wall_time_s']:.0f} s)")
+        else:
+            self.failed += 1
+            line = f"FAILED {result['config']} seed {result['seed']}: {result['error']}"
+        if not self.quiet:
+            self.bar.write(line) if not self.bar.disable else self.echo(line)
+        self.bar.set_postfix(running=self.running, failed=self.failed)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def execute(run_dir: Path, plan: dict, engine: str = "local", address: str | None = None,
+            workers: int | None = None, data_dir: str | None = None, quiet: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
+    """Run every trial of the plan that has not finished, then finalize the run folder."""
+    started = time.perf_counter()
+    options = plan["options"]
+    data = load_fashion_mnist(data_dir, quiet=quiet)  # validates (and fetches) before any worker
+    options = {**options, "data_dir": str(data.folder)}
+    finished = {key for key, r in read_results(run_dir, plan).items() if r.get("status") == "done"}
+    todo = [t for t in plan_trials(plan) if t["key"] not in finished]
+    workers = max(1, min(workers or default_workers(options["device"]), len(todo) or 1))
+    if not quiet and finished:
+        echo(f"resuming {run_dir}: {len(finished)} trial(s) done, {len(todo)} to run")
+    progress = Progress(len(todo), quiet, echo)
+    try:
+        if engine == "ray":
+            run_ray(todo, run_dir, options, address, workers, data, progress.start, progress.done)
+        else:
+            run_local(todo, run_dir, options, workers, progress.start, progress.done)
+    finally:
+        progress.close()
+        plan["elapsed_s"] = plan.get("elapsed_s", 0.0) + time.perf_counter() - started
+        files.write_json(run_dir / "run.json", plan)
+    return finalize(run_dir, data.checksums, str(data.folder))
+
+
+def _metrics_rows(results: dict[str, dict]) -> list[list]:
+    rows = []
+    for result in results.values():
+        if result.get("status") != "done":
+            continue
+        for row in result["history"]:
+            rows.append([result["config"], result["variant"], result["seed"], row["epoch"],
+                         row["split"], f"{row['loss']:.6f}", f"{row['accuracy']:.6f}"])
+    return rows
+
+
+def _final(result: dict, split: str) -> float:
+    last = max(row["epoch"] for row in result["history"])
+    return next(r["accuracy"] for r in result["history"]
+                if r["epoch"] == last and r["split"] == split)
+
+
+def summarize_configs(plan: dict, results: dict[str, dict]) -> list[dict]:
+    """Per configuration: final accuracies over seeds (mean, std, 95% CI), failures, best seed."""
+    summaries = []
+    for entry in plan["configs"]:
+        name = entry["name"]
+        mine = [results.get(f"{name}__seed{seed}") for seed in plan["seeds"]]
+        done = [r for r in mine if r and r.get("status") == "done"]
+        failed = [{"seed": r["seed"], "error": r["error"]}
+                  for r in mine if r and r.get("status") == "failed"]
+        summary = {"name": name, "variant": entry["recipe"]["name"], "recipe": entry["recipe"],
+                   "seeds": plan["seeds"], "completed_seeds": [r["seed"] for r in done],
+                   "final": None, "best_seed": None, "per_class_test_accuracy": {},
+                   "confusion_matrix": {}, "failed": failed}
+        if done:
+            summary["final"] = {
+                split: {**summarize([_final(r, split) for r in done]),
+                        "values": {str(r["seed"]): _final(r, split) for r in done}}
+                for split in SPLITS
+            }
+            summary["best_seed"] = max(done, key=lambda r: _final(r, "test"))["seed"]
+            summary["per_class_test_accuracy"] = {
+                str(r["seed"]): r["test"]["per_class_accuracy"] for r in done}
+            summary["confusion_matrix"] = {str(r["seed"]): r["test"]["confusion_matrix"] for r in done}
+        summaries.append(summary)
+    return summaries
+
+
+def compare(configs: list[dict], reference: str | None) -> list[dict]:
+    """Each configuration against the reference, paired by seed, on final test accuracy."""
+    ref = next((c for c in configs if c["name"] == reference and c["final"]), None)
+    if ref is None:
+        return []
+    comparisons = []
+    for config in configs:
+        if config is ref or not config["final"]:
+            continue
+        diff = paired_difference(config["final"]["test"]["values"], ref["final"]["test"]["values"])
+        if diff is not None:
+            comparisons.append({"name": config["name"], "reference": reference, **diff})
+    return comparisons
+
+
+def _copy_best_weights(run_dir: Path, configs: list[dict]) -> None:
+    """The best seed's weights of each configuration at models/<original name>, for the old snippets."""
+    for config in configs:
+        if config["best_seed"] is None:
+            continue
+        source = run_dir / "models" / f"seed{config['best_seed']}" / file_name(config["name"])
+        for suffix in (".pth", ".json"):
+            content = source.with_suffix(suffix).read_bytes()
+            files.atomic_write(run_dir / "models" / source.with_suffix(suffix).name,
+                               lambda handle, c=content: handle.write(c), binary=True)
+
+
+def finalize(run_dir: Path, checksums: dict[str, str], data_folder: str) -> dict:
+    """Aggregate the recorded trials into metrics.csv, summary.json, best weights and report."""
+    from .report import render_report
+
+    plan = load_plan(run_dir)
+    results = read_results(run_dir, plan)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METRICS_HEADER)
+    writer.writerows(_metrics_rows(results))
+    files.write_text(run_dir / "metrics.csv", buffer.getvalue())
+
+    configs = summarize_configs(plan, results)
+    finished = [c for c in configs if c["final"]]
+    best = max(finished, key=lambda c: c["final"]["test"]["mean"], default=None)
+    summary = {
+        "lenetlab_version": plan["lenetlab_version"], "kind": plan["kind"], "name": plan["name"],
+        "created": plan["created"], "wall_time_s": plan.get("elapsed_s", 0.0),
+        "config": {"seeds": plan["seeds"], **plan["options"]},
+        "data": {"folder": data_folder, "sha256": checksums},
+        "versions": library_versions(), "machine": machine_info(plan["options"]["device"]),
+        "reference": plan.get("reference"),
+        "configs": configs,
+        "comparisons": compare(configs, plan.get("reference")),
+        "best": {"name": best["name"], "seed": best["best_seed"]} if best else None,
+    }
+    files.write_json(run_dir / "summary.json", summary)
+    _copy_best_weights(run_dir, configs)
+    render_report(run_dir)
+    return summary
+
+
+def study_configs(variants: list[str], epochs_scale: float, warm_start: bool) -> list[tuple[str, Recipe]]:
+    from .recipes import get_recipe, scale_epochs
+
+    return [(name, scale_epochs(get_recipe(name, warm_start), epochs_scale)) for name in variants]
+
+
+__all__ = ["RECIPES", "create_run", "execute", "finalize", "load_plan", "new_run_dir",
+           "study_configs"]

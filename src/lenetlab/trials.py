@@ -1,0 +1,116 @@
+"""One trial, start to finish: train a (configuration, seed), then record its files in the run folder.
+
+Both engines (the local process pool and Ray) call execute_trial where the work
+runs and record_trial where the run folder is, so a run folder's contents do not
+depend on the engine that filled it.
+
+Run folder layout (all writes atomic):
+    run.json                       the plan: configurations, seeds, options
+    checkpoints/<key>.pt           the state after the last finished epoch (deleted when done)
+    trials/<key>.json              a finished (or failed) trial: history, test evaluation
+    models/seed<k>/<file>.pth      its weights (plain state_dict) + <file>.json sidecar
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import files
+from .data import FashionMNIST, Splits, make_splits
+from .evaluation import evaluate
+from .provenance import library_versions
+from .recipes import Recipe, describe_start, file_name
+from .training import train_trial
+
+
+def trial_key(config: str, seed: int) -> str:
+    return f"{config}__seed{seed}"
+
+
+def make_trial(config: str, recipe: Recipe, seed: int) -> dict:
+    """A trial as plain data, so it can cross process and machine boundaries."""
+    return {"key": trial_key(config, seed), "config": config, "variant": recipe.name,
+            "seed": seed, "recipe": recipe.to_dict()}
+
+
+def trial_result_path(run_dir: Path, trial: dict) -> Path:
+    return run_dir / "trials" / f"{trial['key']}.json"
+
+
+def checkpoint_path(run_dir: Path, trial: dict) -> Path:
+    return run_dir / "checkpoints" / f"{trial['key']}.pt"
+
+
+def weights_path(run_dir: Path, trial: dict) -> Path:
+    return run_dir / "models" / f"seed{trial['seed']}" / file_name(trial["config"])
+
+
+_SPLITS_CACHE: dict[tuple, Splits] = {}
+
+
+def _splits(data: FashionMNIST, options: dict) -> Splits:
+    """Build the normalised splits once per worker process and options."""
+    key = (id(data), options["split_seed"], options["device"], options.get("train_subset"))
+    if key not in _SPLITS_CACHE:
+        _SPLITS_CACHE.clear()
+        _SPLITS_CACHE[key] = make_splits(data, options["split_seed"], options["device"],
+                                         options.get("train_subset"))
+    return _SPLITS_CACHE[key]
+
+
+def execute_trial(trial: dict, data: FashionMNIST, options: dict,
+                  checkpoint: Path | None) -> dict:
+    """Train and evaluate one trial; return its result and its weights (CPU tensors)."""
+    torch.set_num_threads(options["threads"])
+    splits = _splits(data, options)
+    recipe = Recipe(**trial["recipe"])
+    started = time.perf_counter()
+    output = train_trial(recipe, trial["seed"], splits, checkpoint=checkpoint)
+    test = evaluate(output.model, splits.test_x, splits.test_y)
+    result = {
+        **trial,
+        "status": "done",
+        "start": describe_start(recipe),
+        "history": output.history,
+        "test": {"accuracy": test.accuracy, "loss": test.loss,
+                 "per_class_accuracy": test.per_class_accuracy,
+                 "confusion_matrix": test.confusion_matrix},
+        "wall_time_s": time.perf_counter() - started,
+        "threads": options["threads"],
+        "device": options["device"],
+    }
+    state_dict = {k: v.detach().cpu() for k, v in output.model.state_dict().items()}
+    return {"result": result, "state_dict": state_dict}
+
+
+def record_trial(run_dir: Path, outcome: dict, checksums: dict[str, str]) -> dict:
+    """Write a finished trial's weights, sidecar and result; drop its checkpoint."""
+    result = outcome["result"]
+    weights = weights_path(run_dir, result)
+    files.torch_save(outcome["state_dict"], weights)
+    sidecar = {
+        "variant": result["variant"], "config": result["config"], "seed": result["seed"],
+        "recipe": result["recipe"], "start": result["start"],
+        "architecture": {"use_dropout": result["recipe"]["use_dropout"],
+                         "use_batch_norm": result["recipe"]["use_batch_norm"]},
+        "metrics": result["history"], "test_accuracy": result["test"]["accuracy"],
+        "data_sha256": checksums, "versions": library_versions(),
+        "device": result["device"], "threads": result["threads"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    files.write_json(weights.with_suffix(".json"), sidecar)
+    result = {**result, "weights": str(weights.relative_to(run_dir))}
+    files.write_json(trial_result_path(run_dir, result), result)
+    checkpoint_path(run_dir, result).unlink(missing_ok=True)
+    return result
+
+
+def record_failure(run_dir: Path, trial: dict, error: str) -> dict:
+    """Record a trial that raised or whose worker died; its checkpoint stays for --resume."""
+    result = {**trial, "status": "failed", "error": error}
+    files.write_json(trial_result_path(run_dir, trial), result)
+    return result
