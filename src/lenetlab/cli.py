@@ -169,7 +169,7 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
     import os
 
     from .engines import default_workers
-    from .study import create_run, execute, load_plan, new_run_dir
+    from .study import create_run, execute, load_plan
 
     if args.resume:
         run_dir = Path(args.resume)

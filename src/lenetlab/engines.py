@@ -25,8 +25,7 @@ from pathlib import Path
 
 from .data import FashionMNIST, load_fashion_mnist
 from .errors import SpecError
-from .trials import (checkpoint_path, execute_trial, record_failure, record_trial,
-                     trial_result_path)
+from .trials import checkpoint_path, execute_trial, record_failure, record_trial, trial_result_path
 
 OnDone = Callable[[dict], None]
 OnStart = Callable[[dict], None]

@@ -29,7 +29,7 @@ class Evaluation:
 
 @torch.inference_mode()
 def evaluate(model: LeNet5V1, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 2000) -> Evaluation:
+             batch_size: int = 500) -> Evaluation:
     """Evaluate in eval mode (dropout off, batch-norm running statistics) in large batches."""
     was_training = model.training
     model.eval()

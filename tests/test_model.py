@@ -1,0 +1,88 @@
+"""LeNet5V1's layout (so the original's weights load), variant detection, weight-file checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lenetlab.errors import WeightsError
+from lenetlab.model import LeNet5V1, detect_flags, fast_forward, load_weights
+
+# The keys as shared/spec/facts.md lists them, for each (use_dropout, use_batch_norm).
+CONV = ["feature.0.weight", "feature.0.bias"]
+BN1 = [f"feature.1.{k}" for k in ("weight", "bias", "running_mean", "running_var",
+                                  "num_batches_tracked")]
+BN2 = [f"feature.5.{k}" for k in ("weight", "bias", "running_mean", "running_var",
+                                  "num_batches_tracked")]
+EXPECTED_KEYS = {
+    (False, False): CONV + ["feature.3.weight", "feature.3.bias", "classifier.1.weight",
+                            "classifier.1.bias", "classifier.3.weight", "classifier.3.bias",
+                            "classifier.5.weight", "classifier.5.bias"],
+    (True, False): CONV + ["feature.3.weight", "feature.3.bias", "classifier.1.weight",
+                           "classifier.1.bias", "classifier.4.weight", "classifier.4.bias",
+                           "classifier.6.weight", "classifier.6.bias"],
+    (False, True): CONV + BN1 + ["feature.4.weight", "feature.4.bias"] + BN2 + [
+        "classifier.1.weight", "classifier.1.bias", "classifier.3.weight", "classifier.3.bias",
+        "classifier.5.weight", "classifier.5.bias"],
+    (True, True): CONV + BN1 + ["feature.4.weight", "feature.4.bias"] + BN2 + [
+        "classifier.1.weight", "classifier.1.bias", "classifier.4.weight", "classifier.4.bias",
+        "classifier.6.weight", "classifier.6.bias"],
+}
+FLAGS = list(EXPECTED_KEYS)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_state_dict_keys_match_the_original_layout(flags):
+    model = LeNet5V1(use_dropout=flags[0], use_batch_norm=flags[1])
+    assert list(model.state_dict()) == EXPECTED_KEYS[flags]
+    assert detect_flags(model.state_dict()) == flags
+    kinds = [type(m).__name__ for m in model.feature] + [type(m).__name__ for m in model.classifier]
+    assert kinds.count("Tanh") == 4 and kinds.count("AvgPool2d") == 2
+    assert ("Dropout" in kinds) == flags[0] and ("BatchNorm2d" in kinds) == flags[1]
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_fast_forward_matches_the_module(flags):
+    torch.manual_seed(0)
+    model = LeNet5V1(*flags)
+    x = torch.randn(32, 1, 28, 28)
+    model.train()
+    fast_forward(model, x).sum().backward()  # also moves batch-norm running statistics
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.eval()
+    assert torch.allclose(fast_forward(model, x), model(x), atol=1e-5)
+    if not flags[0]:  # without dropout the training-mode gradients must agree too
+        model.train()
+        model(x).sum().backward()
+        for fast, slow in zip(grads, (p.grad for p in model.parameters())):
+            assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_saved_state_dict_round_trips(tmp_path, flags):
+    model = LeNet5V1(*flags)
+    torch.save(model.state_dict(), tmp_path / "w.pth")  # exactly as the original saved
+    loaded = load_weights(tmp_path / "w.pth")
+    assert (loaded.use_dropout, loaded.use_batch_norm) == flags
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_bad_weight_files_get_one_line_errors(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        load_weights(tmp_path / "missing.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(WeightsError, match="not a torch weights file"):
+        load_weights(tmp_path / "text.pth")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="not a LeNet5V1 state_dict"):
+        load_weights(tmp_path / "other.pth")
+    state = LeNet5V1().state_dict()
+    state["classifier.5.weight"] = torch.zeros(5, 84)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(WeightsError, match="wrong shape: classifier.5.weight"):
+        load_weights(tmp_path / "shape.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(WeightsError, match="not a state_dict"):
+        load_weights(tmp_path / "list.pth")
