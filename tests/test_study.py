@@ -1,0 +1,174 @@
+"""lenetlab study / sweep / report end to end on the real data (small subsets, one-epoch recipes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_cli import assert_one_line_error, lenetlab
+
+QUICK = ["--epochs-scale", "0.1", "--train-subset", "2000", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    result = lenetlab("study", "--seeds", "2", "--variants", "baseline,dropout,l2_optimized",
+                      "--out", out, "--name", "quick", "--data-dir", data_dir, "--workers", "2", *QUICK)
+    assert result.returncode == 0, result.stderr
+    return out / "quick", result
+
+
+def test_study_writes_every_promised_file(study_run):
+    run, result = study_run
+    assert "report.md" in result.stdout
+    for seed in (0, 1):
+        for name in ("lenet5_baseline_fashionmnist", "lenet5_dropout_fashionmnist",
+                     "lenet5v1_l2_optimized"):
+            assert (run / "models" / f"seed{seed}" / f"{name}.pth").is_file()
+            assert json.loads((run / "models" / f"seed{seed}" / f"{name}.json").read_text())["seed"] == seed
+    summary = json.loads((run / "summary.json").read_text())
+    for config in summary["configs"]:
+        best = run / "models" / Path(json.loads(
+            (run / "trials" / f"{config['name']}__seed{config['best_seed']}.json").read_text())["weights"]).name
+        assert best.is_file()
+        assert best.read_bytes() == (run / "models" / f"seed{config['best_seed']}" / best.name).read_bytes()
+        test = config["final"]["test"]
+        assert test["n"] == 2 and test["ci95"][0] <= test["mean"] <= test["ci95"][1]
+        assert test["mean"] == pytest.approx(sum(test["values"].values()) / 2)
+    assert [c["name"] for c in summary["comparisons"]] == ["dropout", "l2_optimized"]
+    assert summary["versions"]["torch"] and summary["data"]["sha256"] and summary["wall_time_s"] > 0
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns) == ["config", "variant", "seed", "epoch", "split", "loss", "accuracy"]
+    # baseline: 12 x 0.1 -> 1 epoch; l2_optimized: 20 x 0.1 -> 2 epochs; 3 splits; 2 seeds
+    assert len(metrics) == 2 * 3 * (1 + 1 + 2)
+    last = metrics[(metrics.config == "l2_optimized") & (metrics.epoch == 2) & (metrics.split == "test")]
+    assert sorted(last.accuracy.round(6)) == sorted(round(v, 6) for v in
+                                                    summary["configs"][2]["final"]["test"]["values"].values())
+    for png in ("convergence_baseline.png", "test_accuracy_overlay.png", "confusion_matrix_best.png",
+                "per_class_accuracy.png"):
+        assert (run / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run / "report.md").read_text()
+    assert "plots/confusion_matrix_best.png" in report and "| 0.8921 |" in report and "validation" in report.lower()
+
+
+def test_report_renders_again_from_the_run_folder_alone(study_run, tmp_path):
+    run, _ = study_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("metrics.csv", "summary.json"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    result = lenetlab("report", copy)
+    assert result.returncode == 0, result.stderr
+    assert (copy / "report.md").read_text() == (run / "report.md").read_text()
+    assert (copy / "plots" / "per_class_accuracy.png").is_file()
+    (copy / "metrics.csv").write_text("config,variant\nbroken\n")
+    assert_one_line_error(lenetlab("report", copy), "metrics.csv")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _wait_for(path_glob: Path, pattern: str, process, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.glob(pattern)):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"no {pattern} after {timeout} s"
+        time.sleep(0.2)
+
+
+def _final_metrics(run: Path) -> list[list[str]]:
+    with open(run / "metrics.csv") as handle:
+        return sorted(csv.reader(handle))
+
+
+RESUME_ARGS = ["--seeds", "1", "--variants", "baseline,batch_norm", "--epochs-scale", "0.25",
+               "--train-subset", "2000", "--threads", "1", "--workers", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("whole")
+    result = lenetlab("study", *RESUME_ARGS, "--out", out, "--name", "whole", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    return out / "whole"
+
+
+def test_study_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path, data_dir, uninterrupted):
+    cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
+           "--name", "killed", "--data-dir", str(data_dir)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = tmp_path / "killed"
+    _wait_for(run, "checkpoints/*.pt", process)  # the first epoch of the first trial is saved
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)  # the worker dies with its parent (PR_SET_PDEATHSIG)
+    assert not (run / "summary.json").exists()
+    result = lenetlab("study", "--resume", run, "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert _final_metrics(run) == _final_metrics(uninterrupted)
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, data_dir, uninterrupted):
+    cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
+           "--name", "interrupted", "--data-dir", str(data_dir)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "interrupted"
+    _wait_for(run, "checkpoints/*.pt", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and f"lenetlab study --resume {run}" in stderr
+    assert lenetlab("study", "--resume", run, "--data-dir", data_dir).returncode == 0
+    assert _final_metrics(run) == _final_metrics(uninterrupted)
+
+
+def test_a_killed_worker_fails_its_trial_only_and_resume_completes_it(tmp_path, data_dir, uninterrupted):
+    cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
+           "--name", "victim", "--data-dir", str(data_dir)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "victim"
+    _wait_for(run, "checkpoints/*.pt", process)
+    forkserver = [pid for pid in _children(process.pid)
+                  if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    workers = [pid for server in forkserver for pid in _children(server)]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 1  # finished, with a failure to report
+    summary = json.loads((run / "summary.json").read_text())
+    failures = [(c["name"], f) for c in summary["configs"] for f in c["failed"]]
+    assert len(failures) == 1 and "killed by signal 9" in failures[0][1]["error"]
+    assert summary["configs"][1]["completed_seeds"] == [0]  # the other trial completed
+    assert "killed by signal 9" in (run / "report.md").read_text()
+    assert "--resume" in stdout
+    result = lenetlab("study", "--resume", run, "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert _final_metrics(run) == _final_metrics(uninterrupted)
+
+
+def test_damaged_run_folders_are_refused(tmp_path, data_dir):
+    run = tmp_path / "damaged"
+    run.mkdir()
+    (run / "run.json").write_text("{not json")
+    assert_one_line_error(lenetlab("study", "--resume", run), "run.json")
+    (run / "run.json").write_text(json.dumps({"configs": [{"name": "x"}]}))
+    assert_one_line_error(lenetlab("study", "--resume", run), "malformed")
+    assert_one_line_error(lenetlab("report", run), "summary.json")
