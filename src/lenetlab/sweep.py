@@ -43,16 +43,16 @@ FIELDS = {
 TOP_LEVEL = {"name", "seeds", "grid", "configs", *FIELDS}
 
 
-def _check_value(key: str, value):
+def _check_value(key: str, value, where: str = ""):
     kind, ok, _ = FIELDS[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise SpecError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise SpecError(f"{where}{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     if not ok(value):
         choices = {"variant": f" (one of {', '.join(RECIPES)})",
                    "optimizer": f" (one of {', '.join(OPTIMIZERS)})"}.get(key, "")
-        raise SpecError(f"{key}: invalid value {value!r}{choices}")
+        raise SpecError(f"{where}{key}: invalid value {value!r}{choices}")
     return value
 
 
@@ -60,7 +60,7 @@ def _check_fields(table: dict, where: str) -> dict:
     unknown = sorted(set(table) - set(FIELDS))
     if unknown:
         raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(FIELDS)})")
-    return {key: _check_value(key, value) for key, value in table.items()}
+    return {key: _check_value(key, value, where) for key, value in table.items()}
 
 
 def parse_seeds(value) -> list[int]:
@@ -115,7 +115,7 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
             values = [values]
         if not values:
             raise SpecError(f"grid.{key}: empty list of values")
-        axes.append([(key, _check_value(key, v)) for v in values])
+        axes.append([(key, _check_value(key, v, "grid.")) for v in values])
     entries = []
     if axes or "configs" not in spec:
         entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
