@@ -22,6 +22,7 @@ from .errors import RunDirError
 from .provenance import library_versions, machine_info
 from .recipes import RECIPES, Recipe, file_name
 from .stats import paired_difference, summarize
+from .training import total_epochs
 from .trials import make_trial, trial_result_path
 
 METRICS_HEADER = ["config", "variant", "seed", "epoch", "split", "loss", "accuracy"]
@@ -133,6 +134,8 @@ def execute(run_dir: Path, plan: dict, engine: str = "local", address: str | Non
     options = {**options, "data_dir": str(data.folder)}
     finished = {key for key, r in read_results(run_dir, plan).items() if r.get("status") == "done"}
     todo = [t for t in plan_trials(plan) if t["key"] not in finished]
+    # Longest trials first, so that the last worker to finish is not left with a 20-epoch trial.
+    todo.sort(key=lambda t: -total_epochs(Recipe(**t["recipe"])))
     workers = max(1, min(workers or default_workers(options["device"]), len(todo) or 1))
     if not quiet and finished:
         echo(f"resuming {run_dir}: {len(finished)} trial(s) done, {len(todo)} to run")
