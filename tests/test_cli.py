@@ -89,6 +89,8 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path, data_dir):
     assert_one_line_error(lenetlab("train", "resnet"), "unknown variant 'resnet'")
     assert_one_line_error(lenetlab("train", "baseline", "--epochs", "0"), "--epochs")
     assert_one_line_error(lenetlab("train", "baseline", "--lr", "abc"), "--lr")
+    assert_one_line_error(lenetlab("train", "baseline", "--seed", "-1"), "--seed")
+    assert_one_line_error(lenetlab("evaluate", tmp_path / "text.pth", "--device", "cuda:x"), "text.pth")
     assert_one_line_error(lenetlab("train", "baseline", "--device", "tpu", "--data-dir", data_dir),
                           "--device tpu")
     assert_one_line_error(lenetlab("train", "baseline", "--data-dir", tmp_path), str(tmp_path),

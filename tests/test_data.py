@@ -42,6 +42,7 @@ def test_reads_gz_and_raw_idx(tmp_path):
     ("label", "out of range"),
     ("header", "truncated header"),
     ("gzip", "cannot read"),
+    ("deflate", "cannot read"),
 ])
 def test_rejects_bad_files_naming_them(tmp_path, case, message):
     images = np.zeros((5, 28, 28))
@@ -66,6 +67,9 @@ def test_rejects_bad_files_naming_them(tmp_path, case, message):
         path.write_bytes(b"\x00\x00\x08")
     elif case == "gzip":
         path.write_bytes(b"\x1f\x8b" + b"not really gzip")
+    elif case == "deflate":  # a valid gzip header over a corrupt deflate stream
+        good = write_idx(tmp_path / "good.gz", images).read_bytes()
+        path.write_bytes(good[:10] + b"\xff" * 20 + good[30:])
     with pytest.raises(DataError) as err:
         read_idx(path, kind, 5)
     assert str(path) in str(err.value) and message in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,8 @@ def test_study_writes_every_promised_file(study_run):
             assert json.loads((run / "models" / f"seed{seed}" / f"{name}.json").read_text())["seed"] == seed
     summary = json.loads((run / "summary.json").read_text())
     for config in summary["configs"]:
-        best = run / "models" / Path(json.loads(
-            (run / "trials" / f"{config['name']}__seed{config['best_seed']}.json").read_text())["weights"]).name
+        trial = run / "trials" / f"{config['name']}__seed{config['best_seed']}.json"
+        best = run / "models" / Path(json.loads(trial.read_text())["weights"]).name
         assert best.is_file()
         assert best.read_bytes() == (run / "models" / f"seed{config['best_seed']}" / best.name).read_bytes()
         test = config["final"]["test"]
@@ -57,7 +58,8 @@ def test_study_writes_every_promised_file(study_run):
                 "per_class_accuracy.png"):
         assert (run / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run / "report.md").read_text()
-    assert "plots/confusion_matrix_best.png" in report and "| 0.8921 |" in report and "validation" in report.lower()
+    assert "plots/confusion_matrix_best.png" in report and "| 0.8921 |" in report
+    assert "validation" in report.lower()
 
 
 def test_report_renders_again_from_the_run_folder_alone(study_run, tmp_path):
@@ -129,7 +131,10 @@ def test_study_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path, data_di
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, data_dir, uninterrupted):
     cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
            "--name", "interrupted", "--data-dir", str(data_dir)]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell running a job in the background ignores SIGINT for it, and Python keeps an
+    # inherited "ignore"; restore the default, as for a command in a terminal's foreground.
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = tmp_path / "interrupted"
     _wait_for(run, "checkpoints/*.pt", process)
     process.send_signal(signal.SIGINT)
@@ -164,6 +169,20 @@ def test_a_killed_worker_fails_its_trial_only_and_resume_completes_it(tmp_path, 
     assert _final_metrics(run) == _final_metrics(uninterrupted)
 
 
+def test_damaged_trial_results_count_as_missing(study_run, tmp_path):
+    from lenetlab.study import load_plan, read_results
+
+    run, _ = study_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    plan = load_plan(copy)
+    assert len(read_results(copy, plan)) == 6
+    (copy / "trials" / "baseline__seed0.json").write_text("[]")
+    (copy / "trials" / "dropout__seed1.json").write_text('{"key": "dropout__seed1", "status": "done"}')
+    assert sorted(read_results(copy, plan)) == ["baseline__seed1", "dropout__seed0",
+                                                 "l2_optimized__seed0", "l2_optimized__seed1"]
+
+
 def test_damaged_run_folders_are_refused(tmp_path, data_dir):
     run = tmp_path / "damaged"
     run.mkdir()
@@ -171,4 +190,9 @@ def test_damaged_run_folders_are_refused(tmp_path, data_dir):
     assert_one_line_error(lenetlab("study", "--resume", run), "run.json")
     (run / "run.json").write_text(json.dumps({"configs": [{"name": "x"}]}))
     assert_one_line_error(lenetlab("study", "--resume", run), "malformed")
+    plan = {"kind": "study", "name": "damaged", "created": "now", "lenetlab_version": "0",
+            "configs": [{"name": "baseline", "recipe": {"name": "baseline"}}], "seeds": ["x"],
+            "options": {"threads": 1, "split_seed": 0, "device": "cpu"}}
+    (run / "run.json").write_text(json.dumps(plan))
+    assert_one_line_error(lenetlab("study", "--resume", run), "seeds")
     assert_one_line_error(lenetlab("report", run), "summary.json")

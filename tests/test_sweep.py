@@ -47,11 +47,20 @@ def test_grid_times_configs_with_readable_names():
     ({"seeds": "three", "grid": {"lr": [0.1]}}, "seeds: expected"),
     ({"colour": "red"}, "colour: unknown key"),
     ({"configs": [{"lr": "fast"}]}, "configs[0].lr: expected float"),
+    ({"seeds": [0, -1], "grid": {"lr": [0.1]}}, "seeds: expected"),
+    ({"grid": {"lr": [float("inf")]}}, "grid.lr: invalid value inf"),
+    ({"name": "..", "grid": {"lr": [0.1]}}, "name: expected a folder name"),
 ])
 def test_malformed_specs_name_the_key(spec, key):
     with pytest.raises(SpecError) as err:
         expand(spec)
     assert key in str(err.value)
+
+
+def test_the_same_recipe_reached_twice_runs_once():
+    _, _, configs = expand({"configs": [{"lr": 0.01, "weight_decay": 0.1},
+                                        {"weight_decay": 0.1, "lr": 0.01}]})
+    assert [name for name, _ in configs] == ["baseline-wd0.1-lr0.01"]
 
 
 def test_spec_file_errors_name_the_file_and_exit_2(tmp_path):
@@ -123,8 +132,8 @@ def test_sweep_on_ray_matches_the_local_pool(tmp_path, data_dir, ray_cluster):
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == sorted(p.relative_to(b) for p in b.rglob("*"))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert [c["final"] for c in sa["configs"]] == [c["final"] for c in sb["configs"]]
-    assert [c["name"] for c in sa["configs"]] == ["baseline-ep1-wd0", "baseline-ep1-wd0.01",
-                                                  "dropout-ep1-p0.25"]
+    assert [c["name"] for c in sa["configs"]] == ["baseline-wd0.0-ep1", "baseline-wd0.01-ep1",
+                                                  "dropout-p0.25-ep1"]
     report = (b / "report.md").read_text()
     table = report[report.index("| Configuration"):]
     means = [c["final"]["test"]["mean"] for c in sa["configs"]]

@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -60,10 +70,17 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {name}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise SpecError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(f"--device {name}: CUDA is not available on this machine")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise SpecError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return name
 
 
@@ -166,9 +183,7 @@ def _run_options(args) -> dict:
 
 
 def _start_or_resume(args, kind: str, make_plan) -> int:
-    import os
-
-    from .engines import default_workers
+    from .engines import default_workers, usable_cores
     from .study import create_run, execute, load_plan
 
     if args.resume:
@@ -179,7 +194,7 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
         options = _run_options(args)
         workers = args.workers or default_workers(options["device"])
         if options["threads"] is None:  # share the cores between the workers
-            options["threads"] = max(1, (os.cpu_count() or 1) // workers)
+            options["threads"] = max(1, usable_cores() // workers)
         options.update(engine=args.engine, workers=workers)
         plan = create_run(run_dir, kind, *plan_args, options=options)
     echo = (lambda line: None) if args.quiet else print
@@ -208,10 +223,7 @@ def cmd_study(args) -> int:
     from .sweep import parse_seeds
 
     def make_plan():
-        variants = args.variants or list(RECIPES)
-        for name in variants:
-            if name not in RECIPES:
-                raise SpecError(f"--variants: unknown variant {name!r} (choose from {', '.join(RECIPES)})")
+        variants = list(dict.fromkeys(args.variants or RECIPES))  # each once, in the given order
         configs = study_configs(variants, args.epochs_scale, args.warm_start)
         reference = "baseline" if "baseline" in variants else None
         return new_run_dir(args.out, args.name, "study"), (configs, parse_seeds(args.seeds), reference)
@@ -268,7 +280,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive_int, help="trials at a time (default: one per core)")
     p.add_argument("--threads", type=_positive_int,
                    help="torch threads per trial (default: cores / workers)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--split-seed", type=_non_negative_int, default=0,
+                   help="seed of the train/validation split")
     p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only "
                    "(quick checks)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -284,14 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one variant and save its weights")
     p.add_argument("variant")
     p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--weight-decay", type=_non_negative_float)
     p.add_argument("--warm-start", action="store_true",
                    help="l2_optimized: continue the trained l2_regularization model, as the original")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=_non_negative_int, default=0)
     p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
     p.add_argument("--out", default="models", help="folder for the weights (default: models)")
     p.add_argument("--quiet", action="store_true")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def read_idx(path: Path, kind: int, records: int | None = None) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({exc})") from None
     header = 4 + 4 * kind
     if len(raw) < header:
@@ -130,18 +132,16 @@ def locate(data_dir: str | Path | None = None, download: bool = True,
 
     When none holds them and download is allowed, fetch them into the cache.
     """
-    candidates = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir))
-    elif os.environ.get("LENETLAB_DATA"):
-        candidates.append(Path(os.environ["LENETLAB_DATA"]))
+    if data_dir is not None:  # an explicit folder is the only place looked at
+        missing = [n for n in FILES if not _find(Path(data_dir), n)]
+        if missing:
+            raise DataError(f"{data_dir}: Fashion-MNIST file(s) missing: {', '.join(missing)}")
+        return Path(data_dir)
+    candidates = [Path(os.environ["LENETLAB_DATA"])] if os.environ.get("LENETLAB_DATA") else []
     candidates.append(cache_dir())
     for folder in candidates:
         if all(_find(folder, name) for name in FILES):
             return folder
-    if data_dir is not None:
-        missing = [n for n in FILES if not _find(Path(data_dir), n)]
-        raise DataError(f"{data_dir}: Fashion-MNIST file(s) missing: {', '.join(missing)}")
     searched = ", ".join(str(c) for c in candidates)
     if not download:
         raise DataError(f"Fashion-MNIST not found in {searched}")
@@ -154,7 +154,7 @@ def locate(data_dir: str | Path | None = None, download: bool = True,
             try:
                 download_file(mirror + name + ".gz", target / f"{name}.gz", md5, quiet)
                 break
-            except (urllib.error.URLError, OSError, DataError) as exc:
+            except (OSError, http.client.HTTPException, DataError) as exc:  # URLError is an OSError
                 errors.append(str(getattr(exc, "reason", exc)))
         else:
             raise DataError(f"Fashion-MNIST not found in {searched}, and downloading {name}.gz "

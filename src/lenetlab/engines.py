@@ -25,15 +25,29 @@ from pathlib import Path
 
 from .data import FashionMNIST, load_fashion_mnist
 from .errors import SpecError
-from .trials import checkpoint_path, execute_trial, record_failure, record_trial, trial_result_path
+from .trials import (
+    checkpoint_path,
+    execute_trial,
+    read_result,
+    record_failure,
+    record_trial,
+    trial_result_path,
+)
 
 OnDone = Callable[[dict], None]
 OnStart = Callable[[dict], None]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as a container limits it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def default_workers(device: str) -> int:
     """One worker per core on CPU; one on a GPU, where a single process already fills the queue."""
-    return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
+    return 1 if device.startswith("cuda") else usable_cores()
 
 
 def _die_with_parent() -> None:
@@ -58,18 +72,10 @@ def _local_worker(trial: dict, run_dir: str, options: dict) -> None:
         record_failure(run, trial, f"{type(exc).__name__}: {exc}")
 
 
-def _read_result(run_dir: Path, trial: dict) -> dict | None:
-    import json
-
-    try:
-        return json.loads(trial_result_path(run_dir, trial).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def run_local(trials: list[dict], run_dir: Path, options: dict, workers: int,
               on_start: OnStart, on_done: OnDone) -> None:
     """Run trials in at most `workers` processes at a time; call on_done with each result."""
+    run_dir = Path(run_dir).resolve()  # workers start in the forkserver's working directory
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["lenetlab.trials"])
     pending = list(trials)
@@ -88,7 +94,7 @@ def run_local(trials: list[dict], run_dir: Path, options: dict, workers: int,
             for sentinel in wait(list(running)):
                 process, trial = running.pop(sentinel)
                 process.join()
-                result = _read_result(run_dir, trial)
+                result = read_result(run_dir, trial)
                 if result is None:
                     code = process.exitcode
                     how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
@@ -117,8 +123,13 @@ def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | Non
     started_here = not ray.is_initialized()
     if started_here:
         init = {"address": address} if address else {"num_cpus": workers * options["threads"]}
-        ray.init(**init, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
+        try:
+            ray.init(**init, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, ignore_reinit_error=True)
+        except Exception as exc:  # unreachable address, version mismatch, ...
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise SpecError(f"--engine ray: cannot start or reach Ray"
+                            f"{' at ' + address if address else ''} ({detail})") from None
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         data_ref = ray.put(data)  # shipped to the object store once, shared by every task
@@ -127,10 +138,15 @@ def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | Non
         for trial in trials:
             trial_result_path(run_dir, trial).unlink(missing_ok=True)
             futures[task.remote(trial, data_ref, options, str(checkpoint_path(run_dir, trial)))] = trial
+        # Ray runs about `workers` tasks at once; count those as running, the rest as queued.
+        for trial in trials[:workers]:
             on_start(trial)
+        queued = list(trials[workers:])
         while futures:
             done, _ = ray.wait(list(futures), num_returns=1)
             trial = futures.pop(done[0])
+            if queued:
+                on_start(queued.pop(0))
             try:
                 result = record_trial(run_dir, ray.get(done[0]), data.checksums)
             except Exception as exc:  # RayTaskError, WorkerCrashedError, ...

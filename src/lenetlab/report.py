@@ -16,15 +16,14 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from . import files
 from .data import CLASS_NAMES
 from .errors import RunDirError
 from .recipes import PUBLISHED
@@ -138,6 +137,8 @@ def load_summary(path: Path) -> dict:
     for index, comparison in enumerate(summary["comparisons"]):
         where = f"comparisons[{index}]"
         _require_keys(comparison, COMPARISON_KEYS, where, path)
+        if not isinstance(comparison["name"], str):
+            raise RunDirError(f"{path}: {where}.name must be a string")
         for key in ("mean_diff", "std", "n"):
             _check_number(comparison[key], f"{where}.{key}", path)
         _check_interval(comparison["ci95"], f"{where}.ci95", path)
@@ -152,6 +153,8 @@ def _check_config(config: Any, where: str, path: Path) -> None:
     if not isinstance(config["name"], str) or not config["name"]:
         raise RunDirError(f"{path}: {where}.name must be a non-empty string")
     where = f"{where} ({config['name']!r})"
+    if not isinstance(config["variant"], str) or not isinstance(config["recipe"], dict):
+        raise RunDirError(f"{path}: {where}: variant must be a string and recipe an object")
     for key in ("seeds", "completed_seeds", "failed"):
         if not isinstance(config[key], list):
             raise RunDirError(f"{path}: {where}.{key} must be a list")
@@ -493,16 +496,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through a temporary file in the same folder, so a reader never sees half a file."""
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            write(handle)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    files.atomic_write(path, write, binary=True)
 
 
 # ---------------------------------------------------------------------------

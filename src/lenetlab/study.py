@@ -21,12 +21,10 @@ from .engines import default_workers, run_local, run_ray
 from .errors import RunDirError
 from .provenance import library_versions, machine_info
 from .recipes import RECIPES, Recipe, file_name
+from .report import METRICS_HEADER, SPLITS
 from .stats import paired_difference, summarize
 from .training import total_epochs
-from .trials import make_trial, trial_result_path
-
-METRICS_HEADER = ["config", "variant", "seed", "epoch", "split", "loss", "accuracy"]
-SPLITS = ("train", "val", "test")
+from .trials import make_trial, read_result
 
 
 def new_run_dir(out: Path, name: str | None, kind: str) -> Path:
@@ -63,13 +61,42 @@ def load_plan(run_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise RunDirError(f"{path}: unreadable ({exc})") from None
     try:
-        for entry in plan["configs"]:
-            Recipe(**entry["recipe"])
-        [int(seed) for seed in plan["seeds"]]
-        plan["options"]["threads"], plan["kind"]  # noqa: B018 - presence check
-    except (KeyError, TypeError) as exc:
-        raise RunDirError(f"{path}: malformed run plan ({type(exc).__name__}: {exc})") from None
+        problem = _plan_problem(plan)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        raise RunDirError(f"{path}: malformed run plan ({problem})")
     return plan
+
+
+def _plan_problem(plan: dict) -> str | None:
+    """What is wrong with a parsed run.json, or None."""
+    from .sweep import FIELDS, SpecError, _check_value
+
+    for key in ("kind", "name", "created", "lenetlab_version"):
+        if not isinstance(plan[key], str):
+            return f"{key} must be a string"
+    if not plan["configs"] or not isinstance(plan["configs"], list):
+        return "no configurations"
+    for entry in plan["configs"]:
+        recipe = Recipe(**entry["recipe"])
+        if not isinstance(entry["name"], str) or "/" in entry["name"]:
+            return f"bad configuration name {entry['name']!r}"
+        try:
+            for field in FIELDS:
+                if field != "variant":
+                    _check_value(field, getattr(recipe, field))
+        except SpecError as exc:
+            return f"configuration {entry['name']!r}: {exc}"
+    seeds = plan["seeds"]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        return "seeds must be a non-empty list of whole numbers >= 0"
+    options = plan["options"]
+    if not isinstance(options["threads"], int) or not isinstance(options["split_seed"], int):
+        return "options.threads and options.split_seed must be whole numbers"
+    if not isinstance(options["device"], str):
+        return "options.device must be a string"
+    return None
 
 
 def plan_trials(plan: dict) -> list[dict]:
@@ -78,13 +105,12 @@ def plan_trials(plan: dict) -> list[dict]:
 
 
 def read_results(run_dir: Path, plan: dict) -> dict[str, dict]:
-    """Results recorded so far, by trial key; unreadable result files count as missing."""
+    """Results recorded so far, by trial key; missing or damaged result files are left out."""
     results = {}
     for trial in plan_trials(plan):
-        try:
-            results[trial["key"]] = json.loads(trial_result_path(run_dir, trial).read_text("utf-8"))
-        except (OSError, ValueError):
-            continue
+        result = read_result(run_dir, trial)
+        if result is not None:
+            results[trial["key"]] = result
     return results
 
 
@@ -131,7 +157,7 @@ def execute(run_dir: Path, plan: dict, engine: str = "local", address: str | Non
     started = time.perf_counter()
     options = plan["options"]
     data = load_fashion_mnist(data_dir, quiet=quiet)  # validates (and fetches) before any worker
-    options = {**options, "data_dir": str(data.folder)}
+    options = {**options, "data_dir": str(data.folder.resolve())}
     finished = {key for key, r in read_results(run_dir, plan).items() if r.get("status") == "done"}
     todo = [t for t in plan_trials(plan) if t["key"] not in finished]
     # Longest trials first, so that the last worker to finish is not left with a 20-epoch trial.
@@ -218,7 +244,11 @@ def _copy_best_weights(run_dir: Path, configs: list[dict]) -> None:
             continue
         source = run_dir / "models" / f"seed{config['best_seed']}" / file_name(config["name"])
         for suffix in (".pth", ".json"):
-            content = source.with_suffix(suffix).read_bytes()
+            try:
+                content = source.with_suffix(suffix).read_bytes()
+            except OSError as exc:
+                raise RunDirError(f"{source.with_suffix(suffix)}: cannot read the best seed's "
+                                  f"weights ({exc.strerror})") from None
             files.atomic_write(run_dir / "models" / source.with_suffix(suffix).name,
                                lambda handle, c=content: handle.write(c), binary=True)
 

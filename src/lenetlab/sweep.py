@@ -19,6 +19,7 @@ Every field is optional but at least one configuration must result.
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -33,11 +34,11 @@ else:  # pragma: no cover
 # field -> (type, check, abbreviation used in configuration names)
 FIELDS = {
     "variant": (str, lambda v: v in RECIPES, "variant"),
-    "weight_decay": (float, lambda v: v >= 0, "wd"),
+    "weight_decay": (float, lambda v: 0 <= v < math.inf, "wd"),
     "dropout_rate": (float, lambda v: 0 <= v < 1, "p"),
     "epochs": (int, lambda v: v >= 1, "ep"),
     "batch_size": (int, lambda v: v >= 1, "bs"),
-    "lr": (float, lambda v: v > 0, "lr"),
+    "lr": (float, lambda v: 0 < v < math.inf, "lr"),
     "optimizer": (str, lambda v: v in OPTIMIZERS, "opt"),
 }
 TOP_LEVEL = {"name", "seeds", "grid", "configs", *FIELDS}
@@ -69,20 +70,20 @@ def parse_seeds(value) -> list[int]:
             raise SpecError(f"seeds: must be at least 1, got {value}")
         return list(range(value))
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool)
-                                                 for v in value):
+                                                 and v >= 0 for v in value):
         if len(set(value)) != len(value):
             raise SpecError("seeds: repeated seed")
         return list(value)
-    raise SpecError(f"seeds: expected a positive integer or a non-empty list of integers, got {value!r}")
+    raise SpecError(f"seeds: expected a positive integer or a non-empty list of whole numbers >= 0, "
+                    f"got {value!r}")
 
 
 def config_name(fields: dict) -> str:
-    """baseline-wd0.001-lr0.003: the variant, then each changed field."""
+    """baseline-wd0.001-lr0.003: the variant, then each changed field in a fixed order."""
     parts = [fields.get("variant", "baseline")]
-    for key, value in fields.items():
-        if key != "variant":
-            parts.append(f"{FIELDS[key][2]}{value:g}" if isinstance(value, float) else
-                         f"{FIELDS[key][2]}{value}")
+    for key in FIELDS:
+        if key != "variant" and key in fields:
+            parts.append(f"{FIELDS[key][2]}{fields[key]!r}")
     return "-".join(parts)
 
 
@@ -100,7 +101,8 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
     if unknown:
         raise SpecError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
     name = spec.get("name")
-    if name is not None and (not isinstance(name, str) or not name or "/" in name):
+    if name is not None and (not isinstance(name, str) or Path(name).name != name
+                             or name in (".", "..")):
         raise SpecError(f"name: expected a folder name, got {name!r}")
     seeds = parse_seeds(spec.get("seeds", 3))
     common = _check_fields({k: v for k, v in spec.items() if k in FIELDS}, "")
@@ -116,9 +118,7 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
         if not values:
             raise SpecError(f"grid.{key}: empty list of values")
         axes.append([(key, _check_value(key, v, "grid.")) for v in values])
-    entries = []
-    if axes or "configs" not in spec:
-        entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
+    entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
     extra = spec.get("configs", [])
     if not isinstance(extra, list) or not all(isinstance(t, dict) for t in extra):
         raise SpecError("configs: expected a list of tables ([[configs]])")
@@ -127,11 +127,12 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
         raise SpecError("grid: empty, no configuration to run (give [grid] values or [[configs]])")
     configs, seen = [], set()
     for fields in entries:
-        config = config_name(fields)
-        if config in seen:
+        recipe = build_recipe(fields)
+        identity = tuple(sorted(recipe.to_dict().items()))
+        if identity in seen:  # the same recipe reached twice runs once
             continue
-        seen.add(config)
-        configs.append((config, build_recipe(fields)))
+        seen.add(identity)
+        configs.append((config_name(fields), recipe))
     return name, seeds, configs
 
 

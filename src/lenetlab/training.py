@@ -27,8 +27,6 @@ from .evaluation import evaluate
 from .model import LeNet5V1, fast_forward
 from .recipes import RECIPES, Recipe
 
-SPLITS = ("train", "val", "test")
-
 
 @dataclass(frozen=True)
 class Phase:
@@ -57,7 +55,7 @@ def derived_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def make_optimizer(recipe: Recipe, params, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     """The recipe's optimiser. Weight decay is Adam's coupled L2, as in the original."""
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
@@ -107,6 +105,9 @@ def train_trial(
     stop_after_epoch ends early (used by tests to simulate an interruption).
     """
     device = splits.train_x.device
+    if device.type == "cuda":  # same seed, same numbers: no nondeterministic cuDNN algorithms
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     model = build_model(recipe, seed).to(device)
     history: list[dict] = []
     start_epoch = 1
@@ -123,7 +124,7 @@ def train_trial(
     for phase in phases(recipe):
         if phase.last_epoch < start_epoch:
             continue
-        optimizer = make_optimizer(phase.recipe, model.parameters(), device)
+        optimizer = make_optimizer(phase.recipe, model.parameters())
         if saved is not None and phase.first_epoch < start_epoch:
             optimizer.load_state_dict(saved["optimizer"])  # resuming inside this phase
         for epoch in range(max(start_epoch, phase.first_epoch), phase.last_epoch + 1):

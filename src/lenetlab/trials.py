@@ -13,6 +13,7 @@ Run folder layout (all writes atomic):
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,6 +86,30 @@ def execute_trial(trial: dict, data: FashionMNIST, options: dict,
     }
     state_dict = {k: v.detach().cpu() for k, v in output.model.state_dict().items()}
     return {"result": result, "state_dict": state_dict}
+
+
+def read_result(run_dir: Path, trial: dict) -> dict | None:
+    """A trial's recorded result, or None when it is missing or damaged (then it runs again)."""
+    try:
+        result = json.loads(trial_result_path(run_dir, trial).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("key") != trial["key"]:
+        return None
+    if result.get("status") == "failed" and isinstance(result.get("error"), str):
+        return result
+    try:
+        rows = result["history"]
+        ok = (result["status"] == "done" and isinstance(rows, list) and rows
+              and all(isinstance(r["epoch"], int) and r["split"] in ("train", "val", "test")
+                      and isinstance(r["loss"], float | int) and isinstance(r["accuracy"], float | int)
+                      for r in rows)
+              and len(result["test"]["per_class_accuracy"]) == 10
+              and len(result["test"]["confusion_matrix"]) == 10
+              and isinstance(result["test"]["accuracy"], float | int))
+    except (KeyError, TypeError):
+        ok = False
+    return result if ok else None
 
 
 def record_trial(run_dir: Path, outcome: dict, checksums: dict[str, str]) -> dict:
