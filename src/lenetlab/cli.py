@@ -106,47 +106,32 @@ def cmd_variants(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import time
-
     import torch
 
-    from . import files
-    from .data import load_fashion_mnist, make_splits
-    from .evaluation import evaluate
-    from .provenance import library_versions, machine_info
+    from .data import load_fashion_mnist
     from .recipes import describe_start, file_name, get_recipe
-    from .training import train_trial
+    from .trials import execute_trial, make_trial, save_weights
 
     recipe = get_recipe(args.variant, args.warm_start)
     changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                  ("lr", args.lr), ("weight_decay", args.weight_decay))
                if v is not None}
     recipe = recipe.with_changes(**changes)
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options = {"device": resolve_device(args.device), "split_seed": args.split_seed,
+               "train_subset": args.train_subset, "threads": args.threads or torch.get_num_threads()}
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
-    splits = make_splits(data, args.split_seed, device, args.train_subset)
     echo = (lambda line: None) if args.quiet else print
-    echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on {device}, "
-         f"{len(splits.train_x)} training images")
-    started = time.perf_counter()
-    output = train_trial(recipe, args.seed, splits, progress=not _quiet(args), log=echo)
-    seconds = time.perf_counter() - started
-    test = evaluate(output.model, splits.test_x, splits.test_y)
+    echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on "
+         f"{options['device']}, {args.train_subset or 'all'} training images")
+    outcome = execute_trial(make_trial(recipe.name, recipe, args.seed), data, options,
+                            checkpoint=None, progress=not _quiet(args), log=echo)
     out = Path(args.out) / file_name(recipe.name)
-    files.torch_save({k: v.cpu() for k, v in output.model.state_dict().items()}, out)
-    files.write_json(out.with_suffix(".json"), {
-        "variant": recipe.name, "seed": args.seed, "recipe": recipe.to_dict(),
-        "start": describe_start(recipe), "split_seed": args.split_seed,
-        "train_subset": args.train_subset, "metrics": output.history,
-        "test_accuracy": test.accuracy, "data_sha256": data.checksums,
-        "versions": library_versions(), "machine": machine_info(device),
-        "threads": torch.get_num_threads(), "wall_time_s": seconds,
-    })
-    final = {r["split"]: r["accuracy"] for r in output.history if r["epoch"] == output.history[-1]["epoch"]}
+    save_weights(out, outcome, data.checksums)
+    result = outcome["result"]
+    last = result["history"][-1]["epoch"]
+    final = {r["split"]: r["accuracy"] for r in result["history"] if r["epoch"] == last}
     print(f"{recipe.name}: train {final['train']:.4f}  val {final['val']:.4f}  "
-          f"test {test.accuracy:.4f}  ({seconds:.0f} s)  saved {out}")
+          f"test {result['test']['accuracy']:.4f}  ({result['wall_time_s']:.0f} s)  saved {out}")
     return 0
 
 

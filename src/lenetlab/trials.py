@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from . import files
 from .data import FashionMNIST, Splits, make_splits
 from .evaluation import evaluate
-from .provenance import library_versions
+from .provenance import library_versions, machine_info
 from .recipes import Recipe, describe_start, file_name
 from .training import train_trial
 
@@ -63,14 +64,18 @@ def _splits(data: FashionMNIST, options: dict) -> Splits:
     return _SPLITS_CACHE[key]
 
 
-def execute_trial(trial: dict, data: FashionMNIST, options: dict,
-                  checkpoint: Path | None) -> dict:
-    """Train and evaluate one trial; return its result and its weights (CPU tensors)."""
+def execute_trial(trial: dict, data: FashionMNIST, options: dict, checkpoint: Path | None,
+                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Train and evaluate one trial; return its result and its weights (CPU tensors).
+
+    options: threads, device, split_seed and train_subset (None for the whole split).
+    """
     torch.set_num_threads(options["threads"])
     splits = _splits(data, options)
     recipe = Recipe(**trial["recipe"])
     started = time.perf_counter()
-    output = train_trial(recipe, trial["seed"], splits, checkpoint=checkpoint)
+    output = train_trial(recipe, trial["seed"], splits, checkpoint=checkpoint,
+                         progress=progress, log=log)
     test = evaluate(output.model, splits.test_x, splits.test_y)
     result = {
         **trial,
@@ -83,6 +88,8 @@ def execute_trial(trial: dict, data: FashionMNIST, options: dict,
         "wall_time_s": time.perf_counter() - started,
         "threads": options["threads"],
         "device": options["device"],
+        "split_seed": options["split_seed"],
+        "train_subset": options.get("train_subset"),
     }
     state_dict = {k: v.detach().cpu() for k, v in output.model.state_dict().items()}
     return {"result": result, "state_dict": state_dict}
@@ -112,22 +119,30 @@ def read_result(run_dir: Path, trial: dict) -> dict | None:
     return result if ok else None
 
 
-def record_trial(run_dir: Path, outcome: dict, checksums: dict[str, str]) -> dict:
-    """Write a finished trial's weights, sidecar and result; drop its checkpoint."""
+def save_weights(path: Path, outcome: dict, checksums: dict[str, str]) -> None:
+    """The plain state_dict (as the original saved it) and a JSON sidecar saying how it was made."""
     result = outcome["result"]
-    weights = weights_path(run_dir, result)
-    files.torch_save(outcome["state_dict"], weights)
-    sidecar = {
+    path.with_suffix(".json").unlink(missing_ok=True)  # never new weights beside an old sidecar
+    files.torch_save(outcome["state_dict"], path)
+    files.write_json(path.with_suffix(".json"), {
         "variant": result["variant"], "config": result["config"], "seed": result["seed"],
         "recipe": result["recipe"], "start": result["start"],
         "architecture": {"use_dropout": result["recipe"]["use_dropout"],
                          "use_batch_norm": result["recipe"]["use_batch_norm"]},
+        "split_seed": result["split_seed"], "train_subset": result["train_subset"],
         "metrics": result["history"], "test_accuracy": result["test"]["accuracy"],
-        "data_sha256": checksums, "versions": library_versions(),
-        "device": result["device"], "threads": result["threads"],
+        "wall_time_s": result["wall_time_s"], "data_sha256": checksums,
+        "versions": library_versions(), "machine": machine_info(result["device"]),
+        "threads": result["threads"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    files.write_json(weights.with_suffix(".json"), sidecar)
+    })
+
+
+def record_trial(run_dir: Path, outcome: dict, checksums: dict[str, str]) -> dict:
+    """Write a finished trial's weights, sidecar and result; drop its checkpoint."""
+    result = outcome["result"]
+    weights = weights_path(run_dir, result)
+    save_weights(weights, outcome, checksums)
     result = {**result, "weights": str(weights.relative_to(run_dir))}
     files.write_json(trial_result_path(run_dir, result), result)
     checkpoint_path(run_dir, result).unlink(missing_ok=True)
