@@ -54,7 +54,8 @@ from lenetlab.data import (
     make_splits,
 )
 from lenetlab.model import LeNet5V1
-from lenetlab.recipes import RECIPES, Recipe
+from lenetlab.provenance import cpu_model
+from lenetlab.recipes import RECIPES, Recipe, scale_epochs
 from lenetlab.training import train_trial
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -337,7 +338,7 @@ def same_work_warnings(summary: dict, variants: list[str], seeds: int,
         name, recipe = config.get("name"), config.get("recipe") or {}
         if name not in variants:
             continue
-        expected = RECIPES[name].to_dict() | {"epochs": scaled_epochs(RECIPES[name], epochs_scale)}
+        expected = RECIPES[name].to_dict() | {"epochs": scale_epochs(RECIPES[name], epochs_scale).epochs}
         for key in ("epochs", "batch_size", "lr", "weight_decay", "optimizer",
                     "use_dropout", "use_batch_norm", "dropout_rate", "warm_start_from"):
             if key in recipe and recipe[key] != expected[key]:
@@ -398,11 +399,6 @@ def run_lenetlab_study(variants: list[str], seeds: int, epochs_scale: float, dat
 # ---------------------------------------------------------------------------
 
 
-def scaled_epochs(recipe: Recipe, scale: float) -> int:
-    """A recipe's epochs times the scale, rounded, at least 1 (as `lenetlab study` does)."""
-    return max(1, round(recipe.epochs * scale))
-
-
 def noise_verdict(conv: list[float], lab: list[float]) -> tuple[float, str]:
     """The tolerance for the difference of mean test accuracies, and how it was found."""
     if len(conv) >= 2 and len(lab) >= 2:
@@ -435,15 +431,7 @@ def compare(conventional: list[dict], lenetlab: dict, variants: list[str]) -> li
 
 def machine_info() -> dict:
     """CPU model, cores, torch and Python versions, torch's default thread count."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "load_average_at_start": _load_average()}
 
@@ -607,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = RECIPES[name]
         for seed in range(args.seeds):
             trials.append(conventional_trial(recipe, seed, loaders[recipe.batch_size],
-                                             scaled_epochs(recipe, args.epochs_scale)))
+                                             scale_epochs(recipe, args.epochs_scale).epochs))
     report["conventional"] = {
         "seconds": load_s + sum(t["seconds"] for t in trials), "load_s": load_s,
         "trial_epochs": sum(t["epochs"] for t in trials), "threads": default_threads,
