@@ -70,6 +70,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _echo(line: str) -> None:
+    """Print a progress line now, also when stdout is a file or a pipe (a log, CI)."""
+    print(line, flush=True)
+
+
 def _quiet(args) -> bool:
     return args.quiet or not sys.stderr.isatty()
 
@@ -106,7 +111,7 @@ def cmd_train(args) -> int:
     options = {"device": resolve_device(args.device), "split_seed": args.split_seed,
                "train_subset": args.train_subset, "threads": args.threads or torch.get_num_threads()}
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
-    echo = (lambda line: None) if args.quiet else print
+    echo = (lambda line: None) if args.quiet else _echo
     echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on "
          f"{options['device']}, {args.train_subset or 'all'} training images")
     outcome = execute_trial(make_trial(recipe.name, recipe, args.seed), data, options,
@@ -168,7 +173,7 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
             options["threads"] = max(1, usable_cores() // workers)
         options.update(engine=args.engine, workers=workers)
         plan = create_run(run_dir, kind, *plan_args, options=options)
-    echo = (lambda line: None) if args.quiet else print
+    echo = (lambda line: None) if args.quiet else _echo
     try:
         summary = execute(run_dir, plan, args.engine, args.address, args.workers or
                           plan["options"].get("workers"), args.data_dir, args.quiet, echo)

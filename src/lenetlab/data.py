@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .files import FILE_MODE
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -121,6 +122,7 @@ def download_file(url: str, dest: Path, md5: str, quiet: bool = False) -> None:
         actual = _md5(tmp)
         if actual != md5:
             raise DataError(f"{url}: MD5 {actual} does not match the official {md5}")
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
