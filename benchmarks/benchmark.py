@@ -125,21 +125,28 @@ def conventional_loaders(data: FashionMNIST, batch_size: int,
     }
 
 
+def timed(loader: DataLoader, clock: dict[str, float]):
+    """Yield the loader's batches, adding the time spent waiting for each to clock["wait"]."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        clock["wait"] += time.perf_counter() - start
+        yield batch
+
+
 def train_epoch(model: LeNet5V1, loader: DataLoader,
                 optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """One tutorial-style training epoch; also times the waits on the DataLoader."""
     model.train()
-    loss_sum = acc_sum = data_wait = 0.0
+    loss_sum = acc_sum = 0.0
     batches = 0
+    clock = {"wait": 0.0}
     start = time.perf_counter()
-    batch_iter = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            x, y = next(batch_iter)
-        except StopIteration:
-            break
-        data_wait += time.perf_counter() - t0
+    for x, y in timed(loader, clock):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad()
@@ -150,32 +157,25 @@ def train_epoch(model: LeNet5V1, loader: DataLoader,
         loss_sum += loss.item()
         acc_sum += (logits.argmax(dim=1) == y).float().mean().item()
         batches += 1
-    seconds = time.perf_counter() - start
     return {"loss": loss_sum / batches, "accuracy": acc_sum / batches,
-            "seconds": seconds, "data_wait_s": data_wait}
+            "seconds": time.perf_counter() - start, "data_wait_s": clock["wait"]}
 
 
 def evaluate_loader(model: LeNet5V1, loader: DataLoader) -> dict[str, float]:
     """Tutorial-style evaluation: eval mode, no_grad, mean of per-batch metrics."""
     model.eval()
-    loss_sum = acc_sum = data_wait = 0.0
+    loss_sum = acc_sum = 0.0
     batches = 0
+    clock = {"wait": 0.0}
     start = time.perf_counter()
     with torch.no_grad():
-        batch_iter = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                x, y = next(batch_iter)
-            except StopIteration:
-                break
-            data_wait += time.perf_counter() - t0
+        for x, y in timed(loader, clock):
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y).item()
             acc_sum += (logits.argmax(dim=1) == y).float().mean().item()
             batches += 1
     return {"loss": loss_sum / batches, "accuracy": acc_sum / batches,
-            "seconds": time.perf_counter() - start, "data_wait_s": data_wait}
+            "seconds": time.perf_counter() - start, "data_wait_s": clock["wait"]}
 
 
 def conventional_trial(recipe: Recipe, seed: int, loaders: dict[str, DataLoader],

@@ -168,7 +168,9 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
     else:
         run_dir, plan_args = make_plan()
         options = _run_options(args)
-        workers = args.workers or default_workers(options["device"])
+        configs, seeds, _ = plan_args
+        # No more workers than trials, so that a small run still gets every core.
+        workers = min(args.workers or default_workers(options["device"]), len(configs) * len(seeds))
         if options["threads"] is None:  # share the cores between the workers
             options["threads"] = max(1, usable_cores() // workers)
         options.update(engine=args.engine, workers=workers)
