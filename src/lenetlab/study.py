@@ -141,8 +141,12 @@ class Progress:
         else:
             self.failed += 1
             line = f"FAILED {result['config']} seed {result['seed']}: {result['error']}"
-        if not self.quiet:
-            self.bar.write(line) if not self.bar.disable else self.echo(line)
+        if self.quiet:
+            pass
+        elif self.bar.disable:  # no terminal: plain lines, e.g. into a log
+            self.echo(line)
+        else:
+            self.bar.write(line)  # above the bar, which stays at the bottom
         self.bar.set_postfix(running=self.running, failed=self.failed)
         self.bar.update(1)
 
