@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import CLASS_NAMES
 from .model import LeNet5V1, fast_forward
 
 
@@ -17,14 +16,6 @@ class Evaluation:
     accuracy: float
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
-
-    def to_dict(self) -> dict:
-        return {
-            "loss": self.loss,
-            "accuracy": self.accuracy,
-            "per_class_accuracy": dict(zip(CLASS_NAMES, self.per_class_accuracy)),
-            "confusion_matrix": self.confusion_matrix,
-        }
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ from .data import load_fashion_mnist
 from .engines import default_workers, run_local, run_ray
 from .errors import RunDirError
 from .provenance import library_versions, machine_info
-from .recipes import RECIPES, Recipe, file_name
+from .recipes import Recipe, file_name
 from .report import METRICS_HEADER, SPLITS
 from .stats import paired_difference, summarize
 from .training import total_epochs
@@ -294,6 +294,3 @@ def study_configs(variants: list[str], epochs_scale: float, warm_start: bool) ->
 
     return [(name, scale_epochs(get_recipe(name, warm_start), epochs_scale)) for name in variants]
 
-
-__all__ = ["RECIPES", "create_run", "execute", "finalize", "load_plan", "new_run_dir",
-           "study_configs"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import files
-from .data import FashionMNIST, Splits, make_splits
+from .data import FashionMNIST, make_splits
 from .evaluation import evaluate
 from .provenance import library_versions, machine_info
 from .recipes import Recipe, describe_start, file_name
@@ -51,19 +51,6 @@ def weights_path(run_dir: Path, trial: dict) -> Path:
     return run_dir / "models" / f"seed{trial['seed']}" / file_name(trial["config"])
 
 
-_SPLITS_CACHE: dict[tuple, Splits] = {}
-
-
-def _splits(data: FashionMNIST, options: dict) -> Splits:
-    """Build the normalised splits once per worker process and options."""
-    key = (id(data), options["split_seed"], options["device"], options.get("train_subset"))
-    if key not in _SPLITS_CACHE:
-        _SPLITS_CACHE.clear()
-        _SPLITS_CACHE[key] = make_splits(data, options["split_seed"], options["device"],
-                                         options.get("train_subset"))
-    return _SPLITS_CACHE[key]
-
-
 def execute_trial(trial: dict, data: FashionMNIST, options: dict, checkpoint: Path | None,
                   progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Train and evaluate one trial; return its result and its weights (CPU tensors).
@@ -71,7 +58,7 @@ def execute_trial(trial: dict, data: FashionMNIST, options: dict, checkpoint: Pa
     options: threads, device, split_seed and train_subset (None for the whole split).
     """
     torch.set_num_threads(options["threads"])
-    splits = _splits(data, options)
+    splits = make_splits(data, options["split_seed"], options["device"], options.get("train_subset"))
     recipe = Recipe(**trial["recipe"])
     started = time.perf_counter()
     output = train_trial(recipe, trial["seed"], splits, checkpoint=checkpoint,
