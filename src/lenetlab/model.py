@@ -8,6 +8,7 @@ shared/spec/facts.md.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -130,6 +131,16 @@ class _Tanh(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(grad, y)
 
 
+@functools.lru_cache(maxsize=8)
+def _spread(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(width, 2*width): column j carries a quarter of input column j//2; built once, not per step."""
+    spread = torch.zeros(width, 2 * width, dtype=dtype, device=device)
+    columns = torch.arange(width, device=device)
+    spread[columns, 2 * columns] = 0.25
+    spread[columns, 2 * columns + 1] = 0.25
+    return spread
+
+
 class _AvgPool2x2(torch.autograd.Function):
     """2x2 average pooling, stride 2, as four strided adds.
 
@@ -147,11 +158,7 @@ class _AvgPool2x2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, c, h, w = grad.shape
-        spread = torch.zeros(w, 2 * w, dtype=grad.dtype, device=grad.device)
-        columns = torch.arange(w, device=grad.device)
-        spread[columns, 2 * columns] = 0.25
-        spread[columns, 2 * columns + 1] = 0.25
-        wide = (grad.reshape(-1, w) @ spread).view(b * c, h, 1, 2 * w)
+        wide = (grad.reshape(-1, w) @ _spread(w, grad.dtype, grad.device)).view(b * c, h, 1, 2 * w)
         return wide.expand(b * c, h, 2, 2 * w).reshape(b, c, 2 * h, 2 * w)
 
 

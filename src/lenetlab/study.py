@@ -71,7 +71,7 @@ def load_plan(run_dir: Path) -> dict:
 
 def _plan_problem(plan: dict) -> str | None:
     """What is wrong with a parsed run.json, or None."""
-    from .sweep import FIELDS, SpecError, _check_value
+    from .sweep import FIELDS, SpecError, check_value
 
     for key in ("kind", "name", "created", "lenetlab_version"):
         if not isinstance(plan[key], str):
@@ -85,7 +85,7 @@ def _plan_problem(plan: dict) -> str | None:
         try:
             for field in FIELDS:
                 if field != "variant":
-                    _check_value(field, getattr(recipe, field))
+                    check_value(field, getattr(recipe, field))
         except SpecError as exc:
             return f"configuration {entry['name']!r}: {exc}"
     seeds = plan["seeds"]

@@ -44,7 +44,8 @@ FIELDS = {
 TOP_LEVEL = {"name", "seeds", "grid", "configs", *FIELDS}
 
 
-def _check_value(key: str, value, where: str = ""):
+def check_value(key: str, value, where: str = ""):
+    """Check one recipe field (sweep specs and run plans both use this); ints pass as floats."""
     kind, ok, _ = FIELDS[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -61,7 +62,7 @@ def _check_fields(table: dict, where: str) -> dict:
     unknown = sorted(set(table) - set(FIELDS))
     if unknown:
         raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(FIELDS)})")
-    return {key: _check_value(key, value, where) for key, value in table.items()}
+    return {key: check_value(key, value, where) for key, value in table.items()}
 
 
 def parse_seeds(value) -> list[int]:
@@ -117,7 +118,7 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
             values = [values]
         if not values:
             raise SpecError(f"grid.{key}: empty list of values")
-        axes.append([(key, _check_value(key, v, "grid.")) for v in values])
+        axes.append([(key, check_value(key, v, "grid.")) for v in values])
     entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
     extra = spec.get("configs", [])
     if not isinstance(extra, list) or not all(isinstance(t, dict) for t in extra):
