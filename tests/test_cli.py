@@ -99,3 +99,36 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path, data_dir):
     assert_one_line_error(lenetlab("report", tmp_path / "norun"), "norun")
     assert_one_line_error(lenetlab("study", "--resume", tmp_path), "not a lenetlab run")
     assert_one_line_error(lenetlab("frobnicate"), "invalid choice")
+
+
+def test_mistakes_are_refused_before_any_work_or_folder(tmp_path, data_dir):
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_text("x")
+    result = lenetlab("train", "baseline", "--epochs", "1", "--train-subset", "500", "--out",
+                      in_the_way, "--data-dir", data_dir, "--quiet")
+    assert_one_line_error(result, "afile", "a file is in the way")
+    assert "epoch" not in result.stdout  # refused before training, not after
+    assert_one_line_error(lenetlab("study", "--out", in_the_way, "--data-dir", data_dir), "afile")
+    assert_one_line_error(lenetlab("study", "--variants", ","), "comma-separated list")
+    assert_one_line_error(lenetlab("study", "--name", "..", "--out", tmp_path), "--name")
+    assert_one_line_error(lenetlab("train", "baseline", "--train-subset", "100000", "--data-dir",
+                                   data_dir), "100,000", "only 54,000")
+    # A start that fails (here: no data) leaves no run folder that would block a retry.
+    result = lenetlab("study", "--out", tmp_path / "runs", "--name", "first", "--data-dir",
+                      tmp_path / "nodata")
+    assert_one_line_error(result, "nodata")
+    assert not (tmp_path / "runs" / "first").exists()
+    spec = tmp_path / "one.toml"
+    spec.write_text("seeds = 1\n[grid]\nlr = [0.001]\n")
+    assert_one_line_error(lenetlab("sweep", spec, "--seeds", "2", "--epochs", "1"), "one.toml",
+                          "--seeds, --epochs")
+
+
+def test_weights_that_are_not_a_state_dict_say_what_they_are(tmp_path, data_dir):
+    assert_one_line_error(lenetlab("evaluate", tmp_path), "a folder")
+    torch.save(LeNet5V1(), tmp_path / "whole.pth")  # the whole module, pickled
+    assert_one_line_error(lenetlab("evaluate", tmp_path / "whole.pth"), "whole.pth",
+                          "save model.state_dict() instead")
+    result = lenetlab("evaluate", data_dir / "t10k-labels-idx1-ubyte.gz")
+    assert_one_line_error(result, "not a torch weights file")
+    assert "\x1b" not in result.stderr

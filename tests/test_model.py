@@ -83,6 +83,11 @@ def test_bad_weight_files_get_one_line_errors(tmp_path):
     torch.save(state, tmp_path / "shape.pth")
     with pytest.raises(WeightsError, match="wrong shape: classifier.5.weight"):
         load_weights(tmp_path / "shape.pth")
+    sparse = LeNet5V1().state_dict()
+    sparse["feature.0.weight"] = sparse["feature.0.weight"].to_sparse()
+    torch.save(sparse, tmp_path / "sparse.pth")
+    with pytest.raises(WeightsError, match="sparse or meta tensors: feature.0.weight"):
+        load_weights(tmp_path / "sparse.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(WeightsError, match="not a state_dict"):
         load_weights(tmp_path / "list.pth")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -314,6 +316,14 @@ def damage_best(run_dir: Path) -> None:
     edit_summary(run_dir, lambda s: s["best"].update({"name": "nowhere"}))
 
 
+def damage_data(run_dir: Path) -> None:
+    edit_summary(run_dir, lambda s: s.update({"data": "x"}))
+
+
+def damage_wall_time(run_dir: Path) -> None:
+    edit_summary(run_dir, lambda s: s.update({"wall_time_s": float("inf")}))
+
+
 def edit_summary(run_dir: Path, change) -> None:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
@@ -336,6 +346,8 @@ def edit_summary(run_dir: Path, change) -> None:
         (damage_missing_nested_key, "summary.json", "missing key 'ci95'"),
         (damage_string_value, "summary.json", "not a number"),
         (damage_best, "summary.json", "'nowhere'"),
+        (damage_data, "summary.json", "data must be an object"),
+        (damage_wall_time, "summary.json", "wall_time_s is inf"),
     ],
 )
 def test_damaged_run_folder_raises_one_line(tmp_path, damage, file_name, problem):
@@ -353,3 +365,12 @@ def test_damaged_run_folder_raises_one_line(tmp_path, damage, file_name, problem
 def test_missing_run_folder(tmp_path):
     with pytest.raises(RunDirError, match="not a folder"):
         render_report(tmp_path / "nothing-here")
+
+
+def test_a_file_in_the_way_of_the_plots_is_one_line(tmp_path):
+    make_run(tmp_path, STUDY)
+    (tmp_path / "plots").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "lenetlab", "report", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "plots" in result.stderr

@@ -88,6 +88,31 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _workers(study_pid: int) -> list[int]:
+    """The trial processes of a running study: children of its forkserver."""
+    forkserver = [pid for pid in _children(study_pid)
+                  if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [pid for server in forkserver for pid in _children(server)]
+
+
+def _assert_gone(pids: list[int], timeout: float = 10) -> None:
+    """Every process in pids has ended (a zombie awaiting its parent counts as ended)."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                alive.append(pid)
+        if not alive:
+            return
+        assert time.time() < deadline, f"processes {alive} outlived the study"
+        time.sleep(0.2)
+
+
 def _wait_for(path_glob: Path, pattern: str, process, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not list(path_glob.glob(pattern)):
@@ -113,22 +138,42 @@ def uninterrupted(tmp_path_factory, data_dir):
     return out / "whole"
 
 
+def test_killing_the_study_ends_its_workers(tmp_path, data_dir):
+    # Twelve epochs: the trial would go on long after the kill if its worker survived.
+    cmd = [sys.executable, "-m", "lenetlab", "study", "--seeds", "1", "--variants", "baseline",
+           "--train-subset", "5000", "--threads", "1", "--quiet", "--out", str(tmp_path),
+           "--name", "orphans", "--data-dir", str(data_dir)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / "orphans", "checkpoints/*.pt", process)
+    workers = _workers(process.pid)
+    assert workers
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _assert_gone(workers, timeout=3)
+    assert not list((tmp_path / "orphans").glob("trials/*.json"))
+
+
 def test_study_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path, data_dir, uninterrupted):
     cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
            "--name", "killed", "--data-dir", str(data_dir)]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run = tmp_path / "killed"
     _wait_for(run, "checkpoints/*.pt", process)  # the first epoch of the first trial is saved
+    workers = _workers(process.pid)
+    assert workers
     process.send_signal(signal.SIGKILL)
     process.wait()
-    time.sleep(0.5)  # the worker dies with its parent (PR_SET_PDEATHSIG)
+    _assert_gone(workers)  # a worker outliving the study would race a later --resume
     assert not (run / "summary.json").exists()
     result = lenetlab("study", "--resume", run, "--data-dir", data_dir)
     assert result.returncode == 0, result.stderr
     assert _final_metrics(run) == _final_metrics(uninterrupted)
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, data_dir, uninterrupted):
+@pytest.mark.parametrize(("stop", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                      (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, data_dir, uninterrupted,
+                                                                stop, status, word):
     cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
            "--name", "interrupted", "--data-dir", str(data_dir)]
     # A shell running a job in the background ignores SIGINT for it, and Python keeps an
@@ -137,10 +182,13 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, data_dir, uninter
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = tmp_path / "interrupted"
     _wait_for(run, "checkpoints/*.pt", process)
-    process.send_signal(signal.SIGINT)
+    workers = _workers(process.pid)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == status
     assert "Traceback" not in stderr and f"lenetlab study --resume {run}" in stderr
+    assert stderr.strip().startswith(word)
+    _assert_gone(workers)
     assert lenetlab("study", "--resume", run, "--data-dir", data_dir).returncode == 0
     assert _final_metrics(run) == _final_metrics(uninterrupted)
 
@@ -151,9 +199,7 @@ def test_a_killed_worker_fails_its_trial_only_and_resume_completes_it(tmp_path, 
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "victim"
     _wait_for(run, "checkpoints/*.pt", process)
-    forkserver = [pid for pid in _children(process.pid)
-                  if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    workers = [pid for server in forkserver for pid in _children(server)]
+    workers = _workers(process.pid)
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
     stdout, _ = process.communicate(timeout=300)
@@ -195,4 +241,19 @@ def test_damaged_run_folders_are_refused(tmp_path, data_dir):
             "options": {"threads": 1, "split_seed": 0, "device": "cpu"}}
     (run / "run.json").write_text(json.dumps(plan))
     assert_one_line_error(lenetlab("study", "--resume", run), "seeds")
-    assert_one_line_error(lenetlab("report", run), "summary.json")
+    assert_one_line_error(lenetlab("report", run), "has not finished", "--resume")
+    plan["seeds"] = [0]
+    for damage, problem in [
+        ({"elapsed_s": "x"}, "elapsed_s"),
+        ({"configs": [{"name": "baseline", "recipe": {"name": "baseline",
+                                                      "warm_start_from": "nosuch",
+                                                      "warm_start_epochs": 2}}]}, "warm start"),
+        ({"configs": plan["configs"] * 2}, "appears twice"),
+        ({"options": {**plan["options"], "threads": 0}}, "options.threads"),
+        ({"options": {**plan["options"], "device": "tpu"}}, "options.device"),
+        ({"options": {**plan["options"], "train_subset": 0}}, "options.train_subset"),
+    ]:
+        (run / "run.json").write_text(json.dumps({**plan, **damage}))
+        assert_one_line_error(lenetlab("study", "--resume", run), "malformed", problem)
+    (run / "run.json").write_text(json.dumps(plan))
+    assert_one_line_error(lenetlab("study", "--resume", run, "--seeds", "2"), "drop --seeds")

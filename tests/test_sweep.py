@@ -57,6 +57,11 @@ def test_malformed_specs_name_the_key(spec, key):
     assert key in str(err.value)
 
 
+def test_string_fields_appear_in_names_without_quotes():
+    _, _, configs = expand({"seeds": 1, "grid": {"optimizer": ["sgd"], "lr": [0.5]}})
+    assert [name for name, _ in configs] == ["baseline-lr0.5-optsgd"]
+
+
 def test_the_same_recipe_reached_twice_runs_once():
     _, _, configs = expand({"configs": [{"lr": 0.01, "weight_decay": 0.1},
                                         {"weight_decay": 0.1, "lr": 0.01}]})

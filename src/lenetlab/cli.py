@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
 from .errors import LenetlabError, SpecError
+
+DEFAULT_SEEDS = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +49,10 @@ _positive_float = _number(float, 0, strict=True)
 
 def _list_of(kind):
     def parse(text: str) -> list:
-        return [kind(part) for part in text.split(",") if part.strip()]
+        values = [kind(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
     parse.__name__ = f"comma-separated {kind.__name__}"
     return parse
 
@@ -99,6 +105,7 @@ def cmd_variants(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
+    from . import files
     from .data import load_fashion_mnist
     from .recipes import describe_start, file_name, get_recipe
     from .trials import execute_trial, make_trial, save_weights
@@ -111,6 +118,7 @@ def cmd_train(args) -> int:
     options = {"device": resolve_device(args.device), "split_seed": args.split_seed,
                "train_subset": args.train_subset, "threads": args.threads or torch.get_num_threads()}
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
+    files.writable_dir(args.out)  # before training, not after it
     echo = (lambda line: None) if args.quiet else _echo
     echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on "
          f"{options['device']}, {args.train_subset or 'all'} training images")
@@ -154,19 +162,44 @@ def cmd_evaluate(args) -> int:
 
 
 def _run_options(args) -> dict:
-    return {"device": resolve_device(args.device), "split_seed": args.split_seed,
+    return {"device": resolve_device(args.device), "split_seed": args.split_seed or 0,
             "train_subset": args.train_subset, "threads": args.threads}
 
 
+# Options that shape a run's plan: on --resume the plan in run.json decides them.
+_PLAN_OPTIONS = ("seeds", "variants", "epochs_scale", "warm_start", "name", "threads",
+                 "split_seed", "train_subset", "spec", "variant", "weight_decay",
+                 "dropout_rate", "epochs", "batch_size", "lr", "optimizer")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the workers are stopped and the resume line printed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def _start_or_resume(args, kind: str, make_plan) -> int:
-    from .engines import default_workers, usable_cores
+    from . import files
+    from .data import load_fashion_mnist
+    from .engines import check_engine, default_workers, usable_cores
     from .study import create_run, execute, load_plan
 
     if args.resume:
+        given = [f"--{o.replace('_', '-')}" for o in _PLAN_OPTIONS if getattr(args, o, None)]
+        if given:
+            raise SpecError(f"--resume continues the run as planned in its run.json; "
+                            f"drop {', '.join(given)}")
         run_dir = Path(args.resume)
         plan = load_plan(run_dir)
     else:
         run_dir, plan_args = make_plan()
+    check_engine(args.engine)
+    # Check the data before a new run folder exists, so a failed start leaves nothing behind.
+    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
+    if not args.resume:
+        files.writable_dir(run_dir)
         options = _run_options(args)
         configs, seeds, _ = plan_args
         # No more workers than trials, so that a small run still gets every core.
@@ -176,13 +209,17 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
         options.update(engine=args.engine, workers=workers)
         plan = create_run(run_dir, kind, *plan_args, options=options)
     echo = (lambda line: None) if args.quiet else _echo
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = execute(run_dir, plan, args.engine, args.address, args.workers or
-                          plan["options"].get("workers"), args.data_dir, args.quiet, echo)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished trials and each running trial's last epoch are saved; "
+                          plan["options"].get("workers"), args.data_dir, args.quiet, echo, data)
+    except KeyboardInterrupt as exc:
+        print(f"\n{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}: finished "
+              f"trials and each running trial's last epoch are saved; "
               f"resume with: lenetlab {kind} --resume {run_dir}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = sum(len(c["failed"]) for c in summary["configs"])
     print(f"{kind} {run_dir}: {sum(len(c['completed_seeds']) for c in summary['configs'])} "
           f"trial(s) done, {failed} failed; report: {run_dir / 'report.md'}")
@@ -202,9 +239,10 @@ def cmd_study(args) -> int:
 
     def make_plan():
         variants = list(dict.fromkeys(args.variants or RECIPES))  # each once, in the given order
-        configs = study_configs(variants, args.epochs_scale, args.warm_start)
+        configs = study_configs(variants, args.epochs_scale or 1.0, args.warm_start)
         reference = "baseline" if "baseline" in variants else None
-        return new_run_dir(args.out, args.name, "study"), (configs, parse_seeds(args.seeds), reference)
+        seeds = parse_seeds(args.seeds or DEFAULT_SEEDS)
+        return new_run_dir(args.out, args.name, "study"), (configs, seeds, reference)
 
     return _start_or_resume(args, "study", make_plan)
 
@@ -213,13 +251,18 @@ def cmd_sweep(args) -> int:
     from .study import new_run_dir
     from .sweep import expand, load_spec
 
+    grid_flags = ("variant", "weight_decay", "dropout_rate", "epochs", "batch_size", "lr", "optimizer")
+
     def make_plan():
         if args.spec:
+            given = [f"--{o.replace('_', '-')}" for o in ("seeds", *grid_flags) if getattr(args, o)]
+            if given:
+                raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
+                                f"put {', '.join(given)} in it instead")
             name, seeds, configs = load_spec(args.spec)
         else:
-            spec = {"seeds": args.seeds, "grid": {}}
-            for key in ("variant", "weight_decay", "dropout_rate", "epochs", "batch_size", "lr",
-                        "optimizer"):
+            spec = {"seeds": args.seeds or DEFAULT_SEEDS, "grid": {}}
+            for key in grid_flags:
                 values = getattr(args, key)
                 if values:
                     spec["grid"][key] = values
@@ -258,8 +301,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive_int, help="trials at a time (default: one per core)")
     p.add_argument("--threads", type=_positive_int,
                    help="torch threads per trial (default: cores / workers)")
-    p.add_argument("--split-seed", type=_non_negative_int, default=0,
-                   help="seed of the train/validation split")
+    p.add_argument("--split-seed", type=_non_negative_int,
+                   help="seed of the train/validation split (default 0)")
     p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only "
                    "(quick checks)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -296,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("study", help="the whole comparison: every variant over several seeds")
-    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per variant (default 3)")
+    p.add_argument("--seeds", type=_positive_int, help=f"seeds per variant (default {DEFAULT_SEEDS})")
     p.add_argument("--variants", type=_list_of(str), help="comma-separated (default: all five)")
-    p.add_argument("--epochs-scale", type=_positive_float, default=1.0,
+    p.add_argument("--epochs-scale", type=_positive_float,
                    help="multiply every recipe's epochs (quick runs)")
     p.add_argument("--warm-start", action="store_true",
                    help="l2_optimized continues the trained L2 model, as the original")
@@ -307,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid over recipe fields, each over several seeds")
     p.add_argument("spec", nargs="?", help="a TOML spec (see lenetlab.sweep); or use the flags")
-    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--seeds", type=_positive_int, help=f"seeds per configuration (default {DEFAULT_SEEDS})")
     p.add_argument("--variant", type=_list_of(str))
     p.add_argument("--weight-decay", type=_list_of(_non_negative_float))
     p.add_argument("--dropout-rate", type=_list_of(_non_negative_float))
@@ -330,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LenetlabError as exc:
         print(f"lenetlab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system refusing a write (full, read-only, a file in the way)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lenetlab: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nlenetlab: interrupted", file=sys.stderr)

@@ -14,11 +14,12 @@ writes them into the run folder as they finish.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
+import select
 import signal
-import sys
+import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -50,18 +51,46 @@ def default_workers(device: str) -> int:
     return 1 if device.startswith("cuda") else usable_cores()
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker if the study process dies (kill -9 included)."""
-    if sys.platform.startswith("linux"):
+def check_engine(engine: str) -> None:
+    """Refuse an engine that cannot run here, before a run folder is created."""
+    if engine == "ray":
         try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+            import ray  # noqa: F401
+        except ImportError:
+            raise SpecError("--engine ray needs Ray: pip install 'lenetlab[ray]'") from None
 
 
-def _local_worker(trial: dict, run_dir: str, options: dict) -> None:
+def _die_with(pid: int) -> None:
+    """Kill this worker as soon as process pid (the study) is gone, kill -9 included.
+
+    The worker's parent is the forkserver, not the study, so the parent-death signal
+    cannot be used; a thread waits on the study's pidfd instead (polls where Linux
+    has none).
+    """
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            os.kill(os.getpid(), signal.SIGKILL)
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                except PermissionError:
+                    pass
+        else:
+            select.select([fd], [], [])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="lenetlab-watch-study", daemon=True).start()
+
+
+def _local_worker(trial: dict, run_dir: str, options: dict, study_pid: int) -> None:
     """Entry point of a local worker process: one trial, its files written here."""
-    _die_with_parent()
+    _die_with(study_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for everyone
     run = Path(run_dir)
     try:
@@ -86,7 +115,8 @@ def run_local(trials: list[dict], run_dir: Path, options: dict, workers: int,
                 trial = pending.pop(0)
                 # Drop a stale result of an earlier try so that only this run's file counts.
                 trial_result_path(run_dir, trial).unlink(missing_ok=True)
-                process = context.Process(target=_local_worker, args=(trial, str(run_dir), options),
+                process = context.Process(target=_local_worker,
+                                          args=(trial, str(run_dir), options, os.getpid()),
                                           name=f"lenetlab-{trial['key']}")
                 process.start()
                 running[process.sentinel] = (process, trial)
@@ -116,10 +146,9 @@ def _ray_trial(trial: dict, data: FashionMNIST, options: dict, checkpoint: str) 
 def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | None,
             workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone) -> None:
     """Run trials as Ray tasks on the cluster at address, or on a local Ray instance."""
-    try:
-        import ray
-    except ImportError:
-        raise SpecError("--engine ray needs Ray: pip install 'lenetlab[ray]'") from None
+    check_engine("ray")
+    import ray
+
     started_here = not ray.is_initialized()
     if started_here:
         init = {"address": address} if address else {"num_cpus": workers * options["threads"]}

@@ -19,3 +19,7 @@ class RunDirError(LenetlabError):
 
 class SpecError(LenetlabError):
     """A sweep specification or option value is malformed."""
+
+
+class OutputError(LenetlabError):
+    """A folder lenetlab must write to cannot be created or written."""

@@ -23,6 +23,26 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
+def writable_dir(path: Path) -> Path:
+    """Create folder path if needed and prove it writable, before any long work starts.
+
+    Raises OutputError naming the folder; a real write is tried because permission
+    bits say nothing on a read-only mount, or to root.
+    """
+    from .errors import OutputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: a file is in the way (expected a folder)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write here ({exc.strerror or type(exc).__name__})") from None
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call write(handle) on a temporary file beside path, then rename it to path."""
     path = Path(path)

@@ -9,6 +9,7 @@ shared/spec/facts.md.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,6 +69,9 @@ def detect_flags(state_dict: dict) -> tuple[bool, bool]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
         raise WeightsError("not a state_dict (expected a mapping of names to tensors)")
+    odd = [k for k, v in state_dict.items() if v.layout != torch.strided or v.is_meta]
+    if odd:
+        raise WeightsError(f"not a LeNet5V1 state_dict (sparse or meta tensors: {', '.join(odd[:3])})")
     use_batch_norm = "feature.1.weight" in state_dict
     use_dropout = "classifier.4.weight" in state_dict
     expected = expected_shapes(use_dropout, use_batch_norm)
@@ -88,14 +92,14 @@ def detect_flags(state_dict: dict) -> tuple[bool, bool]:
 def load_weights(path: str | Path) -> LeNet5V1:
     """Load a .pth state_dict (weights_only) into a LeNet5V1 of the right variant, in eval mode."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: a folder, not a weights file")
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not its own
-        detail = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
-        raise WeightsError(f"{path}: not a torch weights file ({type(exc).__name__}"
-                           f"{': ' + detail if detail else ''})") from None
+        raise WeightsError(f"{path}: {_load_problem(exc)}") from None
     try:
         use_dropout, use_batch_norm = detect_flags(state_dict)
     except WeightsError as exc:
@@ -103,6 +107,18 @@ def load_weights(path: str | Path) -> LeNet5V1:
     model = LeNet5V1(use_dropout=use_dropout, use_batch_norm=use_batch_norm)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def _load_problem(exc: Exception) -> str:
+    """One readable line from torch.load's error, whose text spans paragraphs."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "Unsupported global" in text:
+        return ("a pickled Python object (such as a whole model saved with torch.save(model)), "
+                "not a state_dict: save model.state_dict() instead")
+    if "Weights only load failed" in text:
+        return "not a torch weights file (not a pickle that torch.load can read)"
+    first = text.strip().splitlines()[0][:100] if text.strip() else ""
+    return f"not a torch weights file ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 # ---------------------------------------------------------------------------

@@ -51,6 +51,10 @@ def render_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: not a folder")
+    if not (run_dir / "summary.json").exists() and (run_dir / "run.json").is_file():
+        raise RunDirError(f"{run_dir}: the run has not finished (no summary.json yet); "
+                          f"finish it with lenetlab study --resume {run_dir} "
+                          f"(or sweep --resume)")
     summary = load_summary(run_dir / "summary.json")
     curves = load_metrics(run_dir / "metrics.csv")
     plots_dir = run_dir / "plots"
@@ -144,7 +148,22 @@ def load_summary(path: Path) -> dict:
         _check_interval(comparison["ci95"], f"{where}.ci95", path)
     if summary["best"] is not None:
         _check_best(summary, path)
+    _check_provenance(summary, path)
     return summary
+
+
+def _check_provenance(summary: dict, path: Path) -> None:
+    """The optional run details: objects where the report reads keys, a finite wall time."""
+    for key in ("data", "versions", "machine"):
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            raise RunDirError(f"{path}: {key} must be an object")
+    checksums = (summary.get("data") or {}).get("sha256")
+    if checksums is not None and not isinstance(checksums, dict):
+        raise RunDirError(f"{path}: data.sha256 must be an object")
+    wall = summary.get("wall_time_s")
+    if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float))
+                             or not math.isfinite(wall) or wall < 0):
+        raise RunDirError(f"{path}: wall_time_s is {wall!r}, not a duration in seconds")
 
 
 def _check_config(config: Any, where: str, path: Path) -> None:

@@ -10,17 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import files
-from .data import load_fashion_mnist
+from .data import FashionMNIST, load_fashion_mnist
 from .engines import default_workers, run_local, run_ray
-from .errors import RunDirError
+from .errors import RunDirError, SpecError
 from .provenance import library_versions, machine_info
-from .recipes import Recipe, file_name
+from .recipes import RECIPES, Recipe, file_name
 from .report import METRICS_HEADER, SPLITS
 from .stats import paired_difference, summarize
 from .training import total_epochs
@@ -29,6 +30,10 @@ from .trials import make_trial, read_result
 
 def new_run_dir(out: Path, name: str | None, kind: str) -> Path:
     """runs/NAME, or runs/<kind>-<time> when no name is given; never an existing run."""
+    from .sweep import is_folder_name
+
+    if name is not None and not is_folder_name(name):
+        raise SpecError(f"--name {name!r}: expected a folder name (no '/', not '.' or '..')")
     name = name or f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(out) / name
     if (run_dir / "run.json").exists():
@@ -91,12 +96,29 @@ def _plan_problem(plan: dict) -> str | None:
     seeds = plan["seeds"]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         return "seeds must be a non-empty list of whole numbers >= 0"
+    names = [entry["name"] for entry in plan["configs"]]
+    if len(set(names)) != len(names):
+        return "a configuration name appears twice"
+    for entry in plan["configs"]:
+        start = entry["recipe"].get("warm_start_from")
+        epochs = entry["recipe"].get("warm_start_epochs", 0)
+        if start is not None and (start not in RECIPES or not _whole(epochs, 1)):
+            return f"configuration {entry['name']!r}: bad warm start {start!r} / {epochs!r}"
     options = plan["options"]
-    if not isinstance(options["threads"], int) or not isinstance(options["split_seed"], int):
-        return "options.threads and options.split_seed must be whole numbers"
-    if not isinstance(options["device"], str):
-        return "options.device must be a string"
+    if not _whole(options["threads"], 1) or not _whole(options["split_seed"], 0):
+        return "options.threads must be a whole number >= 1, options.split_seed >= 0"
+    if not isinstance(options["device"], str) or options["device"].split(":")[0] not in ("cpu", "cuda"):
+        return "options.device must be cpu, cuda or cuda:N"
+    if options.get("train_subset") is not None and not _whole(options["train_subset"], 1):
+        return "options.train_subset must be null or a whole number >= 1"
+    elapsed = plan.get("elapsed_s", 0.0)
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < math.inf:
+        return "elapsed_s must be a number of seconds"
     return None
+
+
+def _whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def plan_trials(plan: dict) -> list[dict]:
@@ -156,11 +178,15 @@ class Progress:
 
 def execute(run_dir: Path, plan: dict, engine: str = "local", address: str | None = None,
             workers: int | None = None, data_dir: str | None = None, quiet: bool = False,
-            echo: Callable[[str], None] = print) -> dict:
-    """Run every trial of the plan that has not finished, then finalize the run folder."""
+            echo: Callable[[str], None] = print, data: FashionMNIST | None = None) -> dict:
+    """Run every trial of the plan that has not finished, then finalize the run folder.
+
+    data: the data set already loaded by the caller; otherwise it is loaded from data_dir.
+    """
     started = time.perf_counter()
     options = plan["options"]
-    data = load_fashion_mnist(data_dir, quiet=quiet)  # validates (and fetches) before any worker
+    if data is None:
+        data = load_fashion_mnist(data_dir, quiet=quiet)  # validates (and fetches) before any worker
     options = {**options, "data_dir": str(data.folder.resolve())}
     finished = {key for key, r in read_results(run_dir, plan).items() if r.get("status") == "done"}
     todo = [t for t in plan_trials(plan) if t["key"] not in finished]

@@ -79,12 +79,17 @@ def parse_seeds(value) -> list[int]:
                     f"got {value!r}")
 
 
+def is_folder_name(name: object) -> bool:
+    """A single folder name: no separators, not '.' or '..', so a run stays inside --out."""
+    return isinstance(name, str) and bool(name) and Path(name).name == name and name not in (".", "..")
+
+
 def config_name(fields: dict) -> str:
     """baseline-wd0.001-lr0.003: the variant, then each changed field in a fixed order."""
     parts = [fields.get("variant", "baseline")]
     for key in FIELDS:
         if key != "variant" and key in fields:
-            parts.append(f"{FIELDS[key][2]}{fields[key]!r}")
+            parts.append(f"{FIELDS[key][2]}{fields[key]}")
     return "-".join(parts)
 
 
@@ -102,8 +107,7 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
     if unknown:
         raise SpecError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
     name = spec.get("name")
-    if name is not None and (not isinstance(name, str) or Path(name).name != name
-                             or name in (".", "..")):
+    if name is not None and not is_folder_name(name):
         raise SpecError(f"name: expected a folder name, got {name!r}")
     seeds = parse_seeds(spec.get("seeds", 3))
     common = _check_fields({k: v for k, v in spec.items() if k in FIELDS}, "")
