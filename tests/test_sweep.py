@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -109,6 +110,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Ray turns on token authentication by itself once a token file exists in ~/.ray (an
+# earlier local `ray.init` writes one); the test cluster and its client run without it.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster with 2 CPUs, started and stopped by the tests."""
@@ -117,7 +123,8 @@ def ray_cluster():
     port = _free_port()
     started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--port", str(port),
                               "--include-dashboard=false", "--disable-usage-stats"],
-                             capture_output=True, text=True, timeout=180)
+                             capture_output=True, text=True, timeout=180,
+                             env={**os.environ, **RAY_ENV})
     assert started.returncode == 0, started.stderr
     yield f"127.0.0.1:{port}"
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
@@ -130,7 +137,7 @@ def test_sweep_on_ray_matches_the_local_pool(tmp_path, data_dir, ray_cluster):
     local = lenetlab("sweep", spec, "--out", tmp_path / "local", "--data-dir", data_dir, *QUICK)
     assert local.returncode == 0, local.stderr
     on_ray = lenetlab("sweep", spec, "--engine", "ray", "--address", ray_cluster,
-                      "--out", tmp_path / "ray", "--data-dir", data_dir, *QUICK)
+                      "--out", tmp_path / "ray", "--data-dir", data_dir, *QUICK, env=RAY_ENV)
     assert on_ray.returncode == 0, on_ray.stderr
     a, b = tmp_path / "local" / "same", tmp_path / "ray" / "same"
     assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
