@@ -198,8 +198,8 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
     check_engine(args.engine)
     # Check the data before a new run folder exists, so a failed start leaves nothing behind.
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
+    files.writable_dir(run_dir)
     if not args.resume:
-        files.writable_dir(run_dir)
         options = _run_options(args)
         configs, seeds, _ = plan_args
         # No more workers than trials, so that a small run still gets every core.
