@@ -112,12 +112,14 @@ def test_mistakes_are_refused_before_any_work_or_folder(tmp_path, data_dir):
     assert_one_line_error(lenetlab("study", "--variants", ","), "comma-separated list")
     assert_one_line_error(lenetlab("study", "--name", "..", "--out", tmp_path), "--name")
     assert_one_line_error(lenetlab("train", "baseline", "--train-subset", "100000", "--data-dir",
-                                   data_dir), "100,000", "only 54,000")
-    # A start that fails (here: no data) leaves no run folder that would block a retry.
-    result = lenetlab("study", "--out", tmp_path / "runs", "--name", "first", "--data-dir",
-                      tmp_path / "nodata")
-    assert_one_line_error(result, "nodata")
-    assert not (tmp_path / "runs" / "first").exists()
+                                   data_dir), "--train-subset 100000", "only 54,000")
+    # A start that fails leaves no run folder that would block a retry.
+    for mistake, fragment in [(["--data-dir", tmp_path / "nodata"], "nodata"),
+                              (["--device", "tpu", "--data-dir", data_dir], "--device tpu"),
+                              (["--train-subset", "60000", "--data-dir", data_dir], "only 54,000")]:
+        result = lenetlab("study", "--out", tmp_path / "runs", "--name", "first", *mistake)
+        assert_one_line_error(result, fragment)
+        assert not (tmp_path / "runs" / "first").exists()
     spec = tmp_path / "one.toml"
     spec.write_text("seeds = 1\n[grid]\nlr = [0.001]\n")
     assert_one_line_error(lenetlab("sweep", spec, "--seeds", "2", "--epochs", "1"), "one.toml",

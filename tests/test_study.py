@@ -257,3 +257,4 @@ def test_damaged_run_folders_are_refused(tmp_path, data_dir):
         assert_one_line_error(lenetlab("study", "--resume", run), "malformed", problem)
     (run / "run.json").write_text(json.dumps(plan))
     assert_one_line_error(lenetlab("study", "--resume", run, "--seeds", "2"), "drop --seeds")
+    assert_one_line_error(lenetlab("study", "--resume", run, "--split-seed", "0"), "drop --split-seed")

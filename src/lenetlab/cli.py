@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import LenetlabError, SpecError
@@ -115,6 +116,7 @@ def cmd_train(args) -> int:
                                  ("lr", args.lr), ("weight_decay", args.weight_decay))
                if v is not None}
     recipe = recipe.with_changes(**changes)
+    _check_train_subset(args.train_subset)
     options = {"device": resolve_device(args.device), "split_seed": args.split_seed,
                "train_subset": args.train_subset, "threads": args.threads or torch.get_num_threads()}
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
@@ -161,7 +163,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _check_train_subset(train_subset: int | None) -> None:
+    """Refuse a subset larger than the split up front, before a run folder or any training."""
+    from .data import TRAIN_SIZE
+
+    if train_subset is not None and train_subset > TRAIN_SIZE:
+        raise SpecError(f"--train-subset {train_subset}: the training split has only {TRAIN_SIZE:,} images")
+
+
 def _run_options(args) -> dict:
+    _check_train_subset(args.train_subset)
     return {"device": resolve_device(args.device), "split_seed": args.split_seed or 0,
             "train_subset": args.train_subset, "threads": args.threads}
 
@@ -187,7 +198,8 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
     from .study import create_run, execute, load_plan
 
     if args.resume:
-        given = [f"--{o.replace('_', '-')}" for o in _PLAN_OPTIONS if getattr(args, o, None)]
+        given = [f"--{o.replace('_', '-')}" for o in _PLAN_OPTIONS
+                 if getattr(args, o, None) is not None and getattr(args, o) is not False]
         if given:
             raise SpecError(f"--resume continues the run as planned in its run.json; "
                             f"drop {', '.join(given)}")
@@ -195,12 +207,12 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
         plan = load_plan(run_dir)
     else:
         run_dir, plan_args = make_plan()
+        options = _run_options(args)
+    # Check engine and data before a new run folder exists: a failed start leaves nothing behind.
     check_engine(args.engine)
-    # Check the data before a new run folder exists, so a failed start leaves nothing behind.
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
     files.writable_dir(run_dir)
     if not args.resume:
-        options = _run_options(args)
         configs, seeds, _ = plan_args
         # No more workers than trials, so that a small run still gets every core.
         workers = min(args.workers or default_workers(options["device"]), len(configs) * len(seeds))
@@ -209,7 +221,9 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
         options.update(engine=args.engine, workers=workers)
         plan = create_run(run_dir, kind, *plan_args, options=options)
     echo = (lambda line: None) if args.quiet else _echo
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Signal handlers can only be set from the main thread (the CLI may be embedded).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         summary = execute(run_dir, plan, args.engine, args.address, args.workers or
                           plan["options"].get("workers"), args.data_dir, args.quiet, echo, data)
@@ -219,7 +233,8 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
               f"resume with: lenetlab {kind} --resume {run_dir}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     failed = sum(len(c["failed"]) for c in summary["configs"])
     print(f"{kind} {run_dir}: {sum(len(c['completed_seeds']) for c in summary['configs'])} "
           f"trial(s) done, {failed} failed; report: {run_dir / 'report.md'}")
