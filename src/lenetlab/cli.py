@@ -183,6 +183,12 @@ _PLAN_OPTIONS = ("seeds", "variants", "epochs_scale", "warm_start", "name", "thr
                  "dropout_rate", "epochs", "batch_size", "lr", "optimizer")
 
 
+def _flags_given(args, names: tuple[str, ...]) -> list[str]:
+    """The options among names that the user set (unset ones are None, or False for switches)."""
+    return [f"--{name.replace('_', '-')}" for name in names
+            if getattr(args, name, None) is not None and getattr(args, name) is not False]
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the workers are stopped and the resume line printed."""
 
@@ -198,8 +204,7 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
     from .study import create_run, execute, load_plan
 
     if args.resume:
-        given = [f"--{o.replace('_', '-')}" for o in _PLAN_OPTIONS
-                 if getattr(args, o, None) is not None and getattr(args, o) is not False]
+        given = _flags_given(args, _PLAN_OPTIONS)
         if given:
             raise SpecError(f"--resume continues the run as planned in its run.json; "
                             f"drop {', '.join(given)}")
@@ -225,8 +230,8 @@ def _start_or_resume(args, kind: str, make_plan) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
-        summary = execute(run_dir, plan, args.engine, args.address, args.workers or
-                          plan["options"].get("workers"), args.data_dir, args.quiet, echo, data)
+        summary = execute(run_dir, plan, data, args.engine, args.address,
+                          args.workers or plan["options"].get("workers"), args.quiet, echo)
     except KeyboardInterrupt as exc:
         print(f"\n{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}: finished "
               f"trials and each running trial's last epoch are saved; "
@@ -270,7 +275,7 @@ def cmd_sweep(args) -> int:
 
     def make_plan():
         if args.spec:
-            given = [f"--{o.replace('_', '-')}" for o in ("seeds", *grid_flags) if getattr(args, o)]
+            given = _flags_given(args, ("seeds", *grid_flags))
             if given:
                 raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
                                 f"put {', '.join(given)} in it instead")

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import files
-from .data import FashionMNIST, load_fashion_mnist
+from .data import FashionMNIST
 from .engines import default_workers, run_local, run_ray
 from .errors import RunDirError, SpecError
 from .provenance import library_versions, machine_info
@@ -76,7 +76,7 @@ def load_plan(run_dir: Path) -> dict:
 
 def _plan_problem(plan: dict) -> str | None:
     """What is wrong with a parsed run.json, or None."""
-    from .sweep import FIELDS, SpecError, check_value
+    from .sweep import FIELDS, check_value
 
     for key in ("kind", "name", "created", "lenetlab_version"):
         if not isinstance(plan[key], str):
@@ -93,17 +93,15 @@ def _plan_problem(plan: dict) -> str | None:
                     check_value(field, getattr(recipe, field))
         except SpecError as exc:
             return f"configuration {entry['name']!r}: {exc}"
-    seeds = plan["seeds"]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        return "seeds must be a non-empty list of whole numbers >= 0"
+        start, epochs = recipe.warm_start_from, recipe.warm_start_epochs
+        if start is not None and (start not in RECIPES or not _whole(epochs, 1)):
+            return f"configuration {entry['name']!r}: bad warm start {start!r} / {epochs!r}"
     names = [entry["name"] for entry in plan["configs"]]
     if len(set(names)) != len(names):
         return "a configuration name appears twice"
-    for entry in plan["configs"]:
-        start = entry["recipe"].get("warm_start_from")
-        epochs = entry["recipe"].get("warm_start_epochs", 0)
-        if start is not None and (start not in RECIPES or not _whole(epochs, 1)):
-            return f"configuration {entry['name']!r}: bad warm start {start!r} / {epochs!r}"
+    seeds = plan["seeds"]
+    if not seeds or not all(_whole(seed, 0) for seed in seeds):
+        return "seeds must be a non-empty list of whole numbers >= 0"
     options = plan["options"]
     if not _whole(options["threads"], 1) or not _whole(options["split_seed"], 0):
         return "options.threads must be a whole number >= 1, options.split_seed >= 0"
@@ -176,17 +174,15 @@ class Progress:
         self.bar.close()
 
 
-def execute(run_dir: Path, plan: dict, engine: str = "local", address: str | None = None,
-            workers: int | None = None, data_dir: str | None = None, quiet: bool = False,
-            echo: Callable[[str], None] = print, data: FashionMNIST | None = None) -> dict:
+def execute(run_dir: Path, plan: dict, data: FashionMNIST, engine: str = "local",
+            address: str | None = None, workers: int | None = None, quiet: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
     """Run every trial of the plan that has not finished, then finalize the run folder.
 
-    data: the data set already loaded by the caller; otherwise it is loaded from data_dir.
+    data: the data set, loaded and validated by the caller before any worker starts.
     """
     started = time.perf_counter()
     options = plan["options"]
-    if data is None:
-        data = load_fashion_mnist(data_dir, quiet=quiet)  # validates (and fetches) before any worker
     options = {**options, "data_dir": str(data.folder.resolve())}
     finished = {key for key, r in read_results(run_dir, plan).items() if r.get("status") == "done"}
     todo = [t for t in plan_trials(plan) if t["key"] not in finished]
