@@ -1,0 +1,220 @@
+"""Per-step time of the native training step against the PyTorch step, and of the eval forward.
+
+One process, one thread, A/B interleaved (blocks of steps alternate between the two paths,
+so a noisy neighbour slows both alike); medians over the blocks. Also measures this core's
+FMA peak with a register-only loop built by the same helper and flags as the native step,
+and the share of it the native step sustains (145 MFLOP per batch-64 step: 2.26 MFLOP per
+image forward and backward).
+
+    python benchmarks/step_time.py                 # the build -march=native gives
+    python benchmarks/step_time.py --no-avx512     # the 256-bit build (-mno-avx512f)
+    python benchmarks/step_time.py --variant batch_norm --optimizer sgd
+    python benchmarks/step_time.py --baseline old_native_step.c --no-torch   # A/B two versions
+
+Then a per-stage breakdown (microseconds per step) from builds with -DLN_PROFILE, the
+versions again interleaved block by block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FLOP_PER_STEP = 145e6  # batch 64, forward and backward
+
+FMA_LOOP = r"""
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+#define NACC 12 /* independent chains: more than FMA latency x FMA pipes on current cores */
+int fma_vector_bytes(void) { return VBYTES; }
+/* iters x NACC vector FMAs on registers only; returns a value so nothing is optimised away */
+float fma_loop(long iters)
+{
+    vf acc[NACC], m = (vf){} + 0.999999f, a = (vf){} + 1e-7f;
+    for (int i = 0; i < NACC; i++) acc[i] = (vf){} + (float)i;
+    for (long k = 0; k < iters; k++)
+        _Pragma("GCC unroll 12") for (int i = 0; i < NACC; i++) acc[i] = acc[i] * m + a;
+    float s = 0.f;
+    for (int i = 0; i < NACC; i++) s += acc[i][0];
+    return s;
+}
+"""
+
+
+def fma_peak_gflops(flags: tuple[str, ...] | None = None, seconds: float = 0.5) -> tuple[float, int]:
+    from lenetlab import native
+
+    lib = ctypes.CDLL(str(native.build(FMA_LOOP, "fma_peak", flags)))
+    lib.fma_loop.restype = ctypes.c_float
+    lib.fma_loop.argtypes = [ctypes.c_long]
+    lanes = lib.fma_vector_bytes() // 4
+    iters = 1_000_000
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        lib.fma_loop(iters)
+        best = max(best, 2 * lanes * 12 * iters / (time.perf_counter() - t) / 1e9)
+    return best, lanes * 32
+
+
+def torch_step(model, optimizer, x, y, keep):
+    from lenetlab.model import fast_forward
+
+    logits = fast_forward(model, x, keep) if keep is not None else fast_forward(model, x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def native_flags(args) -> tuple[str, ...]:
+    from lenetlab import native
+
+    extra = tuple(args.extra_flags.split()) if args.extra_flags is not None else native.extra_flags()
+    return (*native.BASE_FLAGS, *(("-mno-avx512f",) if args.no_avx512 else ()), *extra)
+
+
+def interleaved(paths: dict, batch, rounds: int, block: int) -> dict[str, list[float]]:
+    """ms per step of each path, per block; the paths take turns block by block."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    step = 0
+    for _ in range(rounds):
+        for name, run in paths.items():
+            t = time.perf_counter()
+            for _ in range(block):
+                run(*batch(step))
+                step += 1
+            times[name].append((time.perf_counter() - t) / block * 1e3)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-avx512", action="store_true", help="build the native step with -mno-avx512f")
+    ap.add_argument("--extra-flags", default=None,
+                    help="extra C flags, e.g. --extra-flags='-mno-avx' (default: the env variable)")
+    ap.add_argument("--baseline", metavar="SOURCE.c", help="also time this version of native_step.c (A/B)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-stage breakdown")
+    ap.add_argument("--variant", default="baseline", choices=["baseline", "dropout", "batch_norm", "both"])
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--block", type=int, default=20, help="steps per A or B block")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--eval-images", type=int, default=10_000)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from lenetlab import native
+    from lenetlab.model import LeNet5V1, fast_forward
+
+    flags = native_flags(args)
+    sources = {"native": native.SOURCE.read_text()}
+    if args.baseline:
+        sources["baseline"] = Path(args.baseline).read_text()
+    t = time.perf_counter()
+    libs = {name: native.load_build(flags, src) for name, src in sources.items()}
+    print(f"native library: {libs['native'].ln_vector_bytes() * 8}-bit vectors, loaded/built in "
+          f"{time.perf_counter() - t:.2f} s, flags {' '.join(flags)}")
+
+    dropout = args.variant in ("dropout", "both")
+    bn = args.variant in ("batch_norm", "both")
+    make = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+            "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True),
+            "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)}[args.optimizer]
+    n = 60_000
+    data_x = torch.randn(n, 1, 28, 28)
+    data_y = torch.randint(0, 10, (n,))
+    order = torch.randperm(n)
+
+    def batch(i):
+        start = (i * args.batch) % (n - args.batch)
+        idx = order[start:start + args.batch]  # a slice, as training passes it
+        keep = torch.rand(args.batch, 120) >= 0.5 if dropout else None
+        return idx, keep
+
+    def model():
+        torch.manual_seed(0)
+        return LeNet5V1(dropout, bn)
+
+    def native_path(lib):
+        m = model()
+        trainer = native.NativeTrainer(m, make(m.parameters()), lib=lib)
+
+        def run(idx, keep):
+            trainer.train_step_indexed(data_x, data_y, idx, keep / 0.5 if keep is not None else None)
+        return run
+
+    paths = {name: native_path(lib) for name, lib in libs.items()}
+    if not args.no_torch:
+        m_torch = model()
+        opt_torch = make(m_torch.parameters())
+        paths["torch"] = lambda idx, keep: torch_step(m_torch, opt_torch, data_x[idx], data_y[idx], keep)
+    times = interleaved(paths, batch, args.rounds, args.block)
+    peak, bits = fma_peak_gflops(flags)
+    print(f"FMA peak (register-only loop, {bits}-bit vectors): {peak:.1f} GFLOP/s")
+    print(f"per batch-{args.batch} step, {args.variant} + {args.optimizer}, median of {args.rounds} blocks "
+          f"of {args.block} (includes the batch gather and, for dropout, the mask draw):")
+    for name, ms in times.items():
+        share = FLOP_PER_STEP * args.batch / 64 / (statistics.median(ms) / 1e3) / 1e9 / peak
+        print(f"  {name:10s} {statistics.median(ms):7.3f} ms  (min {min(ms):.3f})  {share:6.1%} of FMA peak")
+    mine = statistics.median(times["native"])
+    for name in times:
+        if name != "native":
+            print(f"  speed-up native/{name}: {statistics.median(times[name]) / mine:.2f}x")
+
+    if not args.no_profile:
+        prof_libs = {name: native.load_build((*flags, "-DLN_PROFILE"), src, f"{name}_prof")
+                     for name, src in sources.items()}
+        prof_libs = {name: lib for name, lib in prof_libs.items() if hasattr(lib, "ln_profile")}
+        stages = prof_libs["native"].ln_profile_names().decode().split(",")
+        per_block: dict[str, list[list[float]]] = {name: [] for name in prof_libs}
+        prof_paths = {name: native_path(lib) for name, lib in prof_libs.items()}
+        out = (ctypes.c_double * len(stages))()
+        for _ in range(args.rounds):
+            for name, run in prof_paths.items():
+                prof_libs[name].ln_profile(out)  # reset
+                for s in range(args.block):
+                    run(*batch(s))
+                prof_libs[name].ln_profile(out)
+                per_block[name].append([v / args.block for v in out])
+        print(f"per stage, us per step (median of {args.rounds} blocks, -DLN_PROFILE builds):")
+        print("  " + f"{'stage':22s}" + "".join(f"{name:>10s}" for name in per_block))
+        for i, stage in enumerate([*stages, "total"]):
+            row = []
+            for blocks in per_block.values():
+                vals = [sum(b) if stage == "total" else b[i] for b in blocks]
+                row.append(statistics.median(vals))
+            print("  " + f"{stage:22s}" + "".join(f"{v:10.1f}" for v in row))
+
+    x = torch.randn(args.eval_images, 1, 28, 28)
+    m_eval = model().eval()
+    ev: dict[str, list[float]] = {"native forward": [], "fast_forward": []}
+    with torch.inference_mode():
+        for _ in range(5):
+            t = time.perf_counter()
+            a = native.forward(m_eval, x)
+            ev["native forward"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            b = fast_forward(m_eval, x)
+            ev["fast_forward"].append(time.perf_counter() - t)
+    print(f"eval forward of {args.eval_images} images (max |diff| {(a - b).abs().max().item():.2e}):")
+    for name, s in ev.items():
+        print(f"  {name:15s} {statistics.median(s) * 1e3:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

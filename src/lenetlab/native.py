@@ -1,0 +1,381 @@
+"""The native (C) training step and eval forward of LeNet5V1 on CPU: build, cache, load, drive.
+
+native_step.c holds the kernels (see its header for the layout and why). load() compiles it on
+first use into a per-user cache and loads it with ctypes, or returns None where it cannot
+(unavailable_reason() says why). NativeTrainer steps on the model's own parameter tensors and
+the optimiser's own state tensors, so their state_dicts stay what torch would hold and
+checkpoints move freely between the native and PyTorch paths; forward() gives eval-mode
+logits. load_build() builds with other flags, for tests and benchmarks that compare builds in
+one process (passed as lib= to NativeTrainer, supports and forward).
+
+Environment: CC picks the compiler; LENETLAB_NATIVE_CFLAGS_EXTRA is appended to the flags
+(for example -mno-avx512f for the 256-bit build, -DLN_WIDE_TILES for the 512-bit blocking at
+any width, -DLN_PROFILE for per-stage times from ln_profile); LENETLAB_NATIVE_CACHE overrides
+the cache folder ($XDG_CACHE_HOME/lenetlab/native or ~/.cache/lenetlab/native).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from .model import LeNet5V1, _layers
+
+SOURCE = Path(__file__).with_name("native_step.c")
+
+# -O3 -march=native: the vector width and register count of this CPU (the C source picks its
+# blocking from them). -fno-math-errno: without it GCC keeps sqrtf scalar (errno) and the
+# optimiser loop does not vectorise. -fno-trapping-math: no FP exceptions to preserve.
+# -ffp-contract=fast: a*b+c fused into one FMA under Clang as under GCC. Not -ffast-math: it
+# would let the compiler reassociate the exp range reduction and the sums, which the tanh
+# accuracy bound (1.8e-7) and the parity tests rest on.
+BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math",
+              "-ffp-contract=fast", "-fPIC", "-shared")
+EXTRA_FLAGS_ENV = "LENETLAB_NATIVE_CFLAGS_EXTRA"
+BUILD_TIMEOUT_S = 180
+
+_OPTIMIZERS = {torch.optim.Adam: 0, torch.optim.AdamW: 1, torch.optim.SGD: 2}
+_UNSUPPORTED = ("maximize", "differentiable", "capturable", "amsgrad", "nesterov", "dampening")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+_loaded: dict[tuple[str, str], tuple[ctypes.CDLL | None, str | None]] = {}
+
+
+class NativeBuildError(RuntimeError):
+    """The C compiler is missing or failed."""
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lenetlab" / "native"
+    return Path(os.environ.get("LENETLAB_NATIVE_CACHE") or default)
+
+
+def compiler() -> str | None:
+    """$CC, else cc or gcc on PATH (resolved to a full path), else None."""
+    cc = os.environ.get("CC")
+    found = shutil.which(cc) if cc else shutil.which("cc") or shutil.which("gcc")
+    return os.path.realpath(found) if found else None
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's feature flags, else the machine name."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def extra_flags() -> tuple[str, ...]:
+    return tuple(os.environ.get(EXTRA_FLAGS_ENV, "").split())
+
+
+def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> Path:
+    """The path of source_text compiled into the cache folder, under a hash of the source, the
+    compiler's path and version, the flags and the CPU (a change to any builds afresh). Built in
+    a temp folder, then renamed into place: concurrent builders never load a half-written file.
+    Raises NativeBuildError."""
+    cc, folder = compiler(), cache_dir()
+    if cc is None:
+        raise NativeBuildError("no C compiler (set CC, or install cc/gcc)")
+    flags = (*BASE_FLAGS, *extra_flags()) if flags is None else flags
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()[:1]
+        key = hashlib.sha256("\0".join([source_text, cc, *version, *flags, _cpu_identity()])
+                             .encode()).hexdigest()[:20]
+        target = folder / f"{name}-{key}.so"
+        if target.is_file():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as tmp:
+            source, library = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+            source.write_text(source_text)
+            done = subprocess.run([cc, *flags, "-o", str(library), str(source), "-lm"], capture_output=True,
+                                  text=True, timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                raise NativeBuildError(f"{cc} failed ({' '.join(flags)}): " + " | ".join(tail))
+            os.replace(library, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeBuildError(f"building in {folder} with {cc} failed: {exc}") from None
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, d, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int64
+    signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
+                  "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p]),
+                  "ln_forward": (i, [p, p, d, p, i64, p]), "ln_tanh": (None, [p, p, i64])}
+    if hasattr(lib, "ln_profile"):  # older sources (benchmark baselines) lack it
+        signatures.update(ln_profile=(i, [p]), ln_profile_names=(ctypes.c_char_p, []))
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+
+
+def load_build(flags: tuple[str, ...], source_text: str | None = None,
+               name: str = "native_step") -> ctypes.CDLL:
+    """A library built from source_text (default native_step.c) with exactly these flags, loaded
+    and declared, bypassing load()'s cache. Raises NativeBuildError or OSError."""
+    lib = ctypes.CDLL(str(build(SOURCE.read_text() if source_text is None else source_text, name, flags)))
+    _declare(lib)
+    return lib
+
+
+def _settings() -> tuple[str, str]:
+    return os.environ.get("CC", ""), os.environ.get(EXTRA_FLAGS_ENV, "")
+
+
+def load() -> ctypes.CDLL | None:
+    """The native library for the current CC and extra flags, built on first use; None if it
+    cannot be built or loaded here (see unavailable_reason). Never raises."""
+    key = _settings()
+    if key not in _loaded:
+        try:
+            _loaded[key] = (load_build((*BASE_FLAGS, *extra_flags())), None)
+        except (NativeBuildError, OSError, AttributeError) as exc:
+            _loaded[key] = (None, str(exc))
+    return _loaded[key][0]
+
+
+def unavailable_reason() -> str | None:
+    """Why load() returns None for the current settings, or None when it does not."""
+    load()
+    return _loaded[_settings()][1]
+
+
+def _library(lib: ctypes.CDLL | None) -> ctypes.CDLL:
+    """lib if given (a load_build library: tests, benchmarks), else load()'s, else RuntimeError."""
+    lib = lib or load()
+    if lib is None:
+        raise RuntimeError(f"the native library is unavailable: {unavailable_reason()}")
+    return lib
+
+
+def _slots(model: LeNet5V1) -> list[torch.Tensor | None]:
+    """The 14 parameter slots of native_step.c, in model.parameters() order (None: no batch norm)."""
+    L = _layers(model)
+    bn1, bn2 = ((bn.weight, bn.bias) if bn is not None else (None, None) for bn in (L.bn1, L.bn2))
+    return [L.conv1.weight, L.conv1.bias, *bn1, L.conv2.weight, L.conv2.bias, *bn2,
+            L.fc1.weight, L.fc1.bias, L.fc2.weight, L.fc2.bias, L.fc3.weight, L.fc3.bias]
+
+
+def _buffers(model: LeNet5V1) -> list[torch.Tensor | None]:
+    """running_mean/var of both batch norms, then their num_batches_tracked (None without)."""
+    L = _layers(model)
+    if L.bn1 is None:
+        return [None] * 6
+    return [L.bn1.running_mean, L.bn1.running_var, L.bn2.running_mean, L.bn2.running_var,
+            L.bn1.num_batches_tracked, L.bn2.num_batches_tracked]
+
+
+def _pointers(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
+
+
+def _misaligned(tensors, vector_bytes: int) -> str | None:
+    """The first tensor whose storage does not start on a vector_bytes boundary, as a message.
+
+    Parameters, batch-norm buffers and optimiser state are bound once (NativeTrainer._bind) and
+    must start on a vector boundary (torch's CPU allocator gives 64 bytes; a view into a flat
+    buffer may not): a misaligned vector load is a crash, not an exception. The C step copies
+    the per-step inputs before any vector load, so slices such as order[start:start + batch] do."""
+    for t in tensors:
+        if t is not None and t.data_ptr() % vector_bytes:
+            return (f"a {tuple(t.shape)} {t.dtype} tensor at {t.data_ptr():#x} is not aligned to the "
+                    f"{vector_bytes}-byte vectors of the native step")
+    return None
+
+
+def _model_problem(model, lib: ctypes.CDLL) -> str | None:
+    if not isinstance(model, LeNet5V1):
+        return f"not a LeNet5V1 ({type(model).__name__})"
+    tensors = [*_slots(model), *_buffers(model)]
+    dtypes = [torch.float32] * (len(tensors) - 2) + [torch.int64] * 2  # num_batches_tracked last
+    if any(t is not None and (t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous())
+           for t, dtype in zip(tensors, dtypes)):
+        return "parameters and buffers must be contiguous float32 (num_batches_tracked int64) CPU tensors"
+    return _misaligned(tensors, lib.ln_vector_bytes())
+
+
+class NativeTrainer:
+    """Trains one LeNet5V1 in place with the native step, the optimiser's state kept in torch.
+
+    Each train_step is one torch-equivalent step: fast_forward in training mode (batch norm on
+    batch statistics, updating running_mean/var with the unbiased variance and
+    num_batches_tracked; dropout by the given scale), F.cross_entropy (mean), backward, and
+    optimizer.step() with the hyperparameters read from optimizer.param_groups at each step.
+    Nothing is cached between steps except pointers, so sync() has nothing to write back.
+    """
+
+    def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, *,
+                 lib: ctypes.CDLL | None = None) -> None:
+        lib = _library(lib)
+        reason = self.supports(model, 1, optimizer, lib=lib)
+        if reason is not None:
+            raise ValueError(f"the native step cannot train this: {reason}")
+        self._lib, self.model, self.optimizer = lib, model, optimizer
+        self._kind = _OPTIMIZERS[type(optimizer)]
+        self._params = _slots(model)
+        self._live = [t for t in self._params if t is not None]
+        L = _layers(model)
+        self._bn = L.bn1
+        # the batch norms' buffer dicts: plain dict reads per step, not nn.Module.__getattr__
+        self._bn_buffers = [bn._buffers for bn in (L.bn1, L.bn2) if bn is not None]
+        self._totals = (ctypes.c_double * 2)()
+        self._state_dict: dict | None = None  # the optimizer.state last bound (see _bind)
+        self._ws = lib.ln_ws_new()
+        if not self._ws:
+            raise MemoryError("native workspace")
+        weakref.finalize(self, lib.ln_ws_free, self._ws)
+
+    @staticmethod
+    def supports(model, batch_size: int, optimizer: torch.optim.Optimizer | None = None, *,
+                 lib: ctypes.CDLL | None = None) -> str | None:
+        """None if the native step can train this model (and optimizer) at this batch size,
+        else the reason it cannot (the caller then keeps the PyTorch path)."""
+        lib = lib or load()
+        if lib is None:
+            return f"the native library is unavailable: {unavailable_reason()}"
+        if batch_size < 1:
+            return f"batch size {batch_size}"
+        problem = _model_problem(model, lib)
+        if problem is not None or optimizer is None:
+            return problem
+        if type(optimizer) not in _OPTIMIZERS:
+            return f"optimizer {type(optimizer).__name__} (only Adam, AdamW and SGD are native)"
+        return next((f"{flag} is set" for flag in _UNSUPPORTED if optimizer.param_groups[0].get(flag)), None)
+
+    def _state_tensors(self) -> tuple[list, list, list]:
+        """The optimiser's state tensors per slot (None: none), created as torch's first step would."""
+        momentum = self.optimizer.param_groups[0].get("momentum", 0) != 0
+        s1, s2, steps = [], [], []
+        for p in self._params:
+            state = {} if p is None else self.optimizer.state[p]
+            if p is not None and self._kind == 2:
+                if momentum and state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif p is not None and not state:
+                state.update(step=torch.zeros((), dtype=torch.float32),
+                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            s1.append(state.get("momentum_buffer" if self._kind == 2 else "exp_avg"))
+            s2.append(state.get("exp_avg_sq"))
+            steps.append(state.get("step"))
+        for t, p in zip(s1 + s2, self._params * 2):
+            if t is not None:
+                _check(t, torch.float32, tuple(p.shape), "optimizer state")
+        for t in steps:
+            if t is not None:
+                _check(t, torch.float32, (), "optimizer step")
+        return s1, s2, steps
+
+    def _identity(self) -> tuple:
+        """What the bound pointers rest on: every tensor behind them and the state entries."""
+        return (len(self.optimizer.state), *[t.data_ptr() for t in self._live],
+                *[d[k].data_ptr() for d in self._bn_buffers for k in _BN_BUFFERS],
+                *[id(d.get(k)) for d, k in self._entries])
+
+    def _bind(self) -> tuple:
+        """Pointer arrays for the C step; rebuilt whenever a tensor behind them was replaced:
+        optimizer.load_state_dict swaps the state dict, an entry of it may be assigned a new
+        tensor, a buffer may be reassigned (a few us per step to check)."""
+        state = self.optimizer.state
+        if state is not self._state_dict or self._identity() != self._bound:
+            # once per binding, not per step: everything the C step keeps a pointer to must
+            # still be contiguous, of its dtype and on a vector boundary
+            s1, s2, steps = self._state_tensors()
+            problem = (_model_problem(self.model, self._lib)
+                       or _misaligned([*s1, *s2], self._lib.ln_vector_bytes()))
+            if problem is not None:
+                raise ValueError(f"the native step cannot train this: {problem}")
+            buffers = _buffers(self.model)
+            self._args = (_pointers(self._params), _pointers(buffers[:4]), _pointers(buffers[4:]),
+                          _pointers(s1), _pointers(s2), _pointers(steps))
+            # state may have been created just now: the identity after creation is the one to keep
+            self._state_dict = state
+            self._entries = [(state[p], k) for p in self._live for k, t in state[p].items()
+                             if isinstance(t, torch.Tensor)]
+            self._bound = self._identity()
+            self._keep = (s1, s2, steps)  # held, so that no new tensor takes a bound one's id
+        return self._args
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, dropout_scale: torch.Tensor | None = None) -> None:
+        """One step on the batch (x: (B, 1, 28, 28) float32, y: (B,) int64); dropout_scale is
+        keep / (1 - p) of shape (B, 120), or None for no dropout."""
+        self._step(x, y, None, len(x), dropout_scale)
+
+    def train_step_indexed(self, train_x: torch.Tensor, train_y: torch.Tensor, idx: torch.Tensor,
+                           dropout_scale: torch.Tensor | None = None) -> None:
+        """train_step(train_x[idx], train_y[idx], dropout_scale) with the gather done in C."""
+        _check(idx, torch.int64, (len(idx),), "idx")
+        self._step(train_x, train_y, idx, len(idx), dropout_scale)
+
+    def _step(self, x, y, idx, batch: int, dropout_scale) -> None:
+        _check(x, torch.float32, (len(x), 1, 28, 28), "x")
+        _check(y, torch.int64, (len(x),), "y")
+        if batch < 1:
+            raise ValueError("empty batch")
+        if dropout_scale is not None:
+            _check(dropout_scale, torch.float32, (batch, 120), "dropout_scale")  # 120: fc1's outputs
+        params, run, nbt, s1, s2, steps = self._bind()
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group.get("betas", (0.0, 0.0))
+        bn_eps, bn_momentum = (self._bn.eps, self._bn.momentum) if self._bn is not None else (0.0, 0.0)
+        rc = self._lib.ln_train_step(
+            self._ws, params, run, nbt, s1, s2, steps,
+            x.data_ptr(), y.data_ptr(), idx.data_ptr() if idx is not None else None, len(x), batch,
+            dropout_scale.data_ptr() if dropout_scale is not None else None, bn_eps, bn_momentum,
+            self._kind, float(group["lr"]), beta1, beta2, group.get("eps", 0.0),
+            group["weight_decay"], group.get("momentum", 0.0), self._totals)
+        if rc == -1:
+            raise IndexError("an index of the batch is out of range")
+        if rc == -2:
+            raise ValueError("a label is outside 0..9")
+        if rc != 0:
+            raise MemoryError("native step: out of memory")
+
+    def take_totals(self) -> tuple[float, int]:
+        """(summed loss, correct predictions) over the steps since the last call; resets them."""
+        loss, correct = self._totals[0], int(self._totals[1])
+        self._totals[0] = self._totals[1] = 0.0
+        return loss, correct
+
+    def sync(self) -> None:
+        """Nothing to write back: the step updates the model's and the optimiser's own tensors."""
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor of shape {shape}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Eval-mode logits (N, 10) of x (N, 1, 28, 28): batch norm on running statistics, no
+    dropout, whatever model.training says."""
+    lib = _library(lib)
+    problem = _model_problem(model, lib)
+    if problem is not None:
+        raise ValueError(f"the native forward cannot run this: {problem}")
+    x = x.detach().to(torch.float32).contiguous()
+    _check(x, torch.float32, (len(x), 1, 28, 28), "x")
+    out = torch.empty((len(x), 10), dtype=torch.float32)
+    bn = _layers(model).bn1
+    with torch.no_grad():
+        rc = lib.ln_forward(_pointers(_slots(model)), _pointers(_buffers(model)[:4]),
+                            bn.eps if bn is not None else 0.0, x.data_ptr(), len(x), out.data_ptr())
+    if rc != 0:
+        raise MemoryError("native forward: out of memory")
+    return out
