@@ -1,0 +1,244 @@
+"""Classify image files with trained weights: find, load and preprocess them like Fashion-MNIST, predict.
+
+A Fashion-MNIST image is a light garment on a black background, 28x28 grey pixels. A
+picture becomes one in these steps: the first frame (GIF, WebP), the EXIF orientation
+applied, transparent pixels laid on white, grey (ITU-R 601 luma); inverted when its border
+is lighter than its centre (a dark garment on a light background, as in product photos);
+the longer side fitted into 28 pixels keeping the aspect ratio, then padded with black to
+28x28, centred; normalised with the training data's mean and standard deviation, exactly as
+training and `evaluate` do. Every input is loaded and checked before any is predicted: one
+bad file stops the call with an ImageError naming it, and nothing is printed for the others.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .data import CLASS_NAMES, normalise
+from .errors import ImageError
+from .model import LeNet5V1, fast_forward
+
+SIZE = 28
+MAX_SIDE = 100_000  # a side of this many pixels or more is refused as a decompression bomb
+INVERT_CHOICES = ("auto", "yes", "no")
+LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow 9.1 moved it
+
+
+@dataclass
+class Inputs:
+    """The image files of a call, in order, and the files skipped in its folders."""
+
+    files: list[Path]
+    skipped: list[Path]
+
+
+@dataclass
+class PreparedImage:
+    """One picture as the network sees it: 28x28 uint8, light garment on black."""
+
+    path: Path
+    pixels: np.ndarray
+    inverted: bool
+    size: tuple[int, int]  # (width, height) of the file's picture
+
+
+@dataclass
+class Prediction:
+    """The ten class probabilities of one image, in CLASS_NAMES order."""
+
+    path: Path
+    probabilities: list[float]
+    inverted: bool
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        order = sorted(range(len(CLASS_NAMES)), key=lambda i: -self.probabilities[i])
+        return [(CLASS_NAMES[i], self.probabilities[i]) for i in order[:k]]
+
+
+def collect(paths: list[str | Path]) -> Inputs:
+    """The files to classify: each path given, or every file of a folder (sorted, not recursive).
+
+    A missing path is an ImageError. In a folder, files that Pillow does not recognise as
+    an image (empty files included) are skipped and returned in Inputs.skipped; a file given
+    by name is checked later, by load_image, and is an error when it is not an image.
+    """
+    files: list[Path] = []
+    skipped: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found = 0
+            for entry in sorted(p for p in given.iterdir() if p.is_file()):
+                if _is_image(entry):
+                    files.append(entry)
+                    found += 1
+                else:
+                    skipped.append(entry)
+            if not found:
+                raise ImageError(f"{given}: a folder with no image files")
+        elif given.is_file():
+            files.append(given)
+        elif given.exists():
+            raise ImageError(f"{given}: not a regular file or folder")
+        else:
+            raise ImageError(f"{given}: no such file or folder")
+    return Inputs(files, skipped)
+
+
+def _is_image(path: Path) -> bool:
+    """Whether Pillow recognises the file's format (its header only; a damaged image still counts)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path):
+                return True
+        except UnidentifiedImageError:
+            return False
+        except Exception:  # recognised, but refused (a bomb, a damaged header): load_image names it
+            return True
+
+
+def load_image(path: Path, invert: str = "auto") -> PreparedImage:
+    """Open, check and preprocess one image file; ImageError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: an empty file (0 bytes), not an image")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with handle, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(handle) as im:
+                size = im.size
+                _check_size(path, size)
+                im.seek(0)  # the first frame of a GIF or an animated WebP
+                im.load()
+                grey = _to_grey(_upright(im))
+        except ImageError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageError(f"{path}: not an image file (PNG, JPEG, BMP, GIF, WebP, ... expected)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError ... for damaged files
+            text = str(exc).splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+            raise ImageError(f"{path}: a truncated or corrupt image ({text})") from None
+    pixels, inverted = prepare(grey, invert)
+    return PreparedImage(path, pixels, inverted, size)
+
+
+def _check_size(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if min(width, height) < 1 or max(width, height) >= MAX_SIDE:
+        raise ImageError(f"{path}: {width}x{height} pixels, refused (a side must be 1 to "
+                         f"{MAX_SIDE - 1:,} pixels; larger ones are decompression bombs)")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageError(f"{path}: {width}x{height} pixels, refused as a possible decompression bomb "
+                         f"(more than {Image.MAX_IMAGE_PIXELS:,} pixels)")
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says; as stored when that tag cannot be read."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # a damaged EXIF block says nothing about the pixels
+        return im
+
+
+def _to_grey(im: Image.Image) -> np.ndarray:
+    """uint8 (height, width) luma; transparent pixels laid on white; 16-bit and float scaled to 8 bits."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        elif im.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def border_is_lighter(grey: np.ndarray) -> bool:
+    """Whether the mean of the outer band (1/20 of the shorter side, at least a pixel) is
+    lighter than the mean of the central half: a dark object on a light background."""
+    height, width = grey.shape
+    band = max(1, min(height, width) // 20)
+    inner = np.zeros_like(grey, dtype=bool)
+    inner[band:height - band, band:width - band] = True
+    border = grey[~inner]
+    centre = grey[height // 4: height - height // 4, width // 4: width - width // 4]
+    if border.size == 0 or centre.size == 0:
+        return False
+    return float(border.mean()) > float(centre.mean())
+
+
+def prepare(grey: np.ndarray, invert: str = "auto") -> tuple[np.ndarray, bool]:
+    """A grey picture of any size -> 28x28 uint8 like Fashion-MNIST, and whether it was inverted."""
+    if invert not in INVERT_CHOICES:
+        raise ValueError(f"invert must be one of {INVERT_CHOICES}, not {invert!r}")
+    inverted = invert == "yes" or (invert == "auto" and border_is_lighter(grey))
+    if inverted:
+        grey = 255 - grey
+    height, width = grey.shape
+    if (width, height) != (SIZE, SIZE):
+        scale = SIZE / max(width, height)
+        new = (max(1, min(SIZE, round(width * scale))), max(1, min(SIZE, round(height * scale))))
+        grey = np.asarray(Image.fromarray(grey).resize(new, LANCZOS), dtype=np.uint8)
+    out = np.zeros((SIZE, SIZE), dtype=np.uint8)  # black: the background after inversion
+    top, left = (SIZE - grey.shape[0]) // 2, (SIZE - grey.shape[1]) // 2
+    out[top:top + grey.shape[0], left:left + grey.shape[1]] = grey
+    return out, inverted
+
+
+@torch.inference_mode()
+def predict(model: LeNet5V1, images: list[PreparedImage], batch_size: int = 500) -> list[Prediction]:
+    """Class probabilities of prepared images, computed as `evaluate` computes its logits."""
+    model.eval()
+    predictions: list[Prediction] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        x = normalise(torch.from_numpy(np.stack([image.pixels for image in chunk])))
+        probabilities = torch.softmax(fast_forward(model, x).double(), dim=1)
+        predictions += [Prediction(image.path, [float(p) for p in row], image.inverted)
+                        for image, row in zip(chunk, probabilities.tolist())]
+    return predictions
+
+
+def predict_files(model: LeNet5V1, paths: list[str | Path], invert: str = "auto") -> tuple[list[Prediction],
+                                                                                            list[Path]]:
+    """Collect, load and check every input first, then predict: (predictions, skipped files)."""
+    inputs = collect(paths)
+    images = [load_image(path, invert) for path in inputs.files]
+    return predict(model, images), inputs.skipped
+
+
+def as_json(prediction: Prediction) -> dict:
+    """One JSON-ready object: the file, the most likely class and all ten probabilities."""
+    (best, probability), = prediction.top(1)
+    return {"file": str(prediction.path), "class": best, "probability": round(probability, 6),
+            "inverted": prediction.inverted,
+            "probabilities": {name: round(p, 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)}}
+
+
+def as_line(prediction: Prediction, k: int) -> str:
+    """One line: the file, then the top k classes with their probabilities."""
+    top = "  ".join(f"{name} {p:.4f}" for name, p in prediction.top(k))
+    return f"{prediction.path}: {top}{'  (inverted)' if prediction.inverted else ''}"
+
+
+def skipped_note(skipped: list[Path]) -> str:
+    """One line on the files of folders that were not images."""
+    names = ", ".join(str(path) for path in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    return f"lenetlab: skipped {len(skipped)} file(s) that are not images: {names}"
