@@ -1,34 +1,20 @@
-"""The lenetlab command as a user runs it: output, saved files, and one-line errors with exit 2."""
+"""The lenetlab command as a user runs it (in this process): output, saved files, and one-line
+errors with exit 2 for every bad input, checked before any work starts or any folder exists."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import argparse
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli, strict_json
 
+from lenetlab import __version__, cli
 from lenetlab.model import LeNet5V1
 
 
-def lenetlab(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lenetlab", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_variants_lists_the_five_recipes():
-    result = lenetlab("variants")
+    result = run_cli("variants")
     assert result.returncode == 0
     for name in ("baseline", "dropout", "l2_regularization", "batch_norm", "l2_optimized",
                  "lenet5v1_l2_optimized.pth"):
@@ -38,17 +24,18 @@ def test_variants_lists_the_five_recipes():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("models")
-    result = lenetlab("train", "batch_norm", "--epochs", "1", "--train-subset", "3000", "--seed", "5",
-                      "--out", out, "--data-dir", data_dir, "--device", "cpu")
+    result = run_cli("train", "batch_norm", "--epochs", "1", "--train-subset", "3000", "--seed", "5",
+                     "--out", out, "--data-dir", data_dir, "--device", "cpu", "--threads", "1")
     assert result.returncode == 0, result.stderr
     return out, result
 
 
+@pytest.mark.slow
 def test_train_prints_epochs_and_saves_original_names(trained):
     out, result = trained
     assert "epoch  1/1" in result.stdout and "test" in result.stdout
     weights = out / "lenet5_batchnorm_fashionmnist.pth"
-    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    sidecar = strict_json(weights.with_suffix(".json"))
     assert sidecar["variant"] == "batch_norm" and sidecar["seed"] == 5
     assert len(sidecar["metrics"]) == 3 and set(sidecar["data_sha256"]) == {
         "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -57,80 +44,173 @@ def test_train_prints_epochs_and_saves_original_names(trained):
     LeNet5V1(use_batch_norm=True).load_state_dict(state)  # loads in the original class
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_trained_test_accuracy(trained, data_dir):
-    out, result = trained
-    sidecar = json.loads((out / "lenet5_batchnorm_fashionmnist.json").read_text())
-    evaluated = lenetlab("evaluate", out / "lenet5_batchnorm_fashionmnist.pth", "--json",
-                         "--data-dir", data_dir)
+    import json
+
+    out, _ = trained
+    sidecar = strict_json(out / "lenet5_batchnorm_fashionmnist.json")
+    weights = out / "lenet5_batchnorm_fashionmnist.pth"
+    evaluated = run_cli("evaluate", weights, "--json", "--data-dir", data_dir)
     assert evaluated.returncode == 0, evaluated.stderr
-    report = json.loads(evaluated.stdout)
+    report = json.loads(evaluated.stdout, parse_constant=lambda name: pytest.fail(f"not strict: {name}"))
     assert report["variant"] == "batch_norm"
     assert report["test_accuracy"] == pytest.approx(sidecar["test_accuracy"], abs=1e-9)
     assert len(report["per_class_accuracy"]) == 10 and "Ankle boot" in report["per_class_accuracy"]
     assert sum(map(sum, report["confusion_matrix"])) == 10_000
-    text = lenetlab("evaluate", out / "lenet5_batchnorm_fashionmnist.pth", "--data-dir", data_dir)
+    text = run_cli("evaluate", weights, "--data-dir", data_dir)
     assert f"{sidecar['test_accuracy']:.4f}" in text.stdout and "Trouser" in text.stdout
 
 
 @pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True), (True, True)])
 def test_evaluate_detects_every_flag_combination(tmp_path, data_dir, flags):
+    import json
+
     path = tmp_path / "original.pth"
     torch.save(LeNet5V1(*flags).state_dict(), path)
-    report = json.loads(lenetlab("evaluate", path, "--json", "--data-dir", data_dir).stdout)
+    report = json.loads(run_cli("evaluate", path, "--json", "--data-dir", data_dir).stdout)
     assert (report["use_dropout"], report["use_batch_norm"]) == flags
 
 
 def test_bad_inputs_get_one_line_and_exit_2(tmp_path, data_dir):
-    assert_one_line_error(lenetlab("evaluate", tmp_path / "nope.pth"), "nope.pth", "no such file")
+    assert_one_line_error(run_cli("evaluate", tmp_path / "nope.pth"), "nope.pth", "no such file")
     (tmp_path / "text.pth").write_text("not torch")
-    assert_one_line_error(lenetlab("evaluate", tmp_path / "text.pth"), "text.pth", "not a torch")
+    assert_one_line_error(run_cli("evaluate", tmp_path / "text.pth"), "text.pth", "not a torch")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
-    assert_one_line_error(lenetlab("evaluate", tmp_path / "other.pth"), "not a LeNet5V1 state_dict")
-    assert_one_line_error(lenetlab("train", "resnet"), "unknown variant 'resnet'")
-    assert_one_line_error(lenetlab("train", "baseline", "--epochs", "0"), "--epochs")
-    assert_one_line_error(lenetlab("train", "baseline", "--lr", "abc"), "--lr")
-    assert_one_line_error(lenetlab("train", "baseline", "--seed", "-1"), "--seed")
-    assert_one_line_error(lenetlab("evaluate", tmp_path / "text.pth", "--device", "cuda:x"), "text.pth")
-    assert_one_line_error(lenetlab("train", "baseline", "--device", "tpu", "--data-dir", data_dir),
+    assert_one_line_error(run_cli("evaluate", tmp_path / "other.pth"), "not a LeNet5V1 state_dict")
+    assert_one_line_error(run_cli("train", "resnet"), "unknown variant 'resnet'")
+    assert_one_line_error(run_cli("train", "baseline", "--epochs", "0"), "--epochs")
+    assert_one_line_error(run_cli("train", "baseline", "--lr", "abc"), "--lr")
+    assert_one_line_error(run_cli("train", "baseline", "--seed", "-1"), "--seed")
+    assert_one_line_error(run_cli("evaluate", tmp_path / "text.pth", "--device", "cuda:x"), "text.pth")
+    assert_one_line_error(run_cli("train", "baseline", "--device", "tpu", "--data-dir", data_dir),
                           "--device tpu")
-    assert_one_line_error(lenetlab("train", "baseline", "--data-dir", tmp_path), str(tmp_path),
-                          "missing")
-    assert_one_line_error(lenetlab("study", "--variants", "baseline,nope"), "unknown variant 'nope'")
-    assert_one_line_error(lenetlab("report", tmp_path / "norun"), "norun")
-    assert_one_line_error(lenetlab("study", "--resume", tmp_path), "not a lenetlab run")
-    assert_one_line_error(lenetlab("frobnicate"), "invalid choice")
+    assert_one_line_error(run_cli("train", "baseline", "--data-dir", tmp_path), str(tmp_path), "missing")
+    assert_one_line_error(run_cli("study", "--variants", "baseline,nope"), "unknown variant 'nope'")
+    assert_one_line_error(run_cli("report", tmp_path / "norun"), "norun")
+    assert_one_line_error(run_cli("resume", tmp_path), "not a lenetlab run")
+    assert_one_line_error(run_cli("resume", tmp_path / "norun"), "norun")
+    assert_one_line_error(run_cli("frobnicate"), "invalid choice")
 
 
 def test_mistakes_are_refused_before_any_work_or_folder(tmp_path, data_dir):
     in_the_way = tmp_path / "afile"
     in_the_way.write_text("x")
-    result = lenetlab("train", "baseline", "--epochs", "1", "--train-subset", "500", "--out",
-                      in_the_way, "--data-dir", data_dir, "--quiet")
+    result = run_cli("train", "baseline", "--epochs", "1", "--train-subset", "500", "--out",
+                     in_the_way, "--data-dir", data_dir, "--quiet")
     assert_one_line_error(result, "afile", "a file is in the way")
     assert "epoch" not in result.stdout  # refused before training, not after
-    assert_one_line_error(lenetlab("study", "--out", in_the_way, "--data-dir", data_dir), "afile")
-    assert_one_line_error(lenetlab("study", "--variants", ","), "comma-separated list")
-    assert_one_line_error(lenetlab("study", "--name", "..", "--out", tmp_path), "--name")
-    assert_one_line_error(lenetlab("train", "baseline", "--train-subset", "100000", "--data-dir",
-                                   data_dir), "--train-subset 100000", "only 54,000")
+    assert_one_line_error(run_cli("study", "--out", in_the_way, "--data-dir", data_dir), "afile")
+    assert_one_line_error(run_cli("study", "--variants", ","), "comma-separated list")
+    assert_one_line_error(run_cli("study", "--name", "..", "--out", tmp_path), "--name")
+    assert_one_line_error(run_cli("train", "baseline", "--train-subset", "100000", "--data-dir", data_dir),
+                          "--train-subset", "54000")
     # A start that fails leaves no run folder that would block a retry.
     for mistake, fragment in [(["--data-dir", tmp_path / "nodata"], "nodata"),
                               (["--device", "tpu", "--data-dir", data_dir], "--device tpu"),
-                              (["--train-subset", "60000", "--data-dir", data_dir], "only 54,000")]:
-        result = lenetlab("study", "--out", tmp_path / "runs", "--name", "first", *mistake)
+                              (["--train-subset", "60000", "--data-dir", data_dir], "--train-subset"),
+                              (["--name", "a\nb", "--data-dir", data_dir], "--name"),
+                              (["--name", "a/b", "--data-dir", data_dir], "--name")]:
+        result = run_cli("study", "--out", tmp_path / "runs", "--name", "first", *mistake)
         assert_one_line_error(result, fragment)
-        assert not (tmp_path / "runs" / "first").exists()
+        assert not (tmp_path / "runs").exists()
     spec = tmp_path / "one.toml"
     spec.write_text("seeds = 1\n[grid]\nlr = [0.001]\n")
-    assert_one_line_error(lenetlab("sweep", spec, "--seeds", "2", "--epochs", "1"), "one.toml",
-                          "--seeds, --epochs")
+    assert_one_line_error(run_cli("sweep", spec, "--seeds", "2", "--epochs", "1"), "one.toml",
+                          "--seeds", "--epochs")
 
 
 def test_weights_that_are_not_a_state_dict_say_what_they_are(tmp_path, data_dir):
-    assert_one_line_error(lenetlab("evaluate", tmp_path), "a folder")
+    assert_one_line_error(run_cli("evaluate", tmp_path), "a folder")
     torch.save(LeNet5V1(), tmp_path / "whole.pth")  # the whole module, pickled
-    assert_one_line_error(lenetlab("evaluate", tmp_path / "whole.pth"), "whole.pth",
+    assert_one_line_error(run_cli("evaluate", tmp_path / "whole.pth"), "whole.pth",
                           "save model.state_dict() instead")
-    result = lenetlab("evaluate", data_dir / "t10k-labels-idx1-ubyte.gz")
+    result = run_cli("evaluate", data_dir / "t10k-labels-idx1-ubyte.gz")
     assert_one_line_error(result, "not a torch weights file")
     assert "\x1b" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["study", "--seeds", "1000000000"], "--seeds"),  # was: building a 40 GB list of seeds
+    (["study", "--epochs-scale", "1e308"], "--epochs-scale"),  # was: OverflowError
+    (["study", "--epochs-scale", "nan"], "--epochs-scale"),
+    (["study", "--epochs-scale", "0"], "--epochs-scale"),
+    (["study", "--threads", "1000000000"], "--threads"),  # was: libgomp out of memory in every trial
+    (["study", "--split-seed", "100000000000000000000000"], "--split-seed"),  # stored: resume never ran
+    (["study", "--workers", "100000"], "--workers"),
+    (["sweep", "--lr", "1e309"], "--lr"),
+    (["sweep", "--seeds", "1000000000", "--lr", "0.1"], "--seeds"),
+    (["train", "baseline", "--seed", "100000000000000000000000"], "--seed"),  # was: ValueError
+    (["train", "baseline", "--split-seed", "100000000000000000000000"], "--split-seed"),
+    (["train", "baseline", "--threads", "1000000000"], "--threads"),
+    (["train", "baseline", "--batch-size", "100000"], "--batch-size"),
+    (["train", "baseline", "--lr", "inf"], "--lr"),
+])
+def test_values_out_of_range_are_one_line_before_any_folder(tmp_path, args, option):
+    """Issue 14, item 3: every option has a range, checked before a run folder exists."""
+    where = ["--quiet"] if args[0] == "train" else ["--name", "x"]
+    line = assert_one_line_error(run_cli(*args, "--out", tmp_path / "out", *where), f"argument {option}:")
+    assert "expected" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_version_and_a_bare_command():
+    """Issue 14, item 7: --version, and usage on a bare `lenetlab`."""
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"lenetlab {__version__}"
+    result = run_cli()
+    assert result.returncode == 2 and result.stderr.startswith("usage: lenetlab")
+    for command in ("train", "evaluate", "study", "sweep", "resume", "report"):
+        assert command in result.stderr
+
+
+def test_resume_refuses_options_that_would_change_the_plan(tmp_path):
+    """Issue 14, item 7: `--out` (or --seeds) beside resume is refused, not ignored."""
+    for extra in (["--out", "x"], ["--seeds", "2"], ["--variants", "baseline"]):
+        assert_one_line_error(run_cli("resume", tmp_path, *extra), "unrecognized arguments", extra[0])
+
+
+def _options(command: str) -> list[argparse.Action]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in sub.choices[command]._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["train", "study", "sweep", "resume"])
+def test_every_option_says_what_it_takes(command):
+    """Issue 14, item 7: every flag has help; every number its range; sweep lists their format."""
+    for action in _options(command):
+        assert action.help, action.option_strings
+        kind = getattr(action.type, "__name__", "")
+        if kind in ("int", "float"):
+            assert " to " in action.help or ">" in action.help, (action.option_strings, action.help)
+        if command == "sweep" and kind.startswith("comma-separated"):
+            assert "comma-separated" in action.help, action.option_strings
+
+
+def test_a_list_of_variants_may_have_spaces():
+    """Issue 14, item 7: "baseline, dropout" is two variants, as a user types it."""
+    args = cli.build_parser().parse_args(["study", "--variants", "baseline, dropout"])
+    assert args.variants == ["baseline", "dropout"]
+
+
+def test_training_that_diverges_is_an_error_not_a_model(tmp_path, data_dir):
+    """Issue 14, item 5: a NaN model is never saved; the message says where it diverged."""
+    result = run_cli("train", "baseline", "--lr", "1e308", "--epochs", "1", "--train-subset", "500",
+                     "--threads", "1", "--out", tmp_path, "--data-dir", data_dir, "--quiet")
+    assert_one_line_error(result, "diverged at epoch 1, step", "no weights saved")
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_refuses_weights_with_non_finite_values(tmp_path):
+    """Issue 14, item 5: was per-class 1.0000, and NaN in --json."""
+    state = LeNet5V1().state_dict()
+    state["classifier.5.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    for extra in ([], ["--json"]):
+        result = run_cli("evaluate", tmp_path / "nan.pth", *extra)
+        assert_one_line_error(result, "nan.pth", "non-finite", "classifier.5.weight")
+        assert result.stdout == ""

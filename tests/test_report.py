@@ -1,125 +1,110 @@
-"""render_report on small synthetic run folders: plots, tables, sentences and damaged input."""
+"""The report of run folders built by the real aggregation code (study.finalize) from made-up
+trial results: plots, tables, sentences, and damaged files refused in one line."""
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
+import shlex
+import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
+from conftest import assert_one_line_error, run_cli, strict_json
 
+from lenetlab import plots as plots_module
+from lenetlab import report as report_module
+from lenetlab import study
 from lenetlab.errors import RunDirError
-from lenetlab.report import METRICS_HEADER, render_report
-from lenetlab.stats import paired_difference, summarize
+from lenetlab.evaluation import Evaluation
+from lenetlab.model import LeNet5V1
+from lenetlab.provenance import library_versions
+from lenetlab.recipes import RECIPES, Recipe
+from lenetlab.records import SPLITS, EpochMetrics, RunOptions, Trial, TrialResult
+from lenetlab.report import render_report
+from lenetlab.rundir import RunPlan, read_plan, write_plan
+from lenetlab.stats import summarize
+from lenetlab.trials import record_failure, record_trial
 
-EPOCHS = 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+OFFSET = {"train": 0.03, "val": 0.005, "test": 0.0}
+# Stands in for the loaded data set: finalize only records its checksums and folder.
+DATA = SimpleNamespace(checksums={"train-images-idx3-ubyte": "ab" * 32}, folder=Path("/data/fashion"))
+WEIGHTS = LeNet5V1().state_dict()
 
 
-def final_accuracy(base: float, split: str, seed: int, epoch: int = EPOCHS) -> float:
-    """A made-up accuracy: rises by epoch, differs a little by seed, train above test."""
-    offset = {"train": 0.03, "val": 0.005, "test": 0.0}[split]
-    return round(base + offset + 0.01 * epoch + 0.002 * seed, 6)
+def accuracy(base: float, split: str, seed: int, epoch: int, epochs: int) -> float:
+    """A made-up accuracy: rises by epoch to base + split offset + 0.002 per seed at the end."""
+    return round(base + OFFSET[split] + 0.002 * seed - 0.01 * (epochs - epoch), 6)
 
 
-def make_run(
-    run_dir: Path,
-    configs: list[dict],
-    kind: str = "study",
-    reference: str | None = "baseline",
-) -> dict:
-    """Write metrics.csv and summary.json for configs given as
-    {"name", "base" (accuracy level), "seeds", "failed" (seeds that failed)}."""
+def fake_result(trial: Trial, run_id: str, base: float, options: RunOptions) -> TrialResult:
+    epochs = trial.recipe.epochs
+    history = [EpochMetrics(epoch, split, round(1.5 - value, 6), value)
+               for epoch in range(1, epochs + 1) for split in SPLITS
+               for value in [accuracy(base, split, trial.seed, epoch, epochs)]]
+    final_test = accuracy(base, "test", trial.seed, epochs, epochs)
+    test = Evaluation(loss=1.5 - final_test, accuracy=final_test,
+                      per_class_accuracy=[round(base + 0.01 * k - 0.05, 4) for k in range(10)],
+                      confusion_matrix=[[90 if row == col else 1 for col in range(10)] for row in range(10)])
+    return TrialResult(trial, run_id, "done", history=history, test=test, wall_time_s=12.5,
+                       options=options, kernels="torch")
+
+
+def make_run(run_dir: Path, configs: list[dict], kind: str = "study", reference: str | None = "baseline",
+             seeds: tuple[int, ...] = (0, 1), options: RunOptions | None = None,
+             elapsed_s: float = 3725.5) -> dict:
+    """A run folder as lenetlab leaves it, for configs given as {"name", "base" (accuracy level),
+    "recipe" (default: the published one of that name), "failed" (seeds), "offsets" ({seed: extra
+    test accuracy})}: trial results recorded by trials.py, then study.finalize."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    entries = []
-    for spec in configs:
-        name, base, seeds = spec["name"], spec["base"], spec["seeds"]
-        failed = spec.get("failed", [])
-        completed = [seed for seed in seeds if seed not in failed]
+    options = options or RunOptions()
+    recipes = [(c["name"], c.get("recipe") or RECIPES[c["name"]]) for c in configs]
+    plan = RunPlan(kind, "synthetic-run", recipes, list(seeds), options, reference, elapsed_s=elapsed_s)
+    write_plan(run_dir, plan)
+    for config, (name, recipe) in zip(configs, recipes):
         for seed in seeds:
-            # a failed seed logs its first epoch before crashing; the report must ignore it
-            last_epoch = 1 if seed in failed else EPOCHS
-            for epoch in range(1, last_epoch + 1):
-                for split in ("train", "val", "test"):
-                    accuracy = final_accuracy(base, split, seed, epoch)
-                    if seed in failed:
-                        accuracy = 0.1
-                    rows.append([name, spec.get("variant", name), seed, epoch, split,
-                                 round(1.5 - accuracy, 6), accuracy])
-        final = None
-        if completed:
-            final = {}
-            for split in ("train", "val", "test"):
-                values = {str(seed): final_accuracy(base, split, seed) for seed in completed}
-                final[split] = {**summarize(list(values.values())), "values": values}
-        entries.append({
-            "name": name,
-            "variant": spec.get("variant", name),
-            "recipe": {"name": name, "epochs": EPOCHS, "batch_size": 64, "lr": 0.001,
-                       "weight_decay": spec.get("weight_decay", 0.0), "optimizer": "adam",
-                       "warm_start_from": None},
-            "seeds": seeds,
-            "completed_seeds": completed,
-            "final": final,
-            "best_seed": max(completed) if completed else None,
-            "per_class_test_accuracy": {
-                str(seed): [round(base + 0.01 * k, 4) for k in range(10)] for seed in completed
-            },
-            "confusion_matrix": {
-                str(seed): [[90 if row == col else 1 for col in range(10)] for row in range(10)]
-                for seed in completed
-            },
-            "failed": [{"seed": seed, "error": "RuntimeError: loss became nan\nat epoch 2"}
-                       for seed in failed],
-        })
-    comparisons = []
-    by_name = {entry["name"]: entry for entry in entries}
-    if reference is not None and by_name[reference]["final"]:
-        ref_values = by_name[reference]["final"]["test"]["values"]
-        for entry in entries:
-            if entry["name"] == reference or entry["final"] is None:
+            trial = Trial(name, recipe, seed)
+            if seed in config.get("failed", ()):
+                record_failure(run_dir, trial, plan.run_id, "RuntimeError: loss became nan\nat epoch 2")
                 continue
-            diff = paired_difference(entry["final"]["test"]["values"], ref_values)
-            comparisons.append({"name": entry["name"], "reference": reference, **diff})
-    finished = [entry for entry in entries if entry["final"]]
-    top = max(finished, key=lambda e: max(e["final"]["test"]["values"].values()))
-    summary = {
-        "lenetlab_version": "0.1.0", "kind": kind, "name": "synthetic-run",
-        "created": "2024-10-08T12:00:00+00:00", "wall_time_s": 3725.5,
-        "config": {"seeds": [0, 1], "device": "cpu"},
-        "data": {"folder": "/data/fashion", "sha256": {"train-images-idx3-ubyte": "ab" * 32}},
-        "versions": {"python": "3.12.1", "torch": "2.4.0"},
-        "machine": {"platform": "Linux", "cpu_count": 2, "device": "cpu"},
-        "reference": reference,
-        "configs": entries,
-        "comparisons": comparisons,
-        "best": {"name": top["name"], "seed": top["best_seed"]},
-    }
-    with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(METRICS_HEADER)
-        writer.writerows(rows)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return summary
+            result = fake_result(trial, plan.run_id, config["base"], options)
+            extra = config.get("offsets", {}).get(seed, 0.0)
+            if extra:
+                history = [replace(r, accuracy=round(r.accuracy + extra, 6)) if r.split == "test" else r
+                           for r in result.history]
+                result = replace(result, history=history)
+            record_trial(run_dir, result, WEIGHTS, DATA.checksums)
+    return study.finalize(run_dir, plan, DATA)
 
 
 STUDY = [
-    {"name": "baseline", "base": 0.85, "seeds": [0, 1]},
-    {"name": "dropout", "base": 0.86, "seeds": [0, 1], "failed": [1]},
-    {"name": "batch_norm", "base": 0.87, "seeds": [0, 1]},
+    {"name": "baseline", "base": 0.88},
+    {"name": "dropout", "base": 0.89, "failed": [1]},
+    {"name": "batch_norm", "base": 0.90},
 ]
 
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory) -> tuple[Path, dict, str]:
-    run_dir = tmp_path_factory.mktemp("study")
+    run_dir = tmp_path_factory.mktemp("study") / "run"
     summary = make_run(run_dir, STUDY)
-    report = render_report(run_dir)
-    return run_dir, summary, report.read_text(encoding="utf-8")
+    return run_dir, summary, (run_dir / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def no_drawing(monkeypatch):
+    """For tests of the text alone: skip drawing the PNGs (a few seconds per run folder)."""
+    monkeypatch.setattr(report_module, "write_plots", lambda summary, curves, plots_dir: [])
+
+
+@pytest.fixture
+def study_copy(study_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(study_run[0], copy)
+    return copy
 
 
 def table_row(report: str, name: str) -> str:
@@ -134,6 +119,10 @@ def assert_png(path: Path) -> None:
     image = matplotlib.image.imread(path)
     height, width = image.shape[:2]
     assert 300 <= height <= 3000 and 400 <= width <= 3000, (path, image.shape)
+
+
+def paragraph(report: str, start: str) -> str:
+    return next(p for p in report.split("\n\n") if p.startswith(start))
 
 
 def test_study_writes_every_plot(study_run):
@@ -155,13 +144,26 @@ def test_image_links_point_at_files(study_run):
         assert (run_dir / link).is_file(), link
 
 
+def test_summary_and_metrics_come_from_the_trial_results(study_run):
+    run_dir, summary, _ = study_run
+    assert strict_json(run_dir / "summary.json")["configs"][0]["final"] == summary["configs"][0]["final"]
+    baseline = summary["configs"][0]
+    assert baseline["final"]["test"]["values"] == {"0": 0.88, "1": 0.882}
+    assert baseline["best_seed"] == 1 and baseline["completed_seeds"] == [0, 1]
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "config,variant,seed,epoch,split,loss,accuracy"
+    # 12 epochs x 3 splits for each of 5 completed trials; dropout seed 1 failed and has no rows
+    assert len(rows) - 1 == 5 * 12 * 3
+    assert "dropout,dropout,0,12,test,0.610000,0.890000" in rows
+    assert not [r for r in rows if r.startswith("dropout,dropout,1,")]
+
+
 def test_table_shows_mean_and_half_interval_from_summarize(study_run):
     _, _, report = study_run
-    # baseline test accuracies: seeds 0 and 1 -> 0.88 and 0.882
-    stats = summarize([final_accuracy(0.85, "test", 0), final_accuracy(0.85, "test", 1)])
+    stats = summarize([0.88, 0.882])  # baseline's final test accuracies, seeds 0 and 1
     half = (stats["ci95"][1] - stats["ci95"][0]) / 2
     assert f"{stats['mean']:.4f} ± {half:.4f}" in table_row(report, "baseline")
-    # by hand: mean 0.881, std 0.0014142, t(1) 12.7062 -> half 0.0127062 * ... = 0.0127
+    # by hand: mean 0.881, std 0.0014142, t(1) 12.7062 -> half 0.0127
     assert "| baseline | 2/2 | 0.9110 ± 0.0127 | 0.8860 ± 0.0127 | 0.8810 ± 0.0127 |" in report
 
 
@@ -177,28 +179,29 @@ def test_single_seed_shows_no_interval_and_failure(study_run):
 
 def test_study_keeps_recipe_order_and_shows_published_figures(study_run):
     _, _, report = study_run
-    order = [report.index(f"| {name} | 2/2") if name != "dropout" else report.index("| dropout |")
-             for name in ("baseline", "dropout", "batch_norm")]
+    order = [report.index(table_row(report, name)) for name in ("baseline", "dropout", "batch_norm")]
     assert order == sorted(order)
     assert "0.9321 | 0.8921" in table_row(report, "baseline")  # PUBLISHED baseline figures
     assert "never evaluated the test set" in report
     assert "**validation**" in report
+    assert "Not comparable with the published figures" not in report  # the published recipes, all data
 
 
 def test_sentences_come_from_the_numbers(study_run):
     _, _, report = study_run
     assert "The highest mean test accuracy is **batch_norm**'s" in report
+    # the target is named before it is used
+    assert "The original study aimed at a test accuracy of 0.88 (88%)." in report
     # test means: baseline 0.881, dropout 0.890, batch_norm 0.901 -> all reach 0.88
-    assert "for baseline, dropout and batch_norm;" in report
     # lower ends of the intervals: baseline 0.881 - 0.0127 < 0.88, batch_norm 0.901 - 0.0127 > 0.88
-    assert "for batch_norm the whole 95% interval lies above it." in report
+    assert ("Mean test accuracy reaches it for baseline, dropout and batch_norm; "
+            "for batch_norm the whole 95% interval lies above it.") in report
     assert "The best single run is batch_norm seed 1, with test accuracy 0.9020" in report
     # batch_norm - baseline is +0.02 on both seeds, dropout pairs only seed 0
     assert "| batch_norm | baseline | 2 | +0.0200 |" in report
     assert "excludes zero for batch_norm (better by 0.0200)" in report
     assert "dropout paired only one seed" in report
-    dropout_row = next(line for line in report.splitlines()
-                       if line.startswith("| dropout | baseline |"))
+    dropout_row = next(line for line in report.splitlines() if line.startswith("| dropout | baseline |"))
     assert dropout_row.endswith("| n/a, 1 seed | no |")
 
 
@@ -206,19 +209,58 @@ def test_provenance_at_the_end(study_run):
     _, _, report = study_run
     details = report[report.index("## Run details"):]
     assert "ab" * 32 in details
-    assert "- torch: 2.4.0" in details
-    assert "- cpu_count: 2" in details
+    assert f"- torch: {library_versions()['torch']}" in details
     assert "3725.5 s (1 h 2 min 6 s)" in details
-    assert "| baseline | baseline | 3 | 64 | 0.001 | 0 | adam | none |" in details
+    assert "| baseline | baseline | False | False | 0.5 | 12 | 64 | 0.001 | 0 | adam | none | 0 |" in details
+    assert "Trained with the torch kernels" in details
+
+
+def test_one_seed_names_the_target_and_no_interval(tmp_path, no_drawing):
+    make_run(tmp_path / "run", [{"name": "baseline", "base": 0.90}, {"name": "dropout", "base": 0.85}],
+             seeds=(0,))
+    report = (tmp_path / "run" / "report.md").read_text()
+    sentences = paragraph(report, "The highest mean test accuracy")
+    assert "aimed at a test accuracy of 0.88" in sentences
+    assert "95% interval" not in sentences  # one seed gives none to speak of
+    assert "Mean test accuracy reaches it for baseline; with one seed there is no interval" in sentences
+    assert "It stays below 0.88 for dropout." in sentences
+
+
+@pytest.mark.parametrize(("options", "epochs", "how"), [
+    (RunOptions(train_subset=2000), None, "trained on 2,000 images only"),
+    (RunOptions(), 3, "trained fewer or more epochs (--epochs-scale)"),
+])
+def test_shortened_runs_are_not_compared_with_the_published_figures(tmp_path, no_drawing, options, epochs,
+                                                                    how):
+    recipe = replace(RECIPES["baseline"], epochs=epochs) if epochs else None
+    make_run(tmp_path / "run", [{"name": "baseline", "base": 0.88, "recipe": recipe}], options=options)
+    report = (tmp_path / "run" / "report.md").read_text()
+    caveat = paragraph(report, "**Not comparable with the published figures:**")
+    assert how in caveat and "12 epochs" in caveat
+
+
+def test_a_one_epoch_run_has_whole_epochs_on_the_x_axis(tmp_path, monkeypatch):
+    """Issue 14, item 7: a 1-epoch run's curves had ticks like 0.96, 0.98."""
+    ticks = {}
+
+    def keep_ticks(fig, path):
+        ticks[path.name] = list(fig.axes[0].get_xticks())
+        plots_module.plt.close(fig)
+
+    monkeypatch.setattr(plots_module, "_save_figure", keep_ticks)
+    make_run(tmp_path, [{"name": "baseline", "base": 0.88, "recipe": replace(RECIPES["baseline"], epochs=1)}],
+             seeds=(0,))
+    assert ticks["convergence_baseline.png"] == [1] and ticks["test_accuracy_overlay.png"] == [1]
 
 
 def test_sweep_ranks_by_test_accuracy_and_uses_heatmap(tmp_path):
     names = ["wd0.01", "wd0.001", "wd0.0001", "wd0", "wd0.1", "wd0.03", "wd0.003"]
     bases = [0.80, 0.87, 0.85, 0.84, 0.70, 0.83, 0.86]
-    configs = [{"name": f"l2_regularization-{n}", "variant": "l2_regularization", "base": b,
-                "seeds": [0, 1]} for n, b in zip(names, bases, strict=True)]
+    base_recipe = RECIPES["l2_regularization"]
+    configs = [{"name": f"l2_regularization-{n}", "base": b, "recipe": replace(base_recipe, epochs=3)}
+               for n, b in zip(names, bases, strict=True)]
     make_run(tmp_path, configs, kind="sweep", reference=None)
-    report = render_report(tmp_path).read_text(encoding="utf-8")
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
     ranked = [c["name"] for c in sorted(configs, key=lambda c: -c["base"])]
     positions = [report.index(table_row(report, name)) for name in ranked]
     assert positions == sorted(positions)
@@ -232,145 +274,130 @@ def test_sweep_ranks_by_test_accuracy_and_uses_heatmap(tmp_path):
 
 def test_fully_failed_config_and_odd_names(tmp_path):
     configs = [
-        {"name": "baseline", "base": 0.85, "seeds": [0, 1]},
-        {"name": "lr 0.01/adam", "base": 0.80, "seeds": [0, 1]},
-        {"name": "broken", "base": 0.80, "seeds": [0, 1], "failed": [0, 1]},
+        {"name": "baseline", "base": 0.85},
+        {"name": "lr 0.01/adam", "base": 0.80, "recipe": Recipe("baseline", epochs=2, lr=0.01)},
+        {"name": "broken", "base": 0.80, "recipe": Recipe("baseline", epochs=2), "failed": [0, 1]},
     ]
-    make_run(tmp_path, configs)
-    report = render_report(tmp_path).read_text(encoding="utf-8")
+    make_run(tmp_path, configs, kind="sweep")
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "| broken | 0/2 | failed | failed | failed |" in report
     assert not (tmp_path / "plots" / "convergence_broken.png").exists()
     assert_png(tmp_path / "plots" / "convergence_lr_0.01_adam.png")
     assert "(plots/convergence_lr_0.01_adam.png)" in report
 
 
-def test_interval_including_zero_is_reported_as_noise(tmp_path):
-    make_run(tmp_path, STUDY)
-
-    def widen(summary: dict) -> None:
-        summary["comparisons"][1].update({"ci95": [-0.01, 0.05], "excludes_zero": False})
-
-    edit_summary(tmp_path, widen)
-    report = render_report(tmp_path).read_text(encoding="utf-8")
-    assert "| batch_norm | baseline | 2 | +0.0200 | [-0.0100, +0.0500] | no |" in report
+def test_interval_including_zero_is_reported_as_noise(tmp_path, no_drawing):
+    # batch_norm - baseline: +0.04 on seed 0, -0.01 on seed 1 -> mean +0.015, interval across zero
+    configs = [{"name": "baseline", "base": 0.88},
+               {"name": "batch_norm", "base": 0.90, "offsets": {0: 0.02, 1: -0.03}}]
+    summary = make_run(tmp_path, configs)
+    comparison = summary["comparisons"][0]
+    assert comparison["ci95"][0] < 0 < comparison["ci95"][1] and not comparison["excludes_zero"]
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| batch_norm | baseline | 2 | +0.0150 |" in report
     assert "No comparison has a 95% interval that excludes zero." in report
     assert "For batch_norm the interval includes zero" in report
 
 
-def test_rendering_twice_replaces_the_files(study_run):
+def test_rendering_again_gives_the_same_report(study_run):
     run_dir, _, first = study_run
     assert render_report(run_dir).read_text(encoding="utf-8") == first
 
 
-def damage_missing_metrics(run_dir: Path) -> None:
+def test_results_of_another_run_are_not_counted(tmp_path, no_drawing):
+    """A trial file carrying another run's identity (a stray process, a copied folder) is left out."""
+    make_run(tmp_path, [{"name": "baseline", "base": 0.88}])
+    plan = read_plan(tmp_path)
+    stray = Trial("baseline", plan.configs[0][1], 1)  # its file replaces this run's own result
+    record_trial(tmp_path, fake_result(stray, "another-run", 0.5, plan.options), WEIGHTS, DATA.checksums)
+    summary = study.finalize(tmp_path, plan, DATA)
+    assert summary["configs"][0]["completed_seeds"] == [0]
+    assert summary["configs"][0]["final"]["test"]["values"] == {"0": 0.88}
+
+
+# ----------------------------------------------------------------------------- damaged folders
+
+
+def cut_metrics(run_dir: Path) -> Path:
+    path = run_dir / "metrics.csv"
+    path.write_text("\n".join(path.read_text().splitlines()[:40]) + "\n")
+    return path
+
+
+def edit_metrics(run_dir: Path) -> Path:
+    path = run_dir / "metrics.csv"
+    path.write_text(path.read_text().replace("0.880000", "0.980000", 1))
+    return path
+
+
+def drop_metrics(run_dir: Path) -> Path:
     (run_dir / "metrics.csv").unlink()
+    return run_dir / "metrics.csv"
 
 
-def damage_missing_summary(run_dir: Path) -> None:
-    (run_dir / "summary.json").unlink()
-
-
-def damage_malformed_json(run_dir: Path) -> None:
-    path = run_dir / "summary.json"
-    path.write_text(path.read_text()[:-20], encoding="utf-8")
-
-
-def damage_header(run_dir: Path) -> None:
-    path = run_dir / "metrics.csv"
-    path.write_text(path.read_text().replace("accuracy", "acc", 1), encoding="utf-8")
-
-
-def damage_accuracy(run_dir: Path) -> None:
-    path = run_dir / "metrics.csv"
-    lines = path.read_text().splitlines()
-    lines[3] = ",".join(lines[3].split(",")[:-1] + ["high"])
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def damage_empty_metrics(run_dir: Path) -> None:
-    (run_dir / "metrics.csv").write_text("", encoding="utf-8")
-
-
-def damage_short_row(run_dir: Path) -> None:
-    with open(run_dir / "metrics.csv", "a", encoding="utf-8") as f:
-        f.write("baseline,baseline,0,4,test\n")
-
-
-def damage_duplicate_name(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s["configs"][1].update({"name": "baseline"}))
-
-
-def damage_missing_top_key(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s.pop("comparisons"))
-
-
-def damage_missing_nested_key(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s["configs"][0]["final"]["test"].pop("ci95"))
-
-
-def damage_string_value(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s["configs"][0]["final"]["val"]["values"].update({"0": "x"}))
-
-
-def damage_best(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s["best"].update({"name": "nowhere"}))
-
-
-def damage_data(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s.update({"data": "x"}))
-
-
-def damage_wall_time(run_dir: Path) -> None:
-    edit_summary(run_dir, lambda s: s.update({"wall_time_s": float("inf")}))
-
-
-def edit_summary(run_dir: Path, change) -> None:
+def edit_mean(run_dir: Path) -> Path:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
-    change(summary)
-    path.write_text(json.dumps(summary), encoding="utf-8")
+    summary["configs"][0]["final"]["test"]["mean"] = 0.99
+    path.write_text(json.dumps(summary, indent=2))
+    return path
 
 
-@pytest.mark.parametrize(
-    ("damage", "file_name", "problem"),
-    [
-        (damage_missing_metrics, "metrics.csv", "missing"),
-        (damage_missing_summary, "summary.json", "missing"),
-        (damage_malformed_json, "summary.json", "not valid JSON"),
-        (damage_header, "metrics.csv", "header"),
-        (damage_accuracy, "metrics.csv", "accuracy 'high' is not a number"),
-        (damage_empty_metrics, "metrics.csv", "empty file"),
-        (damage_short_row, "metrics.csv", "has 5 fields, expected 7"),
-        (damage_duplicate_name, "summary.json", "'baseline' appears twice"),
-        (damage_missing_top_key, "summary.json", "missing key 'comparisons'"),
-        (damage_missing_nested_key, "summary.json", "missing key 'ci95'"),
-        (damage_string_value, "summary.json", "not a number"),
-        (damage_best, "summary.json", "'nowhere'"),
-        (damage_data, "summary.json", "data must be an object"),
-        (damage_wall_time, "summary.json", "wall_time_s is inf"),
-    ],
-)
-def test_damaged_run_folder_raises_one_line(tmp_path, damage, file_name, problem):
-    make_run(tmp_path, STUDY)
-    damage(tmp_path)
+def cut_summary(run_dir: Path) -> Path:
+    path = run_dir / "summary.json"
+    path.write_text(path.read_text()[:-20])
+    return path
+
+
+def drop_summary(run_dir: Path) -> Path:
+    (run_dir / "summary.json").unlink()
+    return run_dir  # as if the run had not finished
+
+
+def foreign_summary(run_dir: Path) -> Path:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps({"kind": "study", "configs": []}))
+    return path
+
+
+def cut_best_weights(run_dir: Path) -> Path:
+    path = run_dir / "models" / "lenet5_batchnorm_fashionmnist.pth"
+    path.write_bytes(path.read_bytes()[:1000])
+    return path
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (cut_metrics, "damaged or edited"),
+    (edit_metrics, "damaged or edited"),
+    (drop_metrics, "missing"),
+    (edit_mean, "damaged or edited"),
+    (cut_summary, "unreadable"),
+    (drop_summary, "has not finished"),
+    (foreign_summary, "not a lenetlab summary file"),
+    (cut_best_weights, "damaged or edited"),
+])
+def test_a_damaged_run_folder_is_one_line_never_a_wrong_report(study_copy, damage, problem):
+    run_dir = study_copy
+    before = {p: p.stat().st_mtime_ns for p in [run_dir / "report.md", *(run_dir / "plots").iterdir()]}
+    path = damage(run_dir)
     with pytest.raises(RunDirError) as caught:
-        render_report(tmp_path)
+        render_report(run_dir)
     message = str(caught.value)
-    assert message.startswith(str(tmp_path / file_name) + ":")
-    assert problem in message
-    assert "\n" not in message
-    assert not (tmp_path / "report.md").exists()
+    assert message.startswith(f"{path}:") and problem in message and "\n" not in message
+    assert_one_line_error(run_cli("report", run_dir), str(path), problem)
+    assert before == {p: p.stat().st_mtime_ns for p in before}  # nothing re-rendered
 
 
-def test_missing_run_folder(tmp_path):
-    with pytest.raises(RunDirError, match="not a folder"):
-        render_report(tmp_path / "nothing-here")
+def test_report_on_a_folder_that_is_no_finished_run(tmp_path):
+    assert_one_line_error(run_cli("report", tmp_path / "nothing-here"), "nothing-here")
+    run_dir = tmp_path / "my run"
+    plan = RunPlan("study", "my run", [("baseline", RECIPES["baseline"])], [0], RunOptions())
+    write_plan(run_dir, plan)
+    line = assert_one_line_error(run_cli("report", run_dir), "has not finished")
+    assert shlex.split(line.split("finish it with: ", 1)[1]) == ["lenetlab", "resume", str(run_dir)]
 
 
-def test_a_file_in_the_way_of_the_plots_is_one_line(tmp_path):
-    make_run(tmp_path, STUDY)
-    (tmp_path / "plots").write_text("not a folder")
-    result = subprocess.run([sys.executable, "-m", "lenetlab", "report", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "plots" in result.stderr
+def test_a_file_in_the_way_of_the_plots_is_one_line(study_copy):
+    shutil.rmtree(study_copy / "plots")
+    (study_copy / "plots").write_text("not a folder")
+    assert_one_line_error(run_cli("report", study_copy), "plots")

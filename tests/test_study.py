@@ -1,52 +1,85 @@
-"""lenetlab study / sweep / report end to end on the real data (small subsets, one-epoch recipes)."""
+"""lenetlab study / resume / report end to end on the real data (small subsets, short recipes):
+the promised files, and runs stopped at any moment (kill -9, Ctrl-C, SIGTERM, a killed worker,
+damaged files) that resume to the numbers of an uninterrupted run."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_cli import assert_one_line_error, lenetlab
+import torch
+from conftest import (
+    RESUME_ARGS,
+    assert_gone,
+    assert_one_line_error,
+    metrics_text,
+    run_cli,
+    start_study,
+    strict_json,
+    trial_workers,
+    wait_for,
+)
+
+from lenetlab import files
+from lenetlab.model import load_weights
+from lenetlab.recipes import RECIPES
+from lenetlab.records import RunOptions
+from lenetlab.rundir import RunPlan, read_plan, write_plan
+from lenetlab.study import read_results
+from lenetlab.trials import read_result
 
 QUICK = ["--epochs-scale", "0.1", "--train-subset", "2000", "--threads", "1", "--quiet"]
+WEIGHTS = {"baseline": "lenet5_baseline_fashionmnist", "dropout": "lenet5_dropout_fashionmnist",
+           "l2_optimized": "lenet5v1_l2_optimized"}
 
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("runs")
-    result = lenetlab("study", "--seeds", "2", "--variants", "baseline,dropout,l2_optimized",
-                      "--out", out, "--name", "quick", "--data-dir", data_dir, "--workers", "2", *QUICK)
+    # "a, b": a list as a user types it (issue 14, item 7)
+    result = run_cli("study", "--seeds", "2", "--variants", "baseline, dropout, l2_optimized", "--out", out,
+                     "--name", "quick", "--data-dir", data_dir, "--workers", "2", *QUICK)
     assert result.returncode == 0, result.stderr
     return out / "quick", result
 
 
+@pytest.fixture
+def study_copy(study_run, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(study_run[0], copy)
+    return copy
+
+
+@pytest.mark.slow
 def test_study_writes_every_promised_file(study_run):
     run, result = study_run
     assert "report.md" in result.stdout
+    plan = read_plan(run)
     for seed in (0, 1):
-        for name in ("lenet5_baseline_fashionmnist", "lenet5_dropout_fashionmnist",
-                     "lenet5v1_l2_optimized"):
+        for name in WEIGHTS.values():
             assert (run / "models" / f"seed{seed}" / f"{name}.pth").is_file()
-            assert json.loads((run / "models" / f"seed{seed}" / f"{name}.json").read_text())["seed"] == seed
-    summary = json.loads((run / "summary.json").read_text())
+            assert strict_json(run / "models" / f"seed{seed}" / f"{name}.json")["seed"] == seed
+    summary = strict_json(run / "summary.json")
     for config in summary["configs"]:
-        trial = run / "trials" / f"{config['name']}__seed{config['best_seed']}.json"
-        best = run / "models" / Path(json.loads(trial.read_text())["weights"]).name
-        assert best.is_file()
-        assert best.read_bytes() == (run / "models" / f"seed{config['best_seed']}" / best.name).read_bytes()
+        trial = strict_json(run / "trials" / f"{config['name']}__seed{config['best_seed']}.json")
+        assert trial["run_id"] == plan.run_id
+        best = run / "models" / Path(trial["weights"]).name
+        assert best.read_bytes() == (run / trial["weights"]).read_bytes()
         test = config["final"]["test"]
         assert test["n"] == 2 and test["ci95"][0] <= test["mean"] <= test["ci95"][1]
         assert test["mean"] == pytest.approx(sum(test["values"].values()) / 2)
     assert [c["name"] for c in summary["comparisons"]] == ["dropout", "l2_optimized"]
     assert summary["versions"]["torch"] and summary["data"]["sha256"] and summary["wall_time_s"] > 0
+    # every file the report rests on is checksummed: metrics.csv and each weights file
+    assert len(summary["files_sha256"]) == 1 + 6 + 3
+    assert summary["files_sha256"]["metrics.csv"] == files.sha256_file(run / "metrics.csv")
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics.columns) == ["config", "variant", "seed", "epoch", "split", "loss", "accuracy"]
     # baseline: 12 x 0.1 -> 1 epoch; l2_optimized: 20 x 0.1 -> 2 epochs; 3 splits; 2 seeds
@@ -60,201 +93,152 @@ def test_study_writes_every_promised_file(study_run):
     report = (run / "report.md").read_text()
     assert "plots/confusion_matrix_best.png" in report and "| 0.8921 |" in report
     assert "validation" in report.lower()
+    assert "Not comparable with the published figures" in report  # 1/10 of the epochs, 2,000 images
+    for path in run.rglob("*.json"):  # issue 14, item 5: strict JSON everywhere
+        strict_json(path)
 
 
-def test_report_renders_again_from_the_run_folder_alone(study_run, tmp_path):
+@pytest.mark.slow
+def test_report_renders_again_from_the_run_folder_alone(study_run, study_copy):
     run, _ = study_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("metrics.csv", "summary.json"):
-        (copy / name).write_bytes((run / name).read_bytes())
-    result = lenetlab("report", copy)
+    (study_copy / "report.md").unlink()
+    shutil.rmtree(study_copy / "plots")
+    result = run_cli("report", study_copy)
     assert result.returncode == 0, result.stderr
-    assert (copy / "report.md").read_text() == (run / "report.md").read_text()
-    assert (copy / "plots" / "per_class_accuracy.png").is_file()
-    (copy / "metrics.csv").write_text("config,variant\nbroken\n")
-    assert_one_line_error(lenetlab("report", copy), "metrics.csv")
+    assert (study_copy / "report.md").read_text() == (run / "report.md").read_text()
+    assert (study_copy / "plots" / "per_class_accuracy.png").is_file()
+    # issue 14, item 6: a metrics.csv cut short or edited is one line, not plots that disagree
+    (study_copy / "metrics.csv").write_text(metrics_text(run).replace("test", "val", 1))
+    assert_one_line_error(run_cli("report", study_copy), "metrics.csv", "damaged or edited")
+    (study_copy / "metrics.csv").write_text(metrics_text(run)[:-100])
+    assert_one_line_error(run_cli("report", study_copy), "metrics.csv", "damaged or edited")
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+@pytest.mark.slow
+def test_damaged_or_foreign_trial_results_count_as_missing(study_copy):
+    plan = read_plan(study_copy)
+    assert len(read_results(study_copy, plan)) == 6
+    (study_copy / "trials" / "baseline__seed0.json").write_text("[]")
+    (study_copy / "trials" / "dropout__seed1.json").write_text('{"key": "dropout__seed1", "status": "done"}')
+    # issue 14, item 1: a well-formed result of another run is never counted
+    foreign = study_copy / "trials" / "l2_optimized__seed0.json"
+    body = files.read_record(foreign, "trial")
+    files.write_record(foreign, "trial", {**body, "run_id": "another-run"})
+    # issue 14, item 6: nor one whose weights are not the ones it recorded
+    weights = study_copy / "models" / "seed1" / "lenet5v1_l2_optimized.pth"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    assert sorted(read_results(study_copy, plan)) == ["baseline__seed1", "dropout__seed0"]
 
 
-def _workers(study_pid: int) -> list[int]:
-    """The trial processes of a running study: children of its forkserver."""
-    forkserver = [pid for pid in _children(study_pid)
-                  if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    return [pid for server in forkserver for pid in _children(server)]
-
-
-def _assert_gone(pids: list[int], timeout: float = 10) -> None:
-    """Every process in pids has ended (a zombie awaiting its parent counts as ended)."""
-    deadline = time.time() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":
-                alive.append(pid)
-        if not alive:
-            return
-        assert time.time() < deadline, f"processes {alive} outlived the study"
-        time.sleep(0.2)
-
-
-def _wait_for(path_glob: Path, pattern: str, process, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not list(path_glob.glob(pattern)):
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f"no {pattern} after {timeout} s"
-        time.sleep(0.2)
-
-
-def _final_metrics(run: Path) -> list[list[str]]:
-    with open(run / "metrics.csv") as handle:
-        return sorted(csv.reader(handle))
-
-
-RESUME_ARGS = ["--seeds", "1", "--variants", "baseline,batch_norm", "--epochs-scale", "0.25",
-               "--train-subset", "2000", "--threads", "1", "--workers", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("whole")
-    result = lenetlab("study", *RESUME_ARGS, "--out", out, "--name", "whole", "--data-dir", data_dir)
+@pytest.mark.slow
+def test_resume_reruns_a_trial_with_damaged_weights_and_ignores_a_foreign_checkpoint(study_run, study_copy,
+                                                                                     data_dir):
+    """Issue 14, item 6: a truncated per-seed .pth is rerun, not copied to models/; a checkpoint
+    that is not a dict (was: every resume failed) is ignored."""
+    run, _ = study_run
+    damaged = study_copy / "models" / "seed0" / "lenet5_baseline_fashionmnist.pth"
+    damaged.write_bytes(damaged.read_bytes()[:10_000])
+    (study_copy / "trials" / "dropout__seed1.json").unlink()
+    (study_copy / "checkpoints").mkdir(exist_ok=True)
+    torch.save([1, 2], study_copy / "checkpoints" / "dropout__seed1.pt")
+    result = run_cli("resume", study_copy, "--data-dir", data_dir, "--quiet")
     assert result.returncode == 0, result.stderr
-    return out / "whole"
+    assert "6 trial(s) done, 0 failed" in result.stdout
+    assert metrics_text(study_copy) == metrics_text(run)
+    plan = read_plan(study_copy)
+    assert all(read_result(study_copy, trial, plan.run_id) for trial in plan.trials())
+    load_weights(damaged)
+    for name in WEIGHTS.values():
+        load_weights(study_copy / "models" / f"{name}.pth")  # the best seeds' copies are whole
+    assert run_cli("report", study_copy).returncode == 0
 
 
-def test_killing_the_study_ends_its_workers(tmp_path, data_dir):
-    # Twelve epochs: the trial would go on long after the kill if its worker survived.
-    cmd = [sys.executable, "-m", "lenetlab", "study", "--seeds", "1", "--variants", "baseline",
-           "--train-subset", "5000", "--threads", "1", "--quiet", "--out", str(tmp_path),
-           "--name", "orphans", "--data-dir", str(data_dir)]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for(tmp_path / "orphans", "checkpoints/*.pt", process)
-    workers = _workers(process.pid)
-    assert workers
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    _assert_gone(workers, timeout=3)
-    assert not list((tmp_path / "orphans").glob("trials/*.json"))
+def test_damaged_or_foreign_run_folders_are_refused(tmp_path):
+    run = tmp_path / "damaged"
+    run.mkdir()
+    (run / "run.json").write_text("{not json")
+    assert_one_line_error(run_cli("resume", run), "run.json", "unreadable")
+    (run / "run.json").write_text(json.dumps({"configs": [{"name": "x"}]}))
+    assert_one_line_error(run_cli("resume", run), "run.json", "not a lenetlab run-plan file")
+    write_plan(run, RunPlan("study", "damaged", [("baseline", RECIPES["baseline"])], [0], RunOptions()))
+    assert_one_line_error(run_cli("report", run), "has not finished", "lenetlab resume")
+    edited = json.loads((run / "run.json").read_text())
+    edited["seeds"] = [0, 1]
+    (run / "run.json").write_text(json.dumps(edited))
+    assert_one_line_error(run_cli("resume", run), "run.json", "damaged or edited")
 
 
-def test_study_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path, data_dir, uninterrupted):
-    cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
-           "--name", "killed", "--data-dir", str(data_dir)]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+# ----------------------------------------------------------------------------- stopped runs
+
+
+@pytest.mark.slow
+def test_study_killed_with_sigkill_resumes_to_the_same_numbers_and_keeps_its_time(tmp_path, data_dir,
+                                                                                  uninterrupted):
+    """kill -9 with one trial recorded and the next one midway; issue 14, item 7: the wall time
+    of the resumed run counts the time before the kill too."""
+    process = start_study(tmp_path, "killed", data_dir)
     run = tmp_path / "killed"
-    _wait_for(run, "checkpoints/*.pt", process)  # the first epoch of the first trial is saved
-    workers = _workers(process.pid)
+    wait_for(run, "trials/baseline__seed0.json", process)
+    wait_for(run, "checkpoints/batch_norm__seed0.pt", process)  # its first epoch is saved
+    workers = trial_workers(process.pid)
     assert workers
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    _assert_gone(workers)  # a worker outliving the study would race a later --resume
-    assert not (run / "summary.json").exists()
-    result = lenetlab("study", "--resume", run, "--data-dir", data_dir)
+    process.kill()
+    process.communicate()
+    assert_gone(workers, timeout=3)  # a worker outliving the study would race the resume
+    assert not (run / "summary.json").exists() and not (run / "trials" / "batch_norm__seed0.json").exists()
+    before_kill = read_plan(run).elapsed_s
+    assert before_kill > 0
+    started = time.perf_counter()
+    result = run_cli("resume", run, "--data-dir", data_dir, "--quiet")
+    resumed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
-    assert _final_metrics(run) == _final_metrics(uninterrupted)
+    assert metrics_text(run) == metrics_text(uninterrupted)
+    wall_time = strict_json(run / "summary.json")["wall_time_s"]
+    assert wall_time > resumed and wall_time > before_kill  # was: the resumed part alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stop", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                       (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, data_dir, uninterrupted,
                                                                 stop, status, word):
-    cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
-           "--name", "interrupted", "--data-dir", str(data_dir)]
-    # A shell running a job in the background ignores SIGINT for it, and Python keeps an
-    # inherited "ignore"; restore the default, as for a command in a terminal's foreground.
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = start_study(tmp_path, "interrupted", data_dir)
     run = tmp_path / "interrupted"
-    _wait_for(run, "checkpoints/*.pt", process)
-    workers = _workers(process.pid)
+    wait_for(run, "checkpoints/*.pt", process)
+    workers = trial_workers(process.pid)
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status
-    assert "Traceback" not in stderr and f"lenetlab study --resume {run}" in stderr
+    assert "Traceback" not in stderr and f"lenetlab resume {run}" in stderr
     assert stderr.strip().startswith(word)
-    _assert_gone(workers)
-    assert lenetlab("study", "--resume", run, "--data-dir", data_dir).returncode == 0
-    assert _final_metrics(run) == _final_metrics(uninterrupted)
+    assert_gone(workers)
+    assert run_cli("resume", run, "--data-dir", data_dir, "--quiet").returncode == 0
+    assert metrics_text(run) == metrics_text(uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_its_trial_only_and_resume_completes_it(tmp_path, data_dir, uninterrupted):
-    cmd = [sys.executable, "-m", "lenetlab", "study", *RESUME_ARGS, "--out", str(tmp_path),
-           "--name", "victim", "--data-dir", str(data_dir)]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "victim"
-    _wait_for(run, "checkpoints/*.pt", process)
-    workers = _workers(process.pid)
-    assert len(workers) == 1
-    os.kill(workers[0], signal.SIGKILL)
-    stdout, _ = process.communicate(timeout=300)
-    assert process.returncode == 1  # finished, with a failure to report
-    summary = json.loads((run / "summary.json").read_text())
+    killed: list[int] = []
+
+    def kill_the_worker() -> None:  # the study runs in this process; its workers are grandchildren
+        wait_for(run, "checkpoints/*.pt")
+        killed.extend(trial_workers(os.getpid()))
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker, daemon=True)
+    killer.start()
+    result = run_cli("study", *RESUME_ARGS, "--out", tmp_path, "--name", "victim", "--data-dir", data_dir)
+    killer.join()
+    assert len(killed) == 1
+    assert result.returncode == 1  # finished, with a failure to report
+    summary = strict_json(run / "summary.json")
     failures = [(c["name"], f) for c in summary["configs"] for f in c["failed"]]
     assert len(failures) == 1 and "killed by signal 9" in failures[0][1]["error"]
     assert summary["configs"][1]["completed_seeds"] == [0]  # the other trial completed
     assert "killed by signal 9" in (run / "report.md").read_text()
-    assert "--resume" in stdout
-    result = lenetlab("study", "--resume", run, "--data-dir", data_dir)
+    assert f"rerun the failed trials with: lenetlab resume {run}" in result.stdout
+    result = run_cli("resume", run, "--data-dir", data_dir, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert _final_metrics(run) == _final_metrics(uninterrupted)
-
-
-def test_damaged_trial_results_count_as_missing(study_run, tmp_path):
-    from lenetlab.study import load_plan, read_results
-
-    run, _ = study_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    plan = load_plan(copy)
-    assert len(read_results(copy, plan)) == 6
-    (copy / "trials" / "baseline__seed0.json").write_text("[]")
-    (copy / "trials" / "dropout__seed1.json").write_text('{"key": "dropout__seed1", "status": "done"}')
-    assert sorted(read_results(copy, plan)) == ["baseline__seed1", "dropout__seed0",
-                                                 "l2_optimized__seed0", "l2_optimized__seed1"]
-
-
-def test_damaged_run_folders_are_refused(tmp_path, data_dir):
-    run = tmp_path / "damaged"
-    run.mkdir()
-    (run / "run.json").write_text("{not json")
-    assert_one_line_error(lenetlab("study", "--resume", run), "run.json")
-    (run / "run.json").write_text(json.dumps({"configs": [{"name": "x"}]}))
-    assert_one_line_error(lenetlab("study", "--resume", run), "malformed")
-    plan = {"kind": "study", "name": "damaged", "created": "now", "lenetlab_version": "0",
-            "configs": [{"name": "baseline", "recipe": {"name": "baseline"}}], "seeds": ["x"],
-            "options": {"threads": 1, "split_seed": 0, "device": "cpu"}}
-    (run / "run.json").write_text(json.dumps(plan))
-    assert_one_line_error(lenetlab("study", "--resume", run), "seeds")
-    assert_one_line_error(lenetlab("report", run), "has not finished", "--resume")
-    plan["seeds"] = [0]
-    for damage, problem in [
-        ({"elapsed_s": "x"}, "elapsed_s"),
-        ({"configs": [{"name": "baseline", "recipe": {"name": "baseline",
-                                                      "warm_start_from": "nosuch",
-                                                      "warm_start_epochs": 2}}]}, "warm start"),
-        ({"configs": plan["configs"] * 2}, "appears twice"),
-        ({"options": {**plan["options"], "threads": 0}}, "options.threads"),
-        ({"options": {**plan["options"], "device": "tpu"}}, "options.device"),
-        ({"options": {**plan["options"], "train_subset": 0}}, "options.train_subset"),
-    ]:
-        (run / "run.json").write_text(json.dumps({**plan, **damage}))
-        assert_one_line_error(lenetlab("study", "--resume", run), "malformed", problem)
-    (run / "run.json").write_text(json.dumps(plan))
-    assert_one_line_error(lenetlab("study", "--resume", run, "--seeds", "2"), "drop --seeds")
-    assert_one_line_error(lenetlab("study", "--resume", run, "--split-seed", "0"), "drop --split-seed")
+    assert metrics_text(run) == metrics_text(uninterrupted)

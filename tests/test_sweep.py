@@ -1,19 +1,15 @@
-"""Sweep specs (checked key by key), and the same sweep on the local pool and on a Ray cluster."""
+"""Sweep specs (checked key by key, sizes capped), and the same sweep on the local pool and on Ray."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
-from test_cli import assert_one_line_error, lenetlab
+from conftest import RESUME_ARGS, assert_one_line_error, lenetlab, metrics_text, run_cli, strict_json
 
 from lenetlab.errors import SpecError
+from lenetlab.rundir import MAX_TRIALS
 from lenetlab.sweep import expand, load_spec
 
 
@@ -44,13 +40,16 @@ def test_grid_times_configs_with_readable_names():
     ({"grid": {"optimizer": ["rmsprop"]}}, "optimizer: invalid value"),
     ({"grid": {"dropout_rate": [1.5]}, "variant": "dropout"}, "dropout_rate: invalid value"),
     ({"grid": {"dropout_rate": [0.3]}}, "dropout_rate: variant 'baseline' has no dropout"),
-    ({"seeds": 0, "grid": {"lr": [0.1]}}, "seeds: must be at least 1"),
+    ({"seeds": 0, "grid": {"lr": [0.1]}}, "seeds: expected 1 to 1000 seeds, got 0"),
+    ({"seeds": [1, 1], "grid": {"lr": [0.1]}}, "seeds: repeated seed"),
+    ({"seeds": [2**32], "grid": {"lr": [0.1]}}, "seeds: expected"),
     ({"seeds": "three", "grid": {"lr": [0.1]}}, "seeds: expected"),
     ({"colour": "red"}, "colour: unknown key"),
     ({"configs": [{"lr": "fast"}]}, "configs[0].lr: expected float"),
     ({"seeds": [0, -1], "grid": {"lr": [0.1]}}, "seeds: expected"),
     ({"grid": {"lr": [float("inf")]}}, "grid.lr: invalid value inf"),
     ({"name": "..", "grid": {"lr": [0.1]}}, "name: expected a folder name"),
+    ({"name": "a\nb", "grid": {"lr": [0.1]}}, "name: expected a folder name"),
 ])
 def test_malformed_specs_name_the_key(spec, key):
     with pytest.raises(SpecError) as err:
@@ -74,80 +73,63 @@ def test_spec_file_errors_name_the_file_and_exit_2(tmp_path):
     bad.write_text("[grid]\nweight_decay = [0.1, 'x']\n")
     with pytest.raises(SpecError, match="bad.toml"):
         load_spec(bad)
-    assert_one_line_error(lenetlab("sweep", bad), "bad.toml", "weight_decay")
+    assert_one_line_error(run_cli("sweep", bad), "bad.toml", "weight_decay")
     bad.write_text("this is = = not toml")
-    assert_one_line_error(lenetlab("sweep", bad), "bad.toml", "not valid TOML")
-    assert_one_line_error(lenetlab("sweep", tmp_path / "none.toml"), "none.toml", "no such file")
-    assert_one_line_error(lenetlab("sweep", "--weight-decay", "0.1,abc"), "--weight-decay")
+    assert_one_line_error(run_cli("sweep", bad), "bad.toml", "not valid TOML")
+    assert_one_line_error(run_cli("sweep", tmp_path / "none.toml"), "none.toml", "no such file")
+    assert_one_line_error(run_cli("sweep", "--weight-decay", "0.1,abc"), "--weight-decay")
 
 
-def test_engine_ray_without_ray_says_how_to_install(monkeypatch, tmp_path, data_dir):
+def test_a_huge_grid_is_refused_at_once_naming_the_cap(tmp_path):
+    """Issue 14, item 4: a 100 x 100 x 100 grid (was a 428 MB run.json, then training)."""
+    spec = tmp_path / "huge.toml"
+    spec.write_text("[grid]\n"
+                    f"lr = {[round(0.0001 * (i + 1), 6) for i in range(100)]}\n"
+                    f"weight_decay = {[round(0.001 * i, 6) for i in range(100)]}\n"
+                    f"batch_size = {list(range(1, 101))}\n")
+    started = time.perf_counter()
+    result = run_cli("sweep", spec, "--out", tmp_path / "runs")
+    assert time.perf_counter() - started < 3
+    assert_one_line_error(result, "huge.toml", "3,000,000 trials", f"cap of {MAX_TRIALS:,}",
+                          "--max-trials 3000000")
+    assert not (tmp_path / "runs").exists()
+    # The cap is a flag, for studies as for sweeps.
+    assert_one_line_error(run_cli("sweep", "--lr", "0.1,0.2", "--seeds", "2", "--max-trials", "3",
+                                  "--out", tmp_path / "runs"), "4 trials", "cap of 3")
+    assert_one_line_error(run_cli("study", "--seeds", "1000", "--out", tmp_path / "runs"),
+                          "5,000 trials", "--max-trials 5000")
+    assert expand({"seeds": 2, "grid": {"lr": [0.1, 0.2]}}, max_trials=4)[2]
+
+
+def test_engine_ray_without_ray_says_how_to_install(monkeypatch, tmp_path):
     from lenetlab import engines
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(SpecError, match=r"pip install 'lenetlab\[ray\]'"):
-        engines.run_ray([], tmp_path, {"threads": 1}, None, 1, None, print, print)
-
-
-SPEC = """
-name = "{name}"
-seeds = 2
-variant = "baseline"
-epochs = 1
-[grid]
-weight_decay = [0.0, 0.01]
-[[configs]]
-variant = "dropout"
-dropout_rate = 0.25
-epochs = 1
-"""
-QUICK = ["--threads", "1", "--train-subset", "2000", "--quiet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        engines.check_engine("ray")
+    assert_one_line_error(run_cli("study", "--engine", "ray", "--out", tmp_path), "pip install")
+    assert not list(tmp_path.iterdir())
 
 
 # Ray turns on token authentication by itself once a token file exists in ~/.ray (an
-# earlier local `ray.init` writes one); the test cluster and its client run without it.
+# earlier local `ray.init` writes one); the test's Ray instance and its client run without it.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster with 2 CPUs, started and stopped by the tests."""
-    pytest.importorskip("ray")
-    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port = _free_port()
-    started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--port", str(port),
-                              "--include-dashboard=false", "--disable-usage-stats"],
-                             capture_output=True, text=True, timeout=180,
-                             env={**os.environ, **RAY_ENV})
-    assert started.returncode == 0, started.stderr
-    yield f"127.0.0.1:{port}"
-    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
-
-
 @pytest.mark.ray
-def test_sweep_on_ray_matches_the_local_pool(tmp_path, data_dir, ray_cluster):
-    spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(name="same"))
-    local = lenetlab("sweep", spec, "--out", tmp_path / "local", "--data-dir", data_dir, *QUICK)
-    assert local.returncode == 0, local.stderr
-    on_ray = lenetlab("sweep", spec, "--engine", "ray", "--address", ray_cluster,
-                      "--out", tmp_path / "ray", "--data-dir", data_dir, *QUICK, env=RAY_ENV)
+@pytest.mark.slow
+def test_ray_gives_the_numbers_and_files_of_the_local_pool(tmp_path, data_dir, uninterrupted):
+    """The same study on a Ray instance (started by lenetlab, as without --address; two tasks at
+    a time) and on the local pool gives the same numbers and the same files."""
+    pytest.importorskip("ray")
+    on_ray = lenetlab("study", *RESUME_ARGS, "--workers", "2", "--engine", "ray", "--out", tmp_path,
+                      "--name", "ray", "--data-dir", data_dir, env=RAY_ENV)
     assert on_ray.returncode == 0, on_ray.stderr
-    a, b = tmp_path / "local" / "same", tmp_path / "ray" / "same"
-    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+    a, b = uninterrupted, tmp_path / "ray"
+    assert metrics_text(a) == metrics_text(b)
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == sorted(p.relative_to(b) for p in b.rglob("*"))
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    assert [c["final"] for c in sa["configs"]] == [c["final"] for c in sb["configs"]]
-    assert [c["name"] for c in sa["configs"]] == ["baseline-wd0.0-ep1", "baseline-wd0.01-ep1",
-                                                  "dropout-p0.25-ep1"]
-    report = (b / "report.md").read_text()
-    table = report[report.index("| Configuration"):]
-    means = [c["final"]["test"]["mean"] for c in sa["configs"]]
-    order = [sa["configs"][i]["name"] for i in sorted(range(3), key=lambda i: -means[i])]
-    assert [table.index(f"| {n} |") for n in order] == sorted(table.index(f"| {n} |") for n in order)
+    sa, sb = strict_json(a / "summary.json"), strict_json(b / "summary.json")
+    for key in ("configs", "comparisons", "best"):
+        assert sa[key] == sb[key], key
+    assert sb["config"]["engine"] == "ray"
+    assert run_cli("report", b).returncode == 0  # the Ray run's files check out against its summary

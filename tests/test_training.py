@@ -1,59 +1,94 @@
-"""The fast training loop on the real data: it learns, it is deterministic, it resumes exactly."""
+"""The fast training loop on the real data: it learns, it is deterministic, it resumes exactly,
+and it stops at the first non-finite loss."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
+from conftest import KERNELS
 
 from lenetlab.evaluation import evaluate
 from lenetlab.recipes import RECIPES, get_recipe, scale_epochs
+from lenetlab.records import Diverged, final_accuracies
 from lenetlab.training import phases, train_trial
 
 
+def train(recipe, seed, splits, **kwargs):
+    return train_trial(recipe, seed, splits, kernels=KERNELS, **kwargs)
+
+
+@pytest.mark.slow
 def test_short_run_learns_far_above_chance(small_splits):
-    out = train_trial(RECIPES["baseline"].with_changes(epochs=2), 0, small_splits)
-    final = {r["split"]: r["accuracy"] for r in out.history if r["epoch"] == 2}
+    out = train(replace(RECIPES["baseline"], epochs=2), 0, small_splits)
+    final = final_accuracies(out.history)
     assert final["test"] > 0.70 and final["val"] > 0.70  # chance is 0.10
-    assert [r["split"] for r in out.history] == ["train", "val", "test"] * 2
+    assert [r.split for r in out.history] == ["train", "val", "test"] * 2
+    assert [r.epoch for r in out.history] == [1, 1, 1, 2, 2, 2]
     result = evaluate(out.model, small_splits.test_x, small_splits.test_y)
-    assert result.accuracy == final["test"]
+    assert result.accuracy == final["test"] == out.test.accuracy
     assert sum(map(sum, result.confusion_matrix)) == 10_000
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(small_splits):
-    recipe = RECIPES["dropout"].with_changes(epochs=1)
-    a = train_trial(recipe, 3, small_splits)
-    b = train_trial(recipe, 3, small_splits)
-    c = train_trial(recipe, 4, small_splits)
+    recipe = replace(RECIPES["dropout"], epochs=1)
+    a = train(recipe, 3, small_splits)
+    b = train(recipe, 3, small_splits)
+    c = train(recipe, 4, small_splits)
     assert a.history == b.history
     assert a.history != c.history
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key])
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_gives_the_uninterrupted_numbers(small_splits, tmp_path):
-    recipe = RECIPES["batch_norm"].with_changes(epochs=3)
-    whole = train_trial(recipe, 1, small_splits)
+    recipe = replace(RECIPES["batch_norm"], epochs=2)
+    whole = train(recipe, 1, small_splits)
     checkpoint = tmp_path / "ckpt.pt"
-    first = train_trial(recipe, 1, small_splits, checkpoint=checkpoint, stop_after_epoch=1)
+    first = train(recipe, 1, small_splits, checkpoint=checkpoint, stop_after_epoch=1)
     assert len(first.history) == 3 and checkpoint.is_file()
-    resumed = train_trial(recipe, 1, small_splits, checkpoint=checkpoint)
+    resumed = train(recipe, 1, small_splits, checkpoint=checkpoint)
     assert resumed.history == whole.history
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key])
 
 
+@pytest.mark.slow
+def test_a_checkpoint_that_is_not_this_trials_state_is_ignored(small_splits, tmp_path):
+    recipe = replace(RECIPES["baseline"], epochs=1)
+    whole = train(recipe, 0, small_splits)
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save([1, 2], checkpoint)  # was an AttributeError in every resume of the trial
+    assert train(recipe, 0, small_splits, checkpoint=checkpoint).history == whole.history
+    checkpoint.write_bytes(b"truncated")
+    assert train(recipe, 0, small_splits, checkpoint=checkpoint).history == whole.history
+
+
+@pytest.mark.slow
 def test_warm_start_runs_the_l2_phase_first(small_splits, tmp_path):
     recipe = scale_epochs(get_recipe("l2_optimized", warm_start=True), 0.1)
     assert [(p.recipe.weight_decay, p.first_epoch, p.last_epoch) for p in phases(recipe)] == [
         (0.01, 1, 1), (0.001, 2, 3)]
     checkpoint = tmp_path / "ckpt.pt"
-    whole = train_trial(recipe, 0, small_splits)
-    train_trial(recipe, 0, small_splits, checkpoint=checkpoint, stop_after_epoch=2)
-    assert train_trial(recipe, 0, small_splits, checkpoint=checkpoint).history == whole.history
-    assert [r["epoch"] for r in whole.history if r["split"] == "test"] == [1, 2, 3]
+    whole = train(recipe, 0, small_splits)
+    train(recipe, 0, small_splits, checkpoint=checkpoint, stop_after_epoch=2)
+    assert train(recipe, 0, small_splits, checkpoint=checkpoint).history == whole.history
+    assert [r.epoch for r in whole.history if r.split == "test"] == [1, 2, 3]
 
 
 def test_weight_decay_is_applied(small_splits):
-    plain = train_trial(RECIPES["baseline"].with_changes(epochs=1), 0, small_splits).model
-    decayed = train_trial(RECIPES["baseline"].with_changes(epochs=1, weight_decay=0.1), 0,
-                          small_splits).model
+    plain = train(replace(RECIPES["baseline"], epochs=1), 0, small_splits).model
+    decayed = train(replace(RECIPES["baseline"], epochs=1, weight_decay=0.1), 0, small_splits).model
     norm = lambda m: sum(p.norm() ** 2 for p in m.parameters()).item()  # noqa: E731
     assert norm(decayed) < norm(plain)
+
+
+def test_a_non_finite_loss_stops_training_where_it_happens(small_splits, tmp_path):
+    """Issue 14, item 5: the first non-finite loss ends the trial, before a checkpoint of it."""
+    checkpoint = tmp_path / "ckpt.pt"
+    with pytest.raises(Diverged, match=r"^diverged at epoch 1, step \d+: "):
+        train(replace(RECIPES["baseline"], epochs=2, lr=1e308), 0, small_splits, checkpoint=checkpoint)
+    assert not checkpoint.exists()

@@ -1,22 +1,33 @@
-"""The `lenetlab` command: variants, train, evaluate, study, sweep, report.
+"""The `lenetlab` command: variants, train, evaluate, predict, export, study, sweep, resume, report.
 
-Every error a user can cause (bad option, bad file, bad run folder) ends as one
-line on stderr and exit status 2; Ctrl-C during a study says how to resume.
+main() only wires options to the modules that do the work. Every error a user can cause
+(a bad option, file or run folder, a full disk) ends as one line on stderr and exit status
+2; Ctrl-C or SIGTERM during a run stops it cleanly and says how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import shlex
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
-from .errors import LenetlabError, SpecError
-
-DEFAULT_SEEDS = 3
+from . import __version__, export, files, options, predict, study
+from .data import CLASS_NAMES, load_fashion_mnist, normalise
+from .engines import check_engine
+from .errors import LenetlabError, OutputError, SpecError
+from .evaluation import evaluate
+from .model import architecture_name, load_weights
+from .progress import Progress
+from .recipes import FIELDS, RECIPES, describe_start, file_name, get_recipe, with_fields
+from .records import Trial, final_accuracies
+from .rundir import MAX_SEEDS, check_size, new_run_dir, parse_seeds, read_plan
+from .sweep import expand, load_spec
+from .trials import execute_trial, save_weights
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,72 +37,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(kind: type, minimum: float, strict: bool = False):
-    """An argparse type: a finite int or float of at least (strict: more than) minimum."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number {'above' if strict else 'of at least'} {minimum}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-_positive_int = _number(int, 1)
-_non_negative_int = _number(int, 0)
-_non_negative_float = _number(float, 0)
-_positive_float = _number(float, 0, strict=True)
-
-
-def _list_of(kind):
-    def parse(text: str) -> list:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        return values
-    parse.__name__ = f"comma-separated {kind.__name__}"
-    return parse
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SpecError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SpecError(f"--device {name}: CUDA is not available on this machine")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise SpecError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return name
-
-
 def _echo(line: str) -> None:
     """Print a progress line now, also when stdout is a file or a pipe (a log, CI)."""
     print(line, flush=True)
-
-
-def _quiet(args) -> bool:
-    return args.quiet or not sys.stderr.isatty()
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_variants(args) -> int:
-    from .recipes import RECIPES, file_name
-
     print(f"{'variant':<18} {'dropout':>7} {'bn':>3} {'epochs':>6} {'batch':>5} {'lr':>7} "
           f"{'wd':>7} {'optim':>5}  file")
     for r in RECIPES.values():
@@ -106,43 +60,34 @@ def cmd_variants(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
-    from . import files
-    from .data import load_fashion_mnist
-    from .recipes import describe_start, file_name, get_recipe
-    from .trials import execute_trial, make_trial, save_weights
-
-    recipe = get_recipe(args.variant, args.warm_start)
-    changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                 ("lr", args.lr), ("weight_decay", args.weight_decay))
-               if v is not None}
-    recipe = recipe.with_changes(**changes)
-    _check_train_subset(args.train_subset)
-    options = {"device": resolve_device(args.device), "split_seed": args.split_seed,
-               "train_subset": args.train_subset, "threads": args.threads or torch.get_num_threads()}
+    changes = {key: getattr(args, key) for key in FIELDS if getattr(args, key) is not None}
+    recipe = with_fields(get_recipe(args.variant, args.warm_start), changes, "--")
+    run = options.run_options(args)
+    run = replace(run, threads=run.threads or torch.get_num_threads())
+    tracking = _tracking(args)
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
     files.writable_dir(args.out)  # before training, not after it
     echo = (lambda line: None) if args.quiet else _echo
-    echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on "
-         f"{options['device']}, {args.train_subset or 'all'} training images")
-    outcome = execute_trial(make_trial(recipe.name, recipe, args.seed), data, options,
-                            checkpoint=None, progress=not _quiet(args), log=echo)
+    echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on {run.device}, "
+         f"{args.train_subset or 'all'} training images")
+    result, state_dict = execute_trial(Trial(recipe.name, recipe, args.seed), "train", data, run,
+                                       checkpoint=None, progress=not (args.quiet or not sys.stderr.isatty()),
+                                       log=echo)
+    if not result.done:
+        raise SpecError(f"{recipe.name}: {result.error}; no weights saved")
     out = Path(args.out) / file_name(recipe.name)
-    save_weights(out, outcome, data.checksums)
-    result = outcome["result"]
-    last = result["history"][-1]["epoch"]
-    final = {r["split"]: r["accuracy"] for r in result["history"] if r["epoch"] == last}
-    print(f"{recipe.name}: train {final['train']:.4f}  val {final['val']:.4f}  "
-          f"test {result['test']['accuracy']:.4f}  ({result['wall_time_s']:.0f} s)  saved {out}")
+    save_weights(out, result, state_dict, data.checksums)
+    final = final_accuracies(result.history)
+    print(f"{recipe.name}: train {final['train']:.4f}  val {final['val']:.4f}  test {final['test']:.4f}  "
+          f"({result.wall_time_s:.0f} s, {result.kernels} kernels)  saved {out}")
+    if tracking:
+        tracking.log_trained(args.mlflow, out)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .data import CLASS_NAMES, load_fashion_mnist, normalise
-    from .evaluation import evaluate
-    from .model import architecture_name, load_weights
-
     model = load_weights(args.weights)
-    device = resolve_device(args.device)
+    device = options.resolve_device(args.device)
     data = load_fashion_mnist(args.data_dir, quiet=True)
     x, y = normalise(data.test_images).to(device), data.test_labels.to(device)
     result = evaluate(model.to(device), x, y)
@@ -153,7 +98,7 @@ def cmd_evaluate(args) -> int:
                           "test_accuracy": result.accuracy, "test_loss": result.loss,
                           "per_class_accuracy": dict(zip(CLASS_NAMES, result.per_class_accuracy)),
                           "confusion_matrix": result.confusion_matrix,
-                          "classes": list(CLASS_NAMES)}))
+                          "classes": list(CLASS_NAMES)}, allow_nan=False))
         return 0
     print(f"{args.weights}: LeNet5V1(use_dropout={model.use_dropout}, "
           f"use_batch_norm={model.use_batch_norm}) [{variant}]")
@@ -161,32 +106,6 @@ def cmd_evaluate(args) -> int:
     for name, acc in zip(CLASS_NAMES, result.per_class_accuracy):
         print(f"  {name:<12} {acc:.4f}")
     return 0
-
-
-def _check_train_subset(train_subset: int | None) -> None:
-    """Refuse a subset larger than the split up front, before a run folder or any training."""
-    from .data import TRAIN_SIZE
-
-    if train_subset is not None and train_subset > TRAIN_SIZE:
-        raise SpecError(f"--train-subset {train_subset}: the training split has only {TRAIN_SIZE:,} images")
-
-
-def _run_options(args) -> dict:
-    _check_train_subset(args.train_subset)
-    return {"device": resolve_device(args.device), "split_seed": args.split_seed or 0,
-            "train_subset": args.train_subset, "threads": args.threads}
-
-
-# Options that shape a run's plan: on --resume the plan in run.json decides them.
-_PLAN_OPTIONS = ("seeds", "variants", "epochs_scale", "warm_start", "name", "threads",
-                 "split_seed", "train_subset", "spec", "variant", "weight_decay",
-                 "dropout_rate", "epochs", "batch_size", "lr", "optimizer")
-
-
-def _flags_given(args, names: tuple[str, ...]) -> list[str]:
-    """The options among names that the user set (unset ones are None, or False for switches)."""
-    return [f"--{name.replace('_', '-')}" for name in names
-            if getattr(args, name, None) is not None and getattr(args, name) is not False]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -197,206 +116,283 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
 
-def _start_or_resume(args, kind: str, make_plan) -> int:
-    from . import files
-    from .data import load_fashion_mnist
-    from .engines import check_engine, default_workers, usable_cores
-    from .study import create_run, execute, load_plan
+class _Displays:
+    """Several study.Display observers told the same events in turn (the MLflow tracker, the progress)."""
 
-    if args.resume:
-        given = _flags_given(args, _PLAN_OPTIONS)
-        if given:
-            raise SpecError(f"--resume continues the run as planned in its run.json; "
-                            f"drop {', '.join(given)}")
-        run_dir = Path(args.resume)
-        plan = load_plan(run_dir)
-    else:
-        run_dir, plan_args = make_plan()
-        options = _run_options(args)
-    # Check engine and data before a new run folder exists: a failed start leaves nothing behind.
-    check_engine(args.engine)
-    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
-    files.writable_dir(run_dir)
-    if not args.resume:
-        configs, seeds, _ = plan_args
-        # No more workers than trials, so that a small run still gets every core.
-        workers = min(args.workers or default_workers(options["device"]), len(configs) * len(seeds))
-        if options["threads"] is None:  # share the cores between the workers
-            options["threads"] = max(1, usable_cores() // workers)
-        options.update(engine=args.engine, workers=workers)
-        plan = create_run(run_dir, kind, *plan_args, options=options)
+    def __init__(self, *displays) -> None:
+        self.displays = displays
+
+    def begin(self, todo: int, finished: int) -> None:
+        for display in self.displays:
+            display.begin(todo, finished)
+
+    def start(self, trial: Trial) -> None:
+        for display in self.displays:
+            display.start(trial)
+
+    def done(self, result) -> None:
+        for display in self.displays:
+            display.done(result)
+
+
+def _tracking(args):
+    """The tracking module when --mlflow is given (its extra checked before any work), else None."""
+    if getattr(args, "mlflow", None) is None:
+        return None
+    from . import tracking
+
+    tracking.require_extra("--mlflow")
+    return tracking
+
+
+def _run(args, run_dir: Path, go) -> int:
+    """Run go(display) -> summary with Ctrl-C and SIGTERM turned into a resume hint."""
     echo = (lambda line: None) if args.quiet else _echo
-    # Signal handlers can only be set from the main thread (the CLI may be embedded).
-    in_main = threading.current_thread() is threading.main_thread()
+    display = Progress(args.quiet, echo)
+    tracking = _tracking(args)
+    tracker = tracking.Tracker(args.mlflow, run_dir, None if args.quiet else _echo) if tracking else None
+    in_main = threading.current_thread() is threading.main_thread()  # the CLI may be embedded
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    resume_line = f"lenetlab resume {shlex.quote(str(run_dir))}" + (f" {tracker.option}" if tracker else "")
+    stopped = "FAILED"
     try:
-        summary = execute(run_dir, plan, data, args.engine, args.address,
-                          args.workers or plan["options"].get("workers"), args.quiet, echo)
+        summary = go(_Displays(tracker, display) if tracker else display)
+        stopped = None
     except KeyboardInterrupt as exc:
+        stopped = "KILLED"
         print(f"\n{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}: finished "
-              f"trials and each running trial's last epoch are saved; "
-              f"resume with: lenetlab {kind} --resume {run_dir}", file=sys.stderr)
+              f"trials and each running trial's last epoch are saved; resume with: {resume_line}",
+              file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
+    except OutputError as exc:  # a full disk: the run can go on once there is room
+        raise OutputError(f"{exc}; once fixed: {resume_line}") from None
     finally:
+        display.close()
+        if tracker and stopped:
+            tracker.close(stopped)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
     failed = sum(len(c["failed"]) for c in summary["configs"])
-    print(f"{kind} {run_dir}: {sum(len(c['completed_seeds']) for c in summary['configs'])} "
-          f"trial(s) done, {failed} failed; report: {run_dir / 'report.md'}")
+    done = sum(len(c["completed_seeds"]) for c in summary["configs"])
+    print(f"{summary['kind']} {run_dir}: {done} trial(s) done, {failed} failed; "
+          f"report: {run_dir / 'report.md'}")
     if summary["best"]:
         best = next(c for c in summary["configs"] if c["name"] == summary["best"]["name"])
         print(f"best: {best['name']} test accuracy {best['final']['test']['mean']:.4f} "
               f"(mean of {best['final']['test']['n']} seed(s))")
+    if tracker:
+        tracker.finish()
     if failed:
-        print(f"resume the failed trials with: lenetlab {kind} --resume {run_dir}")
+        print(f"rerun the failed trials with: {resume_line}")
     return 1 if failed else 0
 
 
+def _start(args, kind: str, name: str | None, configs, seeds: list[int]) -> int:
+    check_size(len(configs) * len(seeds), args.max_trials)
+    run = options.run_options(args)
+    check_engine(args.engine)
+    _tracking(args)
+    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)  # before a run folder exists
+    run_dir = new_run_dir(args.out, args.name or name, kind)
+    plan = study.new_plan(kind, run_dir.name, configs, seeds, run, args.engine, args.workers)
+    return _run(args, run_dir, lambda display: study.start(run_dir, plan, data, args.address, display))
+
+
 def cmd_study(args) -> int:
-    from .recipes import RECIPES
-    from .study import new_run_dir, study_configs
-    from .sweep import parse_seeds
-
-    def make_plan():
-        variants = list(dict.fromkeys(args.variants or RECIPES))  # each once, in the given order
-        configs = study_configs(variants, args.epochs_scale or 1.0, args.warm_start)
-        reference = "baseline" if "baseline" in variants else None
-        seeds = parse_seeds(args.seeds or DEFAULT_SEEDS)
-        return new_run_dir(args.out, args.name, "study"), (configs, seeds, reference)
-
-    return _start_or_resume(args, "study", make_plan)
+    variants = list(dict.fromkeys(args.variants or RECIPES))  # each once, in the given order
+    configs = study.study_configs(variants, args.epochs_scale, args.warm_start)
+    return _start(args, "study", None, configs, parse_seeds(args.seeds))
 
 
 def cmd_sweep(args) -> int:
-    from .study import new_run_dir
-    from .sweep import expand, load_spec
+    grid = {key: getattr(args, key) for key in ("variant", *FIELDS) if getattr(args, key)}
+    if args.spec:
+        given = [f"--{key.replace('_', '-')}" for key in grid] + (["--seeds"] if args.seeds else [])
+        if given:
+            raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
+                            f"put {', '.join(given)} in it instead")
+        name, seeds, configs = load_spec(args.spec, args.max_trials)
+    else:
+        spec = {"seeds": args.seeds or options.DEFAULT_SEEDS, "grid": grid}
+        name, seeds, configs = expand(spec, args.max_trials)
+    return _start(args, "sweep", name, configs, seeds)
 
-    grid_flags = ("variant", "weight_decay", "dropout_rate", "epochs", "batch_size", "lr", "optimizer")
 
-    def make_plan():
-        if args.spec:
-            given = _flags_given(args, ("seeds", *grid_flags))
-            if given:
-                raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
-                                f"put {', '.join(given)} in it instead")
-            name, seeds, configs = load_spec(args.spec)
-        else:
-            spec = {"seeds": args.seeds or DEFAULT_SEEDS, "grid": {}}
-            for key in grid_flags:
-                values = getattr(args, key)
-                if values:
-                    spec["grid"][key] = values
-            name, seeds, configs = expand(spec)
-        reference = next((n for n, _ in configs if n == "baseline"), None)
-        return new_run_dir(args.out, args.name or name, "sweep"), (configs, seeds, reference)
+def cmd_resume(args) -> int:
+    run_dir = Path(args.run_dir)
+    plan = read_plan(run_dir)  # a folder that is no run is refused before the data is loaded
+    options.check_kernels(plan.options.kernels, plan.options.device)
+    check_engine(args.engine or "local")
+    _tracking(args)
+    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
+    return _run(args, run_dir, lambda display: study.resume(run_dir, data, args.engine, args.address,
+                                                             args.workers, display))
 
-    return _start_or_resume(args, "sweep", make_plan)
+
+def cmd_predict(args) -> int:
+    model = load_weights(args.weights)
+    predictions, skipped = predict.predict_files(model, args.images, args.invert)
+    if skipped:
+        print(predict.skipped_note(skipped), file=sys.stderr)
+    for prediction in predictions:
+        print(json.dumps(predict.as_json(prediction), allow_nan=False) if args.json
+              else predict.as_line(prediction, args.top_k))
+    return 0
+
+
+def cmd_export(args) -> int:
+    export.require_extra()
+    data = load_fashion_mnist(args.data_dir, quiet=True)
+    result = export.export_onnx(args.weights, args.onnx, data.test_images, data.test_labels)
+    print(export.describe(result))
+    return 0 if result.written else 1
+
+
+def cmd_log_mlflow(args) -> int:
+    from . import tracking
+
+    tracking.require_extra("log-mlflow")
+    path = Path(args.path)
+    if path.is_dir():
+        print(tracking.log_run_dir(args.mlflow, path))
+    else:
+        print(tracking.log_weights(args.mlflow, path))
+    return 0
 
 
 def cmd_report(args) -> int:
     from .report import render_report
 
-    path = render_report(Path(args.run_dir))
-    print(f"wrote {path}")
+    print(f"wrote {render_report(Path(args.run_dir))}")
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
 
-
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
-                   "(default: $LENETLAB_DATA, then the cache, downloading if needed)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    _add_data_options(p)
-    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
-    p.add_argument("--name", help="run folder name (default: derived from the time)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run: skip what finished")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local process pool (default) or ray")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--workers", type=_positive_int, help="trials at a time (default: one per core)")
-    p.add_argument("--threads", type=_positive_int,
-                   help="torch threads per trial (default: cores / workers)")
-    p.add_argument("--split-seed", type=_non_negative_int,
-                   help="seed of the train/validation split (default 0)")
-    p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only "
-                   "(quick checks)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lenetlab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"lenetlab {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("variants", help="list the study's recipes")
     p.set_defaults(func=cmd_variants)
 
     p = sub.add_parser("train", help="train one variant and save its weights")
-    p.add_argument("variant")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--weight-decay", type=_non_negative_float)
+    p.add_argument("variant", help=f"one of {', '.join(RECIPES)}")
+    for key, field in FIELDS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=options.field(key),
+                       help=f"{field.help} (default: the variant's recipe)")
+    p.add_argument("--seed", type=options.SEED, default=0,
+                   help="seed of the weights, data order and dropout, 0 to 2**32-1 (default 0)")
     p.add_argument("--warm-start", action="store_true",
                    help="l2_optimized: continue the trained l2_regularization model, as the original")
-    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
-    p.add_argument("--split-seed", type=_non_negative_int, default=0)
-    p.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
     p.add_argument("--out", default="models", help="folder for the weights (default: models)")
-    p.add_argument("--quiet", action="store_true")
-    _add_data_options(p)
+    options.add_training_options(p, "all cores")
+    options.add_mlflow_option(p, "the trained model, in experiment lenetlab-train")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test accuracy, per class, of a weights file")
     p.add_argument("weights", type=Path)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_data_options(p)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    options.add_data_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("study", help="the whole comparison: every variant over several seeds")
-    p.add_argument("--seeds", type=_positive_int, help=f"seeds per variant (default {DEFAULT_SEEDS})")
-    p.add_argument("--variants", type=_list_of(str), help="comma-separated (default: all five)")
-    p.add_argument("--epochs-scale", type=_positive_float,
-                   help="multiply every recipe's epochs (quick runs)")
+    p.add_argument("--seeds", type=options.number(int, 1, MAX_SEEDS), default=options.DEFAULT_SEEDS,
+                   help=f"seeds per variant, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
+    p.add_argument("--variants", type=options.list_of(str), help="comma-separated, e.g. baseline,dropout "
+                   "(default: all five)")
+    p.add_argument("--epochs-scale", type=options.number(float, 0, options.MAX_EPOCHS_SCALE, low_open=True),
+                   default=1.0,
+                   help=f"multiply every recipe's epochs, more than 0 to {options.MAX_EPOCHS_SCALE:g} "
+                   "(default 1; 0.25 for a quick look)")
     p.add_argument("--warm-start", action="store_true",
                    help="l2_optimized continues the trained L2 model, as the original")
-    _add_run_options(p)
+    options.add_run_options(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("sweep", help="a grid over recipe fields, each over several seeds")
-    p.add_argument("spec", nargs="?", help="a TOML spec (see lenetlab.sweep); or use the flags")
-    p.add_argument("--seeds", type=_positive_int, help=f"seeds per configuration (default {DEFAULT_SEEDS})")
-    p.add_argument("--variant", type=_list_of(str))
-    p.add_argument("--weight-decay", type=_list_of(_non_negative_float))
-    p.add_argument("--dropout-rate", type=_list_of(_non_negative_float))
-    p.add_argument("--epochs", type=_list_of(_positive_int))
-    p.add_argument("--batch-size", type=_list_of(_positive_int))
-    p.add_argument("--lr", type=_list_of(_positive_float))
-    p.add_argument("--optimizer", type=_list_of(str))
-    _add_run_options(p)
+    p.add_argument("spec", nargs="?", help="a TOML spec (see the README); or give the grid as flags")
+    p.add_argument("--seeds", type=options.number(int, 1, MAX_SEEDS),
+                   help=f"seeds per configuration, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
+    p.add_argument("--variant", type=options.list_of(str), help="comma-separated published recipes to start "
+                   "from (default baseline)")
+    for key, field in FIELDS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=options.list_of(options.field(key)),
+                       help=f"comma-separated values: {field.help}")
+    options.add_run_options(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("resume", help="finish an interrupted study or sweep as planned")
+    p.add_argument("run_dir", help="the run folder")
+    options.add_data_options(p)
+    options.add_engine_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    options.add_mlflow_option(p, "each trial as it finishes, into the runs logged before, then the summary")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("predict", help="classify image files with a weights file", description=(
+        "Classify pictures as Fashion-MNIST does. Each becomes a 28x28 grey image of a light garment on "
+        "black: first frame (GIF, WebP), EXIF orientation, transparency laid on white, grey; inverted "
+        "when its border is lighter than its centre (--invert auto); longer side fitted into 28 pixels, "
+        "keeping the aspect ratio; padded with black to 28x28; normalised as in training. Crop photos "
+        "close to the garment. Every file is checked before any is predicted: a missing, empty, "
+        "truncated or corrupt file, one that is not an image, or one with a side of 0 or 100,000+ pixels "
+        "stops the call (one line naming it, exit 2) and nothing is printed for the others. In a folder, "
+        "files that are not images are skipped and counted on stderr."))
+    p.add_argument("weights", type=Path, help="a .pth state_dict; its keys give the architecture")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files (PNG, JPEG, BMP, GIF, WebP, ...) or folders: every image in a folder, "
+                   "sorted by name, not recursing")
+    p.add_argument("--top-k", type=options.number(int, 1, 10), default=3,
+                   help="classes printed per file, 1 to 10 (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and file, with all ten "
+                   "probabilities (instead of the top K)")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                   help="invert the grey picture: auto (default) when its border is lighter than its "
+                   "centre, yes always, no never")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a weights file as ONNX, checked against PyTorch", description=(
+        "Export to ONNX (needs: pip install 'lenetlab[onnx]'): input 'image' float32 (batch, 1, 28, 28) "
+        "normalised as in training, any batch size; output 'logits' (batch, 10); class names, mean, std "
+        "and the input layout in the model's metadata_props. Before writing, onnxruntime and PyTorch "
+        "classify the 10,000 test images: the logits must agree within 1e-4 and every predicted class "
+        "must match, or nothing is written (exit 1)."))
+    p.add_argument("weights", type=Path, help="a .pth state_dict; its keys give the architecture")
+    p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    options.add_data_options(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="render tables, plots and report.md again from a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("log-mlflow", help="log a finished run folder (or weights train saved) to MLflow",
+                       description="Log a finished run folder to MLflow as `--mlflow` would have logged it "
+                       "live: what is logged already is kept, the rest is added (needs pip install "
+                       "'lenetlab[mlflow]'). Given a .pth that `lenetlab train` saved, log that model.")
+    p.add_argument("path", metavar="RUN_DIR_OR_WEIGHTS", help="a run folder, or a .pth with its sidecar")
+    p.add_argument("--mlflow", type=options.tracking_uri, metavar="TRACKING_URI",
+                   help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
+    p.set_defaults(func=cmd_log_mlflow)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return args.func(args)
     except LenetlabError as exc:
         print(f"lenetlab: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file system refusing a write (full, read-only, a file in the way)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"lenetlab: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"lenetlab: error: {files.write_problem(exc.filename or '', exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nlenetlab: interrupted", file=sys.stderr)

@@ -21,22 +21,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from .data import FashionMNIST, load_fashion_mnist
-from .errors import SpecError
-from .trials import (
-    checkpoint_path,
-    execute_trial,
-    read_result,
-    record_failure,
-    record_trial,
-    trial_result_path,
-)
+from .errors import OutputError, SpecError
+from .records import RunOptions, Trial, TrialResult
+from .rundir import checkpoint_path, result_path
+from .trials import execute_trial, read_result, record_failure, record_trial
 
-OnDone = Callable[[dict], None]
-OnStart = Callable[[dict], None]
+OnStart = Callable[[Trial], None]
+OnDone = Callable[[TrialResult], None]
 
 
 def usable_cores() -> int:
@@ -88,62 +83,82 @@ def _die_with(pid: int) -> None:
     threading.Thread(target=watch, name="lenetlab-watch-study", daemon=True).start()
 
 
-def _local_worker(trial: dict, run_dir: str, options: dict, study_pid: int) -> None:
-    """Entry point of a local worker process: one trial, its files written here."""
+def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, data_dir: str,
+                  study_pid: int, report: Connection) -> None:
+    """Entry point of a local worker process: one trial, its files written here.
+
+    A failure goes back to the study through report; a write that fails (a full disk) is
+    fatal to the whole run, not to this trial alone.
+    """
     _die_with(study_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for everyone
     run = Path(run_dir)
     try:
-        data = load_fashion_mnist(options["data_dir"], download=False, quiet=True)
-        outcome = execute_trial(trial, data, options, checkpoint_path(run, trial))
-        record_trial(run, outcome, data.checksums)
+        data = load_fashion_mnist(data_dir, download=False, quiet=True)
+        result, state_dict = execute_trial(trial, run_id, data, options, checkpoint_path(run, trial))
+        record_trial(run, result, state_dict, data.checksums)
+    except OutputError as exc:
+        report.send(("fatal", str(exc)))
     except Exception as exc:  # a failed trial is reported, the others go on
-        record_failure(run, trial, f"{type(exc).__name__}: {exc}")
+        report.send(("failed", f"{type(exc).__name__}: {exc}"))
 
 
-def run_local(trials: list[dict], run_dir: Path, options: dict, workers: int,
-              on_start: OnStart, on_done: OnDone) -> None:
+def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, data_dir: str,
+              workers: int, on_start: OnStart, on_done: OnDone) -> None:
     """Run trials in at most `workers` processes at a time; call on_done with each result."""
     run_dir = Path(run_dir).resolve()  # workers start in the forkserver's working directory
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["lenetlab.trials"])
     pending = list(trials)
-    running: dict[int, tuple] = {}  # sentinel -> (process, trial)
+    running: dict[int, tuple] = {}  # sentinel -> (process, trial, report connection)
     try:
         while pending or running:
             while pending and len(running) < workers:
                 trial = pending.pop(0)
                 # Drop a stale result of an earlier try so that only this run's file counts.
-                trial_result_path(run_dir, trial).unlink(missing_ok=True)
-                process = context.Process(target=_local_worker,
-                                          args=(trial, str(run_dir), options, os.getpid()),
-                                          name=f"lenetlab-{trial['key']}")
+                result_path(run_dir, trial).unlink(missing_ok=True)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_local_worker, name=f"lenetlab-{trial.key}",
+                    args=(trial, run_id, str(run_dir), options, data_dir, os.getpid(), send))
                 process.start()
-                running[process.sentinel] = (process, trial)
+                send.close()
+                running[process.sentinel] = (process, trial, receive)
                 on_start(trial)
             for sentinel in wait(list(running)):
-                process, trial = running.pop(sentinel)
+                process, trial, receive = running.pop(sentinel)
                 process.join()
-                result = read_result(run_dir, trial)
+                try:
+                    message = receive.recv()  # nothing was sent when the trial was recorded
+                except EOFError:
+                    message = None
+                receive.close()
+                if message and message[0] == "fatal":
+                    raise OutputError(message[1])
+                if message:
+                    result = record_failure(run_dir, trial, run_id, message[1])
+                else:
+                    result = read_result(run_dir, trial, run_id)
                 if result is None:
                     code = process.exitcode
                     how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
-                    result = record_failure(run_dir, trial, f"worker died ({how})")
+                    result = record_failure(run_dir, trial, run_id, f"worker died ({how})")
                 on_done(result)
     finally:
-        for process, _ in running.values():
+        for process, _, _ in running.values():
             process.kill()
             process.join()
 
 
-def _ray_trial(trial: dict, data: FashionMNIST, options: dict, checkpoint: str) -> dict:
+def _ray_trial(trial: Trial, run_id: str, data: FashionMNIST, options: RunOptions,
+               checkpoint: str) -> tuple[TrialResult, dict]:
     """A Ray task: train one trial where Ray placed it; checkpoint if the run folder is reachable."""
     path = Path(checkpoint)
     usable = path.parent.is_dir() and os.access(path.parent, os.W_OK)
-    return execute_trial(trial, data, options, path if usable else None)
+    return execute_trial(trial, run_id, data, options, path if usable else None)
 
 
-def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | None,
+def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,
             workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone) -> None:
     """Run trials as Ray tasks on the cluster at address, or on a local Ray instance."""
     check_engine("ray")
@@ -151,7 +166,7 @@ def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | Non
 
     started_here = not ray.is_initialized()
     if started_here:
-        init = {"address": address} if address else {"num_cpus": workers * options["threads"]}
+        init = {"address": address} if address else {"num_cpus": workers * options.threads}
         try:
             ray.init(**init, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, ignore_reinit_error=True)
@@ -162,11 +177,12 @@ def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | Non
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         data_ref = ray.put(data)  # shipped to the object store once, shared by every task
-        task = ray.remote(num_cpus=options["threads"], max_retries=0)(_ray_trial)
+        task = ray.remote(num_cpus=options.threads, max_retries=0)(_ray_trial)
         futures = {}
         for trial in trials:
-            trial_result_path(run_dir, trial).unlink(missing_ok=True)
-            futures[task.remote(trial, data_ref, options, str(checkpoint_path(run_dir, trial)))] = trial
+            result_path(run_dir, trial).unlink(missing_ok=True)
+            checkpoint = str(checkpoint_path(run_dir, trial))
+            futures[task.remote(trial, run_id, data_ref, options, checkpoint)] = trial
         # Ray runs about `workers` tasks at once; count those as running, the rest as queued.
         for trial in trials[:workers]:
             on_start(trial)
@@ -177,10 +193,14 @@ def run_ray(trials: list[dict], run_dir: Path, options: dict, address: str | Non
             if queued:
                 on_start(queued.pop(0))
             try:
-                result = record_trial(run_dir, ray.get(done[0]), data.checksums)
+                outcome = ray.get(done[0])
             except Exception as exc:  # RayTaskError, WorkerCrashedError, ...
+                if isinstance(getattr(exc, "cause", None), OutputError):
+                    raise exc.cause from None  # a full disk where the task ran stops the run
                 message = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-                result = record_failure(run_dir, trial, f"{type(exc).__name__}: {message}")
+                result = record_failure(run_dir, trial, run_id, f"{type(exc).__name__}: {message}")
+            else:
+                result = record_trial(run_dir, *outcome, data.checksums)
             on_done(result)
     finally:
         if started_here:

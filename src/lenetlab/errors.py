@@ -23,3 +23,7 @@ class SpecError(LenetlabError):
 
 class OutputError(LenetlabError):
     """A folder lenetlab must write to cannot be created or written."""
+
+
+class ImageError(LenetlabError):
+    """An image file to classify is missing, empty, corrupt, too large or not an image."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +20,19 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: LeNet5V1, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 500) -> Evaluation:
-    """Evaluate in eval mode (dropout off, batch-norm running statistics) in large batches."""
+def evaluate(model: LeNet5V1, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Evaluation:
+    """Evaluate in eval mode (dropout off, batch-norm running statistics) in large batches.
+
+    forward(x) -> logits defaults to fast_forward; training passes the native one where it trains.
+    """
     was_training = model.training
     model.eval()
+    forward = forward or (lambda batch: fast_forward(model, batch))
     loss_sum = torch.zeros((), device=x.device)
     confusion = torch.zeros(100, dtype=torch.long, device=x.device)
     for start in range(0, len(x), batch_size):
-        logits = fast_forward(model, x[start:start + batch_size])
+        logits = forward(x[start:start + batch_size])
         target = y[start:start + batch_size]
         loss_sum += F.cross_entropy(logits, target, reduction="sum")
         confusion += torch.bincount(target * 10 + logits.argmax(1), minlength=100)

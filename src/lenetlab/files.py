@@ -1,16 +1,27 @@
-"""Atomic writes: a temporary file in the same folder, then a rename.
+"""Files lenetlab writes: atomic writes, and stamped JSON records read back through one reader.
 
-A run killed at any moment leaves either the old file or the new one, never half of one.
+Every write goes to a temporary file beside its target, then a rename, so a run killed at
+any moment leaves either the old file or the new one. Every JSON file lenetlab writes for
+itself (run plan, trial results, summary) is strict JSON stamped with a format number, its
+kind and a SHA-256 of its own content: read_record() is the one reader, and any damage or
+hand edit becomes one RunDirError line naming the file, instead of silently wrong numbers.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import OutputError, RunDirError
+
+FORMAT = 1
 
 
 def _read_umask() -> int:
@@ -23,14 +34,18 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
+def write_problem(path: Path, exc: OSError) -> OutputError:
+    """One line for a failed write; a full disk says so, whatever the library called it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{path}: cannot write, the disk is full")
+    return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
+
+
 def writable_dir(path: Path) -> Path:
     """Create folder path if needed and prove it writable, before any long work starts.
 
-    Raises OutputError naming the folder; a real write is tried because permission
-    bits say nothing on a read-only mount, or to root.
+    A real write is tried because permission bits say nothing on a read-only mount, or to root.
     """
-    from .errors import OutputError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: a file is in the way (expected a folder)")
@@ -39,37 +54,86 @@ def writable_dir(path: Path) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write here ({exc.strerror or type(exc).__name__})") from None
+        raise write_problem(path, exc) from None
     return path
 
 
-def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Call write(handle) on a temporary file beside path, then rename it to path."""
+def atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], object]) -> None:
+    """Write data (bytes, or a function that writes to a binary handle) to path atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8",
-                                                                            "newline": ""})) as handle:
-            write(handle)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                data(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_problem(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text))
+    atomic_write(path, text.encode("utf-8"))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda handle: json.dump(obj, handle, indent=2, sort_keys=False))
+def to_json(obj: Any) -> str:
+    """Strict JSON (NaN and infinity refused, as strict parsers do), indented for people."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
 def torch_save(obj: Any, path: Path) -> None:
+    """torch.save through memory first: a full disk then fails as an OSError naming the file,
+    not as a torch error about stream positions."""
     import torch
 
-    atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def sha256_of_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _digest(body: dict) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def write_record(path: Path, kind: str, body: dict) -> None:
+    """Write a stamped JSON record: format, which file it is, the body's fields and their SHA-256."""
+    stamped = {"format": FORMAT, "file": kind, **body}
+    atomic_write(path, to_json({**stamped, "sha256": _digest(stamped)}).encode("utf-8"))
+
+
+def read_record(path: Path, kind: str) -> dict:
+    """The body of a record write_record wrote; RunDirError on anything else (missing, damaged, edited)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunDirError(f"{path}: unreadable ({str(exc).splitlines()[0][:80]})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("file") != kind:
+        raise RunDirError(f"{path}: not a lenetlab {kind} file of format {FORMAT}")
+    claimed = record.pop("sha256", None)
+    if claimed != _digest(record):
+        raise RunDirError(f"{path}: damaged or edited (its checksum does not match its content)")
+    del record["format"], record["file"]
+    return record

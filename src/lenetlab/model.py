@@ -2,8 +2,8 @@
 
 The module layout (two nn.Sequential attributes, layers appended in a fixed order,
 optional layers shifting the indices of later ones) is what makes weights saved by
-the original code load here unchanged, so it must not change. See
-shared/spec/facts.md.
+the original code load here unchanged, so it must not change (docs/original-study.md
+lists the keys of every variant).
 """
 
 from __future__ import annotations
@@ -104,6 +104,10 @@ def load_weights(path: str | Path) -> LeNet5V1:
         use_dropout, use_batch_norm = detect_flags(state_dict)
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from None
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise WeightsError(f"{path}: non-finite values (NaN or infinity) in {', '.join(broken[:3])}: "
+                           f"the model diverged in training")
     model = LeNet5V1(use_dropout=use_dropout, use_batch_norm=use_batch_norm)
     model.load_state_dict(state_dict)
     return model.eval()
@@ -233,12 +237,12 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool) -> torch.Te
                         training, bn.momentum, bn.eps)
 
 
-def fast_forward(model: LeNet5V1, x: torch.Tensor,
-                 dropout_generator: torch.Generator | None = None) -> torch.Tensor:
+def fast_forward(model: LeNet5V1, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The logits of model(x), computed with the faster kernels above.
 
-    In training mode the dropout mask is drawn from dropout_generator, so a run's
-    randomness is fully determined by its seed and can be replayed on resume.
+    In training mode with dropout, keep is the (batch, 120) mask of the units kept, drawn by
+    the caller from the trial's generator so that a run's randomness is fully determined by
+    its seed and replays on resume; without it the mask is drawn from torch's global generator.
     """
     L = _layers(model)
     h = F.conv2d(x, L.conv1.weight, L.conv1.bias, padding=2)
@@ -251,7 +255,8 @@ def fast_forward(model: LeNet5V1, x: torch.Tensor,
     h = _pool(_tanh(h)).flatten(1)
     h = F.linear(h, L.fc1.weight, L.fc1.bias)
     if L.dropout is not None and model.training and L.dropout.p > 0:
-        keep = torch.rand(h.shape, generator=dropout_generator, device=h.device) >= L.dropout.p
+        if keep is None:
+            keep = torch.rand(h.shape, device=h.device) >= L.dropout.p
         h = h * keep / (1.0 - L.dropout.p)
     h = _tanh(h)
     h = _tanh(F.linear(h, L.fc2.weight, L.fc2.bias))

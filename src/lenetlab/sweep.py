@@ -1,10 +1,10 @@
-"""Sweep specifications: a grid (or list) over recipe fields, times seeds.
+"""Sweep specifications: a grid (or list) over recipe fields, times seeds, into named configurations.
 
-A spec is a TOML file:
+A spec is a TOML file (every key optional, but at least one configuration must result):
 
-    name = "weight-decay"          # optional: the run folder's name
+    name = "weight-decay"          # the run folder's name
     seeds = 3                      # or a list: [0, 1, 2]
-    variant = "baseline"           # the recipe every configuration starts from
+    variant = "baseline"           # the published recipe every configuration starts from
     [grid]                         # every combination of these values
     weight_decay = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     lr = [0.001, 0.003]
@@ -13,7 +13,7 @@ A spec is a TOML file:
     variant = "dropout"
     dropout_rate = 0.3
 
-Every field is optional but at least one configuration must result.
+The fields and their ranges are recipes.FIELDS (plus `variant`).
 """
 
 from __future__ import annotations
@@ -21,88 +21,47 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import SpecError
-from .recipes import OPTIMIZERS, RECIPES, Recipe
+from .recipes import FIELDS, RECIPES, Recipe, check_field, with_fields
+from .rundir import MAX_TRIALS, check_size, is_folder_name, parse_seeds
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# field -> (type, check, abbreviation used in configuration names)
-FIELDS = {
-    "variant": (str, lambda v: v in RECIPES, "variant"),
-    "weight_decay": (float, lambda v: 0 <= v < math.inf, "wd"),
-    "dropout_rate": (float, lambda v: 0 <= v < 1, "p"),
-    "epochs": (int, lambda v: v >= 1, "ep"),
-    "batch_size": (int, lambda v: v >= 1, "bs"),
-    "lr": (float, lambda v: 0 < v < math.inf, "lr"),
-    "optimizer": (str, lambda v: v in OPTIMIZERS, "opt"),
-}
-TOP_LEVEL = {"name", "seeds", "grid", "configs", *FIELDS}
+KEYS = ("variant", *FIELDS)
+Configs = list[tuple[str, Recipe]]
+TOP_LEVEL = {"name", "seeds", "grid", "configs", *KEYS}
 
 
-def check_value(key: str, value, where: str = ""):
-    """Check one recipe field (sweep specs and run plans both use this); ints pass as floats."""
-    kind, ok, _ = FIELDS[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise SpecError(f"{where}{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
-    if not ok(value):
-        choices = {"variant": f" (one of {', '.join(RECIPES)})",
-                   "optimizer": f" (one of {', '.join(OPTIMIZERS)})"}.get(key, "")
-        raise SpecError(f"{where}{key}: invalid value {value!r}{choices}")
+def _check(key: str, value, where: str):
+    if key != "variant":
+        return check_field(key, value, where)
+    if value not in RECIPES:
+        raise SpecError(f"{where}variant: invalid value {value!r} (one of {', '.join(RECIPES)})")
     return value
 
 
-def _check_fields(table: dict, where: str) -> dict:
-    unknown = sorted(set(table) - set(FIELDS))
+def _check_table(table: dict, where: str) -> dict:
+    unknown = sorted(set(table) - set(KEYS))
     if unknown:
-        raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(FIELDS)})")
-    return {key: check_value(key, value, where) for key, value in table.items()}
-
-
-def parse_seeds(value) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise SpecError(f"seeds: must be at least 1, got {value}")
-        return list(range(value))
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool)
-                                                 and v >= 0 for v in value):
-        if len(set(value)) != len(value):
-            raise SpecError("seeds: repeated seed")
-        return list(value)
-    raise SpecError(f"seeds: expected a positive integer or a non-empty list of whole numbers >= 0, "
-                    f"got {value!r}")
-
-
-def is_folder_name(name: object) -> bool:
-    """A single folder name: no separators, not '.' or '..', so a run stays inside --out."""
-    return isinstance(name, str) and bool(name) and Path(name).name == name and name not in (".", "..")
+        raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(KEYS)})")
+    return {key: _check(key, value, where) for key, value in table.items()}
 
 
 def config_name(fields: dict) -> str:
     """baseline-wd0.001-lr0.003: the variant, then each changed field in a fixed order."""
     parts = [fields.get("variant", "baseline")]
-    for key in FIELDS:
-        if key != "variant" and key in fields:
-            parts.append(f"{FIELDS[key][2]}{fields[key]}")
+    parts += [f"{field.short}{fields[key]}" for key, field in FIELDS.items() if key in fields]
     return "-".join(parts)
 
 
-def build_recipe(fields: dict) -> Recipe:
-    base = RECIPES[fields.get("variant", "baseline")]
-    changes = {k: v for k, v in fields.items() if k != "variant"}
-    if "dropout_rate" in changes and not base.use_dropout:
-        raise SpecError(f"dropout_rate: variant {base.name!r} has no dropout layer")
-    return base.with_changes(**changes)
-
-
-def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]:
-    """Check a parsed spec and expand it into (name, seeds, [(config name, recipe)])."""
+def expand(spec: dict, max_trials: int = MAX_TRIALS) -> tuple[str | None, list[int], Configs]:
+    """Check a parsed spec and expand it into (name, seeds, [(configuration name, recipe)])."""
     unknown = sorted(set(spec) - TOP_LEVEL)
     if unknown:
         raise SpecError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
@@ -110,38 +69,40 @@ def expand(spec: dict) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]
     if name is not None and not is_folder_name(name):
         raise SpecError(f"name: expected a folder name, got {name!r}")
     seeds = parse_seeds(spec.get("seeds", 3))
-    common = _check_fields({k: v for k, v in spec.items() if k in FIELDS}, "")
+    common = _check_table({k: v for k, v in spec.items() if k in KEYS}, "")
     grid = spec.get("grid", {})
     if not isinstance(grid, dict):
         raise SpecError("grid: expected a table of field = [values]")
-    axes = []
-    for key, values in grid.items():
-        if key not in FIELDS:
-            raise SpecError(f"grid.{key}: unknown field (known: {', '.join(FIELDS)})")
-        if not isinstance(values, list):
-            values = [values]
-        if not values:
-            raise SpecError(f"grid.{key}: empty list of values")
-        axes.append([(key, check_value(key, v, "grid.")) for v in values])
-    entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
     extra = spec.get("configs", [])
     if not isinstance(extra, list) or not all(isinstance(t, dict) for t in extra):
         raise SpecError("configs: expected a list of tables ([[configs]])")
-    entries += [{**common, **_check_fields(t, f"configs[{i}].")} for i, t in enumerate(extra)]
+    axes = []
+    for key, values in grid.items():
+        if key not in KEYS:
+            raise SpecError(f"grid.{key}: unknown field (known: {', '.join(KEYS)})")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise SpecError(f"grid.{key}: empty list of values")
+        axes.append(values)
+    # Refuse an oversized plan before building it: a 100 x 100 x 100 grid is a million trials.
+    check_size(((math.prod(map(len, axes)) if axes else 0) + len(extra)) * len(seeds), max_trials)
+    axes = [[(key, _check(key, v, "grid.")) for v in values] for key, values in zip(grid, axes)]
+    entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
+    entries += [{**common, **_check_table(t, f"configs[{i}].")} for i, t in enumerate(extra)]
     if not entries:
         raise SpecError("grid: empty, no configuration to run (give [grid] values or [[configs]])")
     configs, seen = [], set()
     for fields in entries:
-        recipe = build_recipe(fields)
-        identity = tuple(sorted(recipe.to_dict().items()))
-        if identity in seen:  # the same recipe reached twice runs once
-            continue
-        seen.add(identity)
-        configs.append((config_name(fields), recipe))
+        base = RECIPES[fields.get("variant", "baseline")]
+        recipe = with_fields(base, {k: v for k, v in fields.items() if k != "variant"})
+        identity = tuple(sorted(asdict(recipe).items()))
+        if identity not in seen:  # the same recipe reached twice runs once
+            seen.add(identity)
+            configs.append((config_name(fields), recipe))
     return name, seeds, configs
 
 
-def load_spec(path: str | Path) -> tuple[str | None, list[int], list[tuple[str, Recipe]]]:
+def load_spec(path: str | Path, max_trials: int = MAX_TRIALS) -> tuple[str | None, list[int], Configs]:
     path = Path(path)
     try:
         spec = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -152,6 +113,6 @@ def load_spec(path: str | Path) -> tuple[str | None, list[int], list[tuple[str, 
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML ({exc})") from None
     try:
-        return expand(spec)
+        return expand(spec, max_trials)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None

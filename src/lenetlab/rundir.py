@@ -1,0 +1,156 @@
+"""Run folders: their names and layout, the plan in run.json, and the lock that gives a folder one owner.
+
+    runs/NAME/
+      run.json                      the plan: configurations, seeds, options (resume works from it)
+      .lock                         held (flock) by the one process running the plan
+      trials/<config>__seed<k>.json a finished or failed trial
+      checkpoints/<key>.pt          the state after a running trial's last finished epoch
+      models/seed<k>/<file>.pth     each trial's weights + <file>.json sidecar
+      models/<file>.pth             the best seed's weights of each configuration
+      metrics.csv, summary.json, report.md, plots/   written by summary.py and report.py
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import files
+from .errors import RunDirError, SpecError
+from .provenance import library_versions
+from .recipes import Recipe, file_name, recipe_from_dict
+from .records import RunOptions, Trial
+
+MAX_SEEDS = 1000
+# A sweep larger than this is refused unless --max-trials raises the cap: each trial takes
+# minutes, and a plan of millions would take gigabytes before the first one ran.
+MAX_TRIALS = 1000
+
+
+def is_folder_name(name: object) -> bool:
+    """A single printable folder name: no separators or control characters, not '.' or '..'."""
+    return (isinstance(name, str) and bool(name) and Path(name).name == name
+            and name not in (".", "..") and name.isprintable())
+
+
+def parse_seeds(value) -> list[int]:
+    """A seed count (1 to MAX_SEEDS: seeds 0..n-1) or a list of distinct seeds 0 to 2**32-1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= MAX_SEEDS:
+            raise SpecError(f"seeds: expected 1 to {MAX_SEEDS} seeds, got {value}")
+        return list(range(value))
+    if (isinstance(value, list) and 0 < len(value) <= MAX_SEEDS
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in value)):
+        if len(set(value)) != len(value):
+            raise SpecError("seeds: repeated seed")
+        return list(value)
+    raise SpecError(f"seeds: expected a count from 1 to {MAX_SEEDS} or a list of at most {MAX_SEEDS} "
+                    f"whole numbers from 0 to 2**32-1, got {value!r}")
+
+
+def check_size(trials: int, cap: int) -> None:
+    if trials > cap:
+        raise SpecError(f"the plan has {trials:,} trials, more than the cap of {cap:,}; "
+                        f"raise it with --max-trials {trials} if you mean it")
+
+
+@dataclass
+class RunPlan:
+    """What a run trains and how: written once to run.json, then only elapsed_s changes."""
+
+    kind: str  # study or sweep
+    name: str
+    configs: list[tuple[str, Recipe]]
+    seeds: list[int]
+    options: RunOptions
+    reference: str | None = None  # the configuration others are compared with
+    engine: str = "local"
+    workers: int = 1
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    lenetlab_version: str = field(default_factory=lambda: library_versions()["lenetlab"])
+    elapsed_s: float = 0.0  # training time over every session of this run, resumes included
+
+    def trials(self) -> list[Trial]:
+        return [Trial(name, recipe, seed) for seed in self.seeds for name, recipe in self.configs]
+
+    def to_dict(self) -> dict:
+        body = asdict(self)
+        body["configs"] = [{"name": name, "recipe": asdict(recipe)} for name, recipe in self.configs]
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict) -> RunPlan:
+        configs = [(entry["name"], recipe_from_dict(entry["recipe"])) for entry in body["configs"]]
+        return cls(**{**body, "configs": configs, "options": RunOptions(**body["options"])})
+
+
+def plan_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "run.json"
+
+
+def write_plan(run_dir: Path, plan: RunPlan) -> None:
+    files.write_record(plan_path(run_dir), "run-plan", plan.to_dict())
+
+
+def read_plan(run_dir: Path) -> RunPlan:
+    """The plan of a run folder; RunDirError for a folder that is not a lenetlab run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run folder")
+    if not plan_path(run_dir).is_file():
+        raise RunDirError(f"{run_dir}: not a lenetlab run folder (no run.json)")
+    body = files.read_record(plan_path(run_dir), "run-plan")
+    try:
+        return RunPlan.from_dict(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirError(f"{plan_path(run_dir)}: not a run plan this lenetlab reads ({exc})") from None
+
+
+def new_run_dir(out: Path, name: str | None, kind: str) -> Path:
+    """out/NAME, or out/<kind>-<time> when no name is given."""
+    if name is not None and not is_folder_name(name):
+        raise SpecError(f"--name {name!r}: expected a folder name (no '/', no control characters, "
+                        f"not '.' or '..')")
+    return Path(out) / (name or f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+@contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Own run_dir for the duration: an OS lock that a killed process releases by itself.
+
+    A second process starting or resuming the same folder is refused with the holder's pid.
+    """
+    run_dir = Path(run_dir)
+    files.writable_dir(run_dir)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise RunDirError(f"{run_dir}: in use by process {holder} (a study or sweep running on it); "
+                              f"wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def result_path(run_dir: Path, trial: Trial) -> Path:
+    return Path(run_dir) / "trials" / f"{trial.key}.json"
+
+
+def checkpoint_path(run_dir: Path, trial: Trial) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{trial.key}.pt"
+
+
+def weights_path(run_dir: Path, trial: Trial) -> Path:
+    return Path(run_dir) / "models" / f"seed{trial.seed}" / file_name(trial.config)

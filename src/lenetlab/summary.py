@@ -1,0 +1,131 @@
+"""Aggregate a run's trial results: metrics.csv (this module owns its header) and summary.json.
+
+summary.json holds, per configuration, the final accuracies over seeds (mean, std, 95%
+interval), per-seed values, per-class accuracy, confusion matrices and failures; paired
+comparisons with the reference; provenance; and the SHA-256 of metrics.csv and of every
+weights file, so a later `lenetlab report` can tell a damaged run folder from an intact one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+from . import files
+from .errors import RunDirError
+from .provenance import library_versions, machine_info
+from .recipes import file_name
+from .records import SPLITS, TrialResult
+from .rundir import RunPlan
+from .stats import paired_difference, summarize
+
+METRICS_HEADER = ["config", "variant", "seed", "epoch", "split", "loss", "accuracy"]
+
+# Per-epoch accuracies: curves[config][split][epoch][seed] = accuracy
+Curves = dict[str, dict[str, dict[int, dict[int, float]]]]
+
+
+def metrics_csv(results: list[TrialResult]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METRICS_HEADER)
+    for result in results:
+        if result.done:
+            for row in result.history:
+                writer.writerow([result.trial.config, result.trial.recipe.name, result.trial.seed,
+                                 row.epoch, row.split, f"{row.loss:.6f}", f"{row.accuracy:.6f}"])
+    return buffer.getvalue()
+
+
+def curves_from_csv(text: str) -> Curves:
+    curves: Curves = {}
+    for config, _variant, seed, epoch, split, _loss, accuracy in list(csv.reader(io.StringIO(text)))[1:]:
+        by_epoch = curves.setdefault(config, {}).setdefault(split, {})
+        by_epoch.setdefault(int(epoch), {})[int(seed)] = float(accuracy)
+    return curves
+
+
+def summarize_configs(plan: RunPlan, results: dict[str, TrialResult]) -> list[dict]:
+    """Per configuration: final accuracies over seeds (mean, std, 95% CI), failures, best seed."""
+    summaries = []
+    for name, recipe in plan.configs:
+        mine = [r for r in results.values() if r.trial.config == name]
+        done = [r for r in mine if r.done]
+        summary = {"name": name, "variant": recipe.name, "recipe": asdict(recipe),
+                   "seeds": plan.seeds, "completed_seeds": [r.trial.seed for r in done],
+                   "final": None, "best_seed": None, "per_class_test_accuracy": {},
+                   "confusion_matrix": {}, "kernels": sorted({r.kernels for r in done}),
+                   "failed": [{"seed": r.trial.seed, "error": r.error} for r in mine if not r.done]}
+        if done:
+            summary["final"] = {
+                split: {**summarize([r.final(split) for r in done]),
+                        "values": {str(r.trial.seed): r.final(split) for r in done}}
+                for split in SPLITS
+            }
+            summary["best_seed"] = max(done, key=lambda r: r.final("test")).trial.seed
+            summary["per_class_test_accuracy"] = {str(r.trial.seed): r.test.per_class_accuracy for r in done}
+            summary["confusion_matrix"] = {str(r.trial.seed): r.test.confusion_matrix for r in done}
+        summaries.append(summary)
+    return summaries
+
+
+def compare(configs: list[dict], reference: str | None) -> list[dict]:
+    """Each configuration against the reference, paired by seed, on final test accuracy."""
+    ref = next((c for c in configs if c["name"] == reference and c["final"]), None)
+    if ref is None:
+        return []
+    comparisons = []
+    for config in configs:
+        if config is ref or not config["final"]:
+            continue
+        diff = paired_difference(config["final"]["test"]["values"], ref["final"]["test"]["values"])
+        if diff is not None:
+            comparisons.append({"name": config["name"], "reference": reference, **diff})
+    return comparisons
+
+
+def write_summary(run_dir: Path, plan: RunPlan, results: dict[str, TrialResult],
+                  checksums: dict[str, str], data_folder: str) -> dict:
+    """Write metrics.csv, the best seed's weights under the original names and summary.json."""
+    metrics = metrics_csv(list(results.values()))
+    files.write_text(run_dir / "metrics.csv", metrics)
+    configs = summarize_configs(plan, results)
+    weights = {r.weights: r.weights_sha256 for r in results.values() if r.done}
+    for config in configs:  # the best seed's weights at models/<original name>, for the old snippets
+        if config["best_seed"] is not None:
+            best = next(r for r in results.values()
+                        if r.trial.config == config["name"] and r.trial.seed == config["best_seed"])
+            source = run_dir / best.weights
+            for suffix in (".pth", ".json"):
+                content = source.with_suffix(suffix).read_bytes()
+                files.atomic_write(run_dir / "models" / source.with_suffix(suffix).name, content)
+            weights[f"models/{file_name(config['name'])}"] = best.weights_sha256
+    finished = [c for c in configs if c["final"]]
+    best = max(finished, key=lambda c: c["final"]["test"]["mean"], default=None)
+    summary = {
+        "lenetlab_version": plan.lenetlab_version, "kind": plan.kind, "name": plan.name,
+        "created": plan.created, "wall_time_s": plan.elapsed_s,
+        "config": {"seeds": plan.seeds, **asdict(plan.options), "engine": plan.engine,
+                   "workers": plan.workers},
+        "data": {"folder": data_folder, "sha256": checksums},
+        "versions": library_versions(), "machine": machine_info(plan.options.device),
+        "reference": plan.reference, "configs": configs,
+        "comparisons": compare(configs, plan.reference),
+        "best": {"name": best["name"], "seed": best["best_seed"]} if best else None,
+        "files_sha256": {"metrics.csv": files.sha256_of_text(metrics), **weights},
+    }
+    files.write_record(run_dir / "summary.json", "summary", summary)
+    return summary
+
+
+def read_summary(run_dir: Path) -> tuple[dict, Curves]:
+    """summary.json and the curves of metrics.csv, both checked against what recorded them."""
+    run_dir = Path(run_dir)
+    summary = files.read_record(run_dir / "summary.json", "summary")
+    for relative, digest in summary["files_sha256"].items():
+        if files.sha256_file(run_dir / relative) != digest:
+            raise RunDirError(f"{run_dir / relative}: missing, damaged or edited since the run "
+                              f"wrote it (its SHA-256 is not the one summary.json recorded)")
+    return summary, curves_from_csv((run_dir / "metrics.csv").read_text(encoding="utf-8"))
