@@ -7,7 +7,6 @@ accuracies and the type of a seed have one definition.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .evaluation import Evaluation
@@ -114,6 +113,3 @@ class TrialResult:
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),
         )
 
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
