@@ -112,4 +112,3 @@ class TrialResult:
             options=RunOptions(**options) if options else None, kernels=record.get("kernels"),
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),
         )
-
