@@ -23,7 +23,7 @@ from .recipes import Recipe, get_recipe, scale_epochs
 from .records import RunOptions, Trial, TrialResult
 from .report import render_report
 from .rundir import RunPlan, hold, plan_path, read_plan, write_plan
-from .summary import curves_from_csv, write_summary
+from .summary import write_summary
 from .training import total_epochs
 from .trials import read_result
 
@@ -99,9 +99,12 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
         if display:
             display.start(trial)
 
-    def done(result: TrialResult) -> None:
-        plan.elapsed_s = elapsed + time.perf_counter() - started  # a kill loses no finished time
+    def record_elapsed() -> None:
+        plan.elapsed_s = elapsed + time.perf_counter() - started
         write_plan(run_dir, plan)
+
+    def done(result: TrialResult) -> None:
+        record_elapsed()  # after every trial, so that a kill loses no finished time
         if display:
             display.done(result)
 
@@ -110,13 +113,13 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
     else:
         run_local(todo, plan.run_id, run_dir, plan.options, str(data.folder.resolve()), workers,
                   start_one, done)
-    plan.elapsed_s = elapsed + time.perf_counter() - started
-    write_plan(run_dir, plan)
+    record_elapsed()
     return finalize(run_dir, plan, data)
 
 
 def finalize(run_dir: Path, plan: RunPlan, data: FashionMNIST) -> dict:
     """Aggregate the recorded trials into metrics.csv, summary.json, best weights and the report."""
-    summary = write_summary(run_dir, plan, read_results(run_dir, plan), data.checksums, str(data.folder))
-    render_report(run_dir, summary, curves_from_csv((run_dir / "metrics.csv").read_text(encoding="utf-8")))
+    summary, curves = write_summary(run_dir, plan, read_results(run_dir, plan), data.checksums,
+                                    str(data.folder))
+    render_report(run_dir, summary, curves)
     return summary

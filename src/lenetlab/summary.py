@@ -87,8 +87,9 @@ def compare(configs: list[dict], reference: str | None) -> list[dict]:
 
 
 def write_summary(run_dir: Path, plan: RunPlan, results: dict[str, TrialResult],
-                  checksums: dict[str, str], data_folder: str) -> dict:
-    """Write metrics.csv, the best seed's weights under the original names and summary.json."""
+                  checksums: dict[str, str], data_folder: str) -> tuple[dict, Curves]:
+    """Write metrics.csv, the best seed's weights under the original names and summary.json;
+    return the summary and the curves of the metrics.csv just written."""
     metrics = metrics_csv(list(results.values()))
     files.write_text(run_dir / "metrics.csv", metrics)
     configs = summarize_configs(plan, results)
@@ -117,7 +118,7 @@ def write_summary(run_dir: Path, plan: RunPlan, results: dict[str, TrialResult],
         "files_sha256": {"metrics.csv": files.sha256_of_text(metrics), **weights},
     }
     files.write_record(run_dir / "summary.json", "summary", summary)
-    return summary
+    return summary, curves_from_csv(metrics)
 
 
 def read_summary(run_dir: Path) -> tuple[dict, Curves]:
