@@ -1,4 +1,5 @@
-"""LeNet5V1's layout (so the original's weights load), variant detection, weight-file checks."""
+"""LeNet5V1's layout (so the original's weights load), its activation and pooling options,
+variant detection, weight-file checks."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ EXPECTED_KEYS = {
         "classifier.6.weight", "classifier.6.bias"],
 }
 FLAGS = list(EXPECTED_KEYS)
+HEADS = [("tanh", "avg"), ("relu", "avg"), ("tanh", "max"), ("relu", "max")]  # (activation, pool)
 
 
 @pytest.mark.parametrize("flags", FLAGS)
@@ -42,9 +44,65 @@ def test_state_dict_keys_match_the_original_layout(flags):
 
 
 @pytest.mark.parametrize("flags", FLAGS)
-def test_fast_forward_matches_the_module(flags):
+def test_relu_and_max_pooling_keep_the_layout(flags):
+    """Same keys and shapes as the original's: its weights load unchanged, and vice versa."""
+    default = LeNet5V1(*flags)
+    model = LeNet5V1(*flags, activation="relu", pool="max")
+    assert (default.activation, default.pool) == ("tanh", "avg")
+    assert (model.activation, model.pool) == ("relu", "max")
+    assert ({k: v.shape for k, v in model.state_dict().items()}
+            == {k: v.shape for k, v in default.state_dict().items()})
+    assert list(model.state_dict()) == EXPECTED_KEYS[flags]
+    assert detect_flags(model.state_dict()) == flags
+    model.load_state_dict(default.state_dict())
+    default.load_state_dict(model.state_dict())
+    layers = [*model.feature, *model.classifier]
+    kinds = [type(m).__name__ for m in layers]
+    assert kinds.count("ReLU") == 4 and kinds.count("MaxPool2d") == 2
+    assert "Tanh" not in kinds and "AvgPool2d" not in kinds
+    assert all(m.kernel_size == 2 and m.stride == 2 for m in layers if isinstance(m, torch.nn.MaxPool2d))
+    # where the original's layers were: the same indices, the same classes elsewhere
+    for mine, original in zip(layers, [*default.feature, *default.classifier]):
+        swapped = {"Tanh": "ReLU", "AvgPool2d": "MaxPool2d"}
+        assert type(mine).__name__ == swapped.get(type(original).__name__, type(original).__name__)
+
+
+def test_positional_arguments_are_the_originals():
+    model = LeNet5V1(True, False, 0.3)
+    assert model.use_dropout and not model.use_batch_norm and model.classifier[2].p == 0.3
+    assert (model.activation, model.pool) == ("tanh", "avg")
+    assert LeNet5V1(False, True, 0.5, "relu", "max").pool == "max"
+
+
+def test_unknown_activation_or_pool_is_refused():
+    with pytest.raises(ValueError, match="activation .*'gelu'"):
+        LeNet5V1(activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        LeNet5V1(activation="ReLU")  # the names are exact
+    with pytest.raises(ValueError, match="pool .*'min'"):
+        LeNet5V1(pool="min")
+    with pytest.raises(ValueError, match="pool"):
+        LeNet5V1(pool=None)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_relu_and_max_pooling_fast_forward_is_the_module(flags):
+    """ReLU and max pooling run torch's own kernels in fast_forward: the same logits, bit for bit."""
     torch.manual_seed(0)
-    model = LeNet5V1(*flags)
+    model = LeNet5V1(*flags, activation="relu", pool="max")
+    x = torch.randn(32, 1, 28, 28)
+    model.train()
+    fast_forward(model, x)  # moves the batch-norm running statistics away from 0 and 1
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(fast_forward(model, x), model(x))
+
+
+@pytest.mark.parametrize("head", HEADS, ids="-".join)
+@pytest.mark.parametrize("flags", FLAGS)
+def test_fast_forward_matches_the_module(flags, head):
+    torch.manual_seed(0)
+    model = LeNet5V1(*flags, activation=head[0], pool=head[1])
     x = torch.randn(32, 1, 28, 28)
     model.train()
     fast_forward(model, x).sum().backward()  # also moves batch-norm running statistics

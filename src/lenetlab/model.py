@@ -1,4 +1,5 @@
-"""LeNet5V1 exactly as the original study built it, plus a faster forward pass for training.
+"""LeNet5V1 as the original study built it (with ReLU and max pooling as options), plus a
+faster forward pass for training.
 
 The module layout (two nn.Sequential attributes, layers appended in a fixed order,
 optional layers shifting the indices of later ones) is what makes weights saved by
@@ -19,27 +20,43 @@ from torch import nn
 
 from .errors import WeightsError
 
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+_POOLS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
+
 
 class LeNet5V1(nn.Module):
-    """LeNet-5 with tanh and average pooling; optional dropout and batch normalisation."""
+    """LeNet-5 with tanh and average pooling as the original study built it, or with ReLU
+    and/or max pooling; optional dropout and batch normalisation.
+
+    activation="relu" puts nn.ReLU in every place of nn.Tanh, pool="max" nn.MaxPool2d (2x2,
+    stride 2) in every place of nn.AvgPool2d (the names are kept as self.activation and
+    self.pool; another name is a ValueError). Neither has weights or moves an index, so every
+    variant has the original's state_dict keys and shapes: the weights of one load into any other.
+    """
 
     def __init__(self, use_dropout: bool = False, use_batch_norm: bool = False,
-                 dropout_rate: float = 0.5) -> None:
+                 dropout_rate: float = 0.5, activation: str = "tanh", pool: str = "avg") -> None:
         super().__init__()
+        for name, value, choices in (("activation", activation, _ACTIVATIONS), ("pool", pool, _POOLS)):
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         self.use_dropout = use_dropout
         self.use_batch_norm = use_batch_norm
+        self.activation = activation
+        self.pool = pool
+        act, pooling = _ACTIVATIONS[activation], _POOLS[pool]
         feature: list[nn.Module] = [nn.Conv2d(1, 6, kernel_size=5, stride=1, padding=2)]
         if use_batch_norm:
             feature.append(nn.BatchNorm2d(6))
-        feature += [nn.Tanh(), nn.AvgPool2d(kernel_size=2, stride=2),
+        feature += [act(), pooling(kernel_size=2, stride=2),
                     nn.Conv2d(6, 16, kernel_size=5, stride=1)]
         if use_batch_norm:
             feature.append(nn.BatchNorm2d(16))
-        feature += [nn.Tanh(), nn.AvgPool2d(kernel_size=2, stride=2)]
+        feature += [act(), pooling(kernel_size=2, stride=2)]
         classifier: list[nn.Module] = [nn.Flatten(), nn.Linear(16 * 5 * 5, 120)]
         if use_dropout:
             classifier.append(nn.Dropout(dropout_rate))
-        classifier += [nn.Tanh(), nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, 10)]
+        classifier += [act(), nn.Linear(120, 84), act(), nn.Linear(84, 10)]
         self.feature = nn.Sequential(*feature)
         self.classifier = nn.Sequential(*classifier)
 
@@ -132,7 +149,8 @@ def _load_problem(exc: Exception) -> str:
 # are slow for these small maps (tanh took 3x as long as sigmoid here). The
 # functions below compute the same values through faster kernels on CPU and use
 # PyTorch's own on CUDA; the module above still uses nn.Tanh and nn.AvgPool2d so
-# that `model(x)` behaves exactly as in the original.
+# that `model(x)` behaves exactly as in the original. ReLU and max pooling run
+# PyTorch's own F.relu and F.max_pool2d everywhere (the module's very kernels).
 # ---------------------------------------------------------------------------
 
 
@@ -211,6 +229,11 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 2) if x.is_cuda else _AvgPool2x2.apply(x)
 
 
+# fast_forward's function for each LeNet5V1 activation and pool
+_FAST_ACTIVATIONS = {"tanh": _tanh, "relu": F.relu}
+_FAST_POOLS = {"avg": _pool, "max": lambda x: F.max_pool2d(x, 2)}
+
+
 class _Layers(NamedTuple):
     conv1: nn.Conv2d
     bn1: nn.BatchNorm2d | None
@@ -245,19 +268,20 @@ def fast_forward(model: LeNet5V1, x: torch.Tensor, keep: torch.Tensor | None = N
     its seed and replays on resume; without it the mask is drawn from torch's global generator.
     """
     L = _layers(model)
+    act, pool = _FAST_ACTIVATIONS[model.activation], _FAST_POOLS[model.pool]
     h = F.conv2d(x, L.conv1.weight, L.conv1.bias, padding=2)
     if L.bn1 is not None:
         h = _batch_norm(h, L.bn1, model.training)
-    h = _pool(_tanh(h))
+    h = pool(act(h))
     h = _conv(h, L.conv2.weight, L.conv2.bias)
     if L.bn2 is not None:
         h = _batch_norm(h, L.bn2, model.training)
-    h = _pool(_tanh(h)).flatten(1)
+    h = pool(act(h)).flatten(1)
     h = F.linear(h, L.fc1.weight, L.fc1.bias)
     if L.dropout is not None and model.training and L.dropout.p > 0:
         if keep is None:
             keep = torch.rand(h.shape, device=h.device) >= L.dropout.p
         h = h * keep / (1.0 - L.dropout.p)
-    h = _tanh(h)
-    h = _tanh(F.linear(h, L.fc2.weight, L.fc2.bias))
+    h = act(h)
+    h = act(F.linear(h, L.fc2.weight, L.fc2.bias))
     return F.linear(h, L.fc3.weight, L.fc3.bias)

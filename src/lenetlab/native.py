@@ -45,6 +45,8 @@ EXTRA_FLAGS_ENV = "LENETLAB_NATIVE_CFLAGS_EXTRA"
 BUILD_TIMEOUT_S = 180
 
 _OPTIMIZERS = {torch.optim.Adam: 0, torch.optim.AdamW: 1, torch.optim.SGD: 2}
+_ACTIVATIONS = {"tanh": 0, "relu": 1}  # native_step.c's relu flag
+_POOLS = {"avg": 0, "max": 1}  # its maxpool flag
 _UNSUPPORTED = ("maximize", "differentiable", "capturable", "amsgrad", "nesterov", "dampening")
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -114,9 +116,11 @@ def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, d, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int64
+    # the relu, maxpool (and smoothing) arguments come last: an older source (a benchmark
+    # baseline) declared this way ignores them
     signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
-                  "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p]),
-                  "ln_forward": (i, [p, p, d, p, i64, p]), "ln_tanh": (None, [p, p, i64])}
+                  "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p, i, i, d]),
+                  "ln_forward": (i, [p, p, d, p, i64, p, i, i]), "ln_tanh": (None, [p, p, i64])}
     if hasattr(lib, "ln_profile"):  # older sources (benchmark baselines) lack it
         signatures.update(ln_profile=(i, [p]), ln_profile_names=(ctypes.c_char_p, []))
     for name, (restype, argtypes) in signatures.items():
@@ -180,6 +184,15 @@ def _buffers(model: LeNet5V1) -> list[torch.Tensor | None]:
             L.bn1.num_batches_tracked, L.bn2.num_batches_tracked]
 
 
+def _variant(model: LeNet5V1) -> tuple[int, int]:
+    """The (relu, maxpool) flags of native_step.c for the model's activation and pooling."""
+    activation, pool = getattr(model, "activation", None), getattr(model, "pool", None)
+    if activation not in _ACTIVATIONS or pool not in _POOLS:
+        raise ValueError(f"activation {activation!r} and pool {pool!r} (the native step has "
+                         f"{', '.join(_ACTIVATIONS)} and {', '.join(_POOLS)})")
+    return _ACTIVATIONS[activation], _POOLS[pool]
+
+
 def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
 
@@ -201,6 +214,10 @@ def _misaligned(tensors, vector_bytes: int) -> str | None:
 def _model_problem(model, lib: ctypes.CDLL) -> str | None:
     if not isinstance(model, LeNet5V1):
         return f"not a LeNet5V1 ({type(model).__name__})"
+    try:
+        _variant(model)
+    except ValueError as exc:
+        return str(exc)
     tensors = [*_slots(model), *_buffers(model)]
     dtypes = [torch.float32] * (len(tensors) - 2) + [torch.int64] * 2  # num_batches_tracked last
     if any(t is not None and (t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous())
@@ -212,20 +229,25 @@ def _model_problem(model, lib: ctypes.CDLL) -> str | None:
 class NativeTrainer:
     """Trains one LeNet5V1 in place with the native step, the optimiser's state kept in torch.
 
-    Each train_step is one torch-equivalent step: fast_forward in training mode (batch norm on
-    batch statistics, updating running_mean/var with the unbiased variance and
-    num_batches_tracked; dropout by the given scale), F.cross_entropy (mean), backward, and
+    Each train_step is one torch-equivalent step: fast_forward in training mode (the model's
+    activation and pooling; batch norm on batch statistics, updating running_mean/var with the
+    unbiased variance and num_batches_tracked; dropout by the given scale),
+    F.cross_entropy(logits, y, label_smoothing=label_smoothing) (mean), backward, and
     optimizer.step() with the hyperparameters read from optimizer.param_groups at each step.
-    Nothing is cached between steps except pointers, so sync() has nothing to write back.
+    model.activation, model.pool and self.label_smoothing are read at each step too. Nothing is
+    cached between steps except pointers, so sync() has nothing to write back.
     """
 
     def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, *,
-                 lib: ctypes.CDLL | None = None) -> None:
+                 label_smoothing: float = 0.0, lib: ctypes.CDLL | None = None) -> None:
+        if not 0.0 <= label_smoothing <= 1.0:  # F.cross_entropy's range; also refuses NaN
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         lib = _library(lib)
         reason = self.supports(model, 1, optimizer, lib=lib)
         if reason is not None:
             raise ValueError(f"the native step cannot train this: {reason}")
         self._lib, self.model, self.optimizer = lib, model, optimizer
+        self.label_smoothing = float(label_smoothing)
         self._kind = _OPTIMIZERS[type(optimizer)]
         self._params = _slots(model)
         self._live = [t for t in self._params if t is not None]
@@ -330,6 +352,7 @@ class NativeTrainer:
         if dropout_scale is not None:
             _check(dropout_scale, torch.float32, (batch, 120), "dropout_scale")  # 120: fc1's outputs
         params, run, nbt, s1, s2, steps = self._bind()
+        relu, maxpool = _variant(self.model)
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group.get("betas", (0.0, 0.0))
         bn_eps, bn_momentum = (self._bn.eps, self._bn.momentum) if self._bn is not None else (0.0, 0.0)
@@ -338,7 +361,8 @@ class NativeTrainer:
             x.data_ptr(), y.data_ptr(), idx.data_ptr() if idx is not None else None, len(x), batch,
             dropout_scale.data_ptr() if dropout_scale is not None else None, bn_eps, bn_momentum,
             self._kind, float(group["lr"]), beta1, beta2, group.get("eps", 0.0),
-            group["weight_decay"], group.get("momentum", 0.0), self._totals)
+            group["weight_decay"], group.get("momentum", 0.0), self._totals, relu, maxpool,
+            self.label_smoothing)
         if rc == -1:
             raise IndexError("an index of the batch is out of range")
         if rc == -2:
@@ -363,8 +387,8 @@ def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None
 
 
 def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """Eval-mode logits (N, 10) of x (N, 1, 28, 28): batch norm on running statistics, no
-    dropout, whatever model.training says."""
+    """Eval-mode logits (N, 10) of x (N, 1, 28, 28): the model's activation and pooling, batch
+    norm on running statistics, no dropout, whatever model.training says."""
     lib = _library(lib)
     problem = _model_problem(model, lib)
     if problem is not None:
@@ -375,7 +399,8 @@ def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None)
     bn = _layers(model).bn1
     with torch.no_grad():
         rc = lib.ln_forward(_pointers(_slots(model)), _pointers(_buffers(model)[:4]),
-                            bn.eps if bn is not None else 0.0, x.data_ptr(), len(x), out.data_ptr())
+                            bn.eps if bn is not None else 0.0, x.data_ptr(), len(x), out.data_ptr(),
+                            *_variant(model))
     if rc != 0:
         raise MemoryError("native forward: out of memory")
     return out

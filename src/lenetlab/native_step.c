@@ -1,5 +1,7 @@
-/* native_step.c: one concern, the whole LeNet5V1 training step on CPU (forward, cross-entropy,
- * backward, optimiser update) and its eval-mode forward, single-threaded, in portable C.
+/* native_step.c: one concern, the whole LeNet5V1 training step on CPU (forward, cross-entropy
+ * with optional label smoothing, backward, optimiser update) and its eval-mode forward,
+ * single-threaded, in portable C. Every variant of the model: tanh or ReLU, 2x2 average or max
+ * pooling, with or without batch norm and dropout.
  *
  * Layout: every activation and every activation gradient is stored with the batch innermost,
  * [C][H][W][64]: one pixel of one channel is 64 floats (four 512-bit, eight 256-bit or sixteen
@@ -25,6 +27,14 @@
  * compiled for 16 ymm registers was measured 22x slower (shared/spec/native-notes.md).
  * -DLN_WIDE_TILES builds the 512-bit blocking and code choices at any width, so that a host
  * without AVX-512 runs (slowly) the tile loops an AVX-512 host will run: the tests do.
+ *
+ * Variants: the activation (tanh or ReLU) and the pooling (average or max) are run-time flags of
+ * the entry points. The element-wise stages that depend on them are always-inline bodies taking
+ * the flags as constants, instantiated once per combination behind one branch per call: every
+ * variant runs its own loops with no per-element test, and tanh with average pooling runs the
+ * very code (and arithmetic) it ran before the others existed. On the Zen 3 core ReLU took the
+ * forward's element-wise stages from ~320 to ~120 us per batch-64 step (no exp), and max
+ * pooling's backward, which finds each block's maximum again, added ~10 us.
  *
  * Alignment: every vector load and store is of the workspace (64-byte aligned). The caller's
  * tensors are read by scalar code or memcpy; native.py still requires the bound ones
@@ -480,9 +490,25 @@ static void bias_grad(const float *restrict g, float *restrict db, int O)
     }
 }
 
-/* n a multiple of 4 vectors */
-static void tanh_inplace(float *restrict a, int n)
+/* ReLU as max(0, t): maxps returns its second operand when either is NaN, so a NaN stays NaN
+ * (as in torch's relu) instead of becoming 0. */
+static inline vf vrelu(vf t) { return vmax(splat(0.f), t); }
+
+/* The gradient g at an activation whose output is t, through the activation: tanh's 1 - t^2, or
+ * ReLU's threshold_backward (0 where t <= 0, g elsewhere; t is ReLU's output). */
+INLINE vf act_grad(vf g, vf t, const int relu)
 {
+    return relu ? vsel(t <= splat(0.f), splat(0.f), g) : g * (1.0f - t * t);
+}
+
+/* a = act(a) in place, n a multiple of 4 vectors */
+static void act_inplace(float *restrict a, int n, int relu)
+{
+    if (relu) {
+        for (int i = 0; i < n; i += VW)
+            ST(a + i, vrelu(LD(a + i)));
+        return;
+    }
     for (int i = 0; i < n; i += 4 * VW) {
         vf t[4];
         UNROLL for (int j = 0; j < 4; j++) t[j] = LD(a + i + j * VW);
@@ -491,17 +517,43 @@ static void tanh_inplace(float *restrict a, int n)
     }
 }
 
+/* d = act'(a) d in place over n floats, times scale (the dropout scale) where given. */
+INLINE void act_bwd_body(float *restrict d, const float *restrict a, const float *restrict scale, int n,
+                         const int relu)
+{
+    for (int i = 0; i < n; i += VW) {
+        vf g = act_grad(LD(d + i), LD(a + i), relu);
+        if (scale)
+            g *= LD(scale + i);
+        ST(d + i, g);
+    }
+}
+
+static void act_bwd(float *restrict d, const float *restrict a, const float *restrict scale, int n, int relu)
+{
+    if (relu)
+        act_bwd_body(d, a, scale, n, 1);
+    else
+        act_bwd_body(d, a, scale, n, 0);
+}
+
 /* ------------------------------------------------------------------------------------------
- * Element-wise stages around the convolutions: [batch norm], tanh, 2x2 average pooling.
+ * Element-wise stages around the convolutions: [batch norm], tanh or ReLU, 2x2 average or max
+ * pooling (conv -> [bn] -> activation -> pool, as in the module).
  * ------------------------------------------------------------------------------------------ */
 
-/* a = tanh(((z - mean) * istd) * gamma + beta), p = 2x2 mean of a. Without batch norm the
- * caller passes mean 0, istd 1, gamma 1, beta 0, which leave z unchanged bit for bit. With
+/* The max of a 2x2 block given in row-major order, as torch's CPU max_pool2d scans it: the
+ * running max m becomes t only where t > m (vmax(t, m)), so equal values keep the first. */
+static inline vf max4(vf t00, vf t01, vf t10, vf t11) { return vmax(t11, vmax(t10, vmax(t01, t00))); }
+
+/* a = act(((z - mean) * istd) * gamma + beta), p = 2x2 mean or max of a. Without batch norm
+ * the caller passes mean 0, istd 1, gamma 1, beta 0, which leave z unchanged bit for bit. With
  * store_xhat the normalised z replaces z (the batch-norm backward needs it); a may be NULL
- * (evaluation). The pooling sum runs in the order of model._AvgPool2x2. */
-static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p, int C, int H,
-                         const float *mean, const float *istd, const float *gamma, const float *beta,
-                         int store_xhat)
+ * (evaluation). The block is visited in the order of model._AvgPool2x2's sum (hence the
+ * column-major offsets); the max takes it in torch's row-major order (max4). */
+INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restrict p, int C, int H,
+                              const float *mean, const float *istd, const float *gamma, const float *beta,
+                              int store_xhat, const int relu, const int maxpool)
 {
     const int Q = H / 2;
     for (int c = 0; c < C; c++) {
@@ -518,39 +570,106 @@ static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p
                             ST(z + off[j], xh);
                         t[j] = xh * g + b;
                     }
-                    vtanh_n(t, 4);
+                    if (relu)
+                        UNROLL for (int j = 0; j < 4; j++) t[j] = vrelu(t[j]);
+                    else
+                        vtanh_n(t, 4);
                     if (a)
                         UNROLL for (int j = 0; j < 4; j++) ST(a + off[j], t[j]);
-                    ST(p + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW, (t[0] + t[1] + t[2] + t[3]) * 0.25f);
+                    ST(p + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW,
+                       maxpool ? max4(t[0], t[2], t[1], t[3]) : (t[0] + t[1] + t[2] + t[3]) * 0.25f);
                 }
     }
 }
 
-/* dz[c][y][x] = dp[c][y/2][x/2] / 4 * (1 - a^2), dz with rows of DW pixels starting at column
- * DX (dz may be a itself). Per-channel sums over the batch: s1 += sum dz, and with xhat
- * s2 += sum dz * xhat (the batch-norm backward). Padding lanes have dp = 0, so dz = 0. */
-static void act_pool_bwd(const float *restrict dp, const float *a, float *dz, int C, int H, int DW, int DX,
-                         const float *restrict xhat, double *s1, double *s2)
+static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p, int C, int H,
+                         const float *mean, const float *istd, const float *gamma, const float *beta,
+                         int store_xhat, int relu, int maxpool)
+{
+    if (relu && maxpool)
+        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 1, 1);
+    else if (relu)
+        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 1, 0);
+    else if (maxpool)
+        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 0, 1);
+    else
+        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 0, 0);
+}
+
+/* dz = act'(a) * (the pooling's gradient of dp), dz with rows of DW pixels starting at column
+ * DX (dz may be a itself). Average pooling gives each pixel dp[c][y/2][x/2] / 4; max pooling
+ * gives all of dp to one pixel of its block, the first maximal one in row-major order (torch's
+ * CPU max_pool2d index, ties included: a block of ReLU zeros routes to its top-left), found
+ * again from a rather than stored by the forward. Per-channel sums over the batch: s1 += sum dz,
+ * and with xhat s2 += sum dz * xhat (the batch-norm backward). Padding lanes have dp = 0, so
+ * dz = 0. */
+INLINE void act_pool_bwd_body(const float *restrict dp, const float *a, float *dz, int C, int H, int DW, int DX,
+                              const float *restrict xhat, double *s1, double *s2, const int relu,
+                              const int maxpool)
 {
     const int Q = H / 2;
+    if (!maxpool) {
+        for (int c = 0; c < C; c++)
+            for (int y = 0; y < H; y++) {
+                vf r1 = splat(0.f), r2 = splat(0.f);
+                for (int x = 0; x < H; x++)
+                    for (int v = 0; v < NV; v++) {
+                        const size_t off = ((size_t)(c * H + y) * H + x) * BATCH + v * VW;
+                        const vf d = act_grad(LD(dp + ((size_t)(c * Q + y / 2) * Q + x / 2) * BATCH + v * VW) * 0.25f,
+                                              LD(a + off), relu);
+                        ST(dz + ((size_t)(c * H + y) * DW + DX + x) * BATCH + v * VW, d);
+                        r1 += d;
+                        if (xhat)
+                            r2 += d * LD(xhat + off);
+                    }
+                s1[c] += hsum(r1);
+                if (xhat)
+                    s2[c] += hsum(r2);
+            }
+        return;
+    }
+    /* block by block: a block's four pixels are all read before any is written (dz may be a) */
     for (int c = 0; c < C; c++)
-        for (int y = 0; y < H; y++) {
+        for (int py = 0; py < Q; py++) {
             vf r1 = splat(0.f), r2 = splat(0.f);
-            for (int x = 0; x < H; x++)
+            for (int px = 0; px < Q; px++)
                 for (int v = 0; v < NV; v++) {
-                    const size_t off = ((size_t)(c * H + y) * H + x) * BATCH + v * VW;
-                    const vf t = LD(a + off);
-                    const vf d = LD(dp + ((size_t)(c * Q + y / 2) * Q + x / 2) * BATCH + v * VW) * 0.25f
-                                 * (1.0f - t * t);
-                    ST(dz + ((size_t)(c * H + y) * DW + DX + x) * BATCH + v * VW, d);
-                    r1 += d;
-                    if (xhat)
-                        r2 += d * LD(xhat + off);
+                    size_t off[4];
+                    vf t[4];
+                    UNROLL for (int j = 0; j < 4; j++) { /* row-major: (dy, dx) = (0,0), (0,1), (1,0), (1,1) */
+                        off[j] = ((size_t)(c * H + 2 * py + j / 2) * H + 2 * px + j % 2) * BATCH + v * VW;
+                        t[j] = LD(a + off[j]);
+                    }
+                    const vf m = max4(t[0], t[1], t[2], t[3]);
+                    const vf g = LD(dp + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW);
+                    vi open = ~(vi){}; /* lanes whose gradient is still to place */
+                    UNROLL for (int j = 0; j < 4; j++) {
+                        const vi first = open & (t[j] == m);
+                        open &= ~first;
+                        const vf d = act_grad(vsel(first, g, splat(0.f)), t[j], relu);
+                        ST(dz + ((size_t)(c * H + 2 * py + j / 2) * DW + DX + 2 * px + j % 2) * BATCH + v * VW, d);
+                        r1 += d;
+                        if (xhat)
+                            r2 += d * LD(xhat + off[j]);
+                    }
                 }
             s1[c] += hsum(r1);
             if (xhat)
                 s2[c] += hsum(r2);
         }
+}
+
+static void act_pool_bwd(const float *restrict dp, const float *a, float *dz, int C, int H, int DW, int DX,
+                         const float *restrict xhat, double *s1, double *s2, int relu, int maxpool)
+{
+    if (relu && maxpool)
+        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 1, 1);
+    else if (relu)
+        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 1, 0);
+    else if (maxpool)
+        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 0, 1);
+    else
+        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 0, 0);
 }
 
 /* Batch-norm backward, second pass: dz = k * (dy - mdy - xhat * mdyx) on the batch's lanes,
@@ -580,7 +699,7 @@ static void bn_bwd(float *restrict dz, const float *restrict xhat, int C, int H,
 typedef struct {
     float *x;          /* [1][32][32][64] padded input */
     float *z1;         /* [6][28][28][64] conv1 output; with batch norm, normalised in place */
-    float *a1;         /* [6][28][28][64] tanh; in the backward, the gradient w.r.t. conv1 output */
+    float *a1;         /* [6][28][28][64] activation; in the backward, the gradient w.r.t. conv1 output */
     float *p1, *dp1;   /* [6][14][14][64] */
     float *z2, *a2;    /* [16][10][10][64] */
     float *dz2;        /* [16][10][10][64] gradient w.r.t. conv2 output */
@@ -721,22 +840,25 @@ static void pack_input(chunk *c, float *restrict stage, const float *src, const 
 }
 
 /* Forward from the pooled conv2 maps to the logits; the dropout scale (if any) multiplies the
- * fc1 output before its tanh, as in fast_forward. */
-static void classifier_fwd(chunk *c, float *const *P, int dropout)
+ * fc1 output before its activation, as in fast_forward. */
+static void classifier_fwd(chunk *c, float *const *P, int dropout, int relu)
 {
     linear_fwd(c->p2, P[P_F1W], P[P_F1B], c->a3, F1, FEAT, FEAT, 1);
     if (dropout)
         for (int i = 0; i < F1 * BATCH; i += VW)
             ST(c->a3 + i, LD(c->a3 + i) * LD(c->drop + i));
-    tanh_inplace(c->a3, F1 * BATCH);
+    act_inplace(c->a3, F1 * BATCH, relu);
     linear_fwd(c->a3, P[P_F2W], P[P_F2B], c->a4, F2, F1, F1, 1);
-    tanh_inplace(c->a4, F2 * BATCH);
+    act_inplace(c->a4, F2 * BATCH, relu);
     linear_fwd10(c->a4, P[P_F3W], P[P_F3B], c->lg, F3, F2, F2, 1);
 }
 
 /* Cross-entropy, mean over the whole batch of B: its gradient into dlg (0 on padding lanes),
- * the summed loss (in double) and the number of correct argmax predictions into totals. */
-static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double *totals)
+ * the summed loss (in double) and the number of correct argmax predictions into totals. With
+ * label smoothing eps, torch's: the target is (1 - eps) onehot + eps / 10, so an image's loss is
+ * (1 - eps)(lse - z_y) + eps (lse - mean z) and its gradient softmax - target. eps = 0 runs the
+ * plain loss's own arithmetic, not the smoothed formula, whose extra terms round differently. */
+static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double smoothing, double *totals)
 {
     float mx[BATCH], sum[BATCH];
     for (int v = 0; v < NV; v++) {
@@ -750,8 +872,13 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double *
         for (int k = 0; k < F3; k++)
             s += e[k];
         const vf r = splat((float)inv_b) / s;
-        for (int k = 0; k < F3; k++)
-            ST(c->dlg + k * BATCH + v * VW, e[k] * r * LD(c->mask + v * VW));
+        if (smoothing != 0.0) {
+            const vf spread = splat((float)(smoothing / F3 * inv_b)); /* eps / 10 of each image's 1 / B */
+            for (int k = 0; k < F3; k++)
+                ST(c->dlg + k * BATCH + v * VW, (e[k] * r - spread) * LD(c->mask + v * VW));
+        } else
+            for (int k = 0; k < F3; k++)
+                ST(c->dlg + k * BATCH + v * VW, e[k] * r * LD(c->mask + v * VW));
         for (int l = 0; l < VW; l++) {
             mx[v * VW + l] = m[l];
             sum[v * VW + l] = s[l];
@@ -759,8 +886,17 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double *
     }
     for (int b = 0; b < c->n; b++) {
         const int y = (int)labels[b];
-        totals[0] += log((double)sum[b]) + mx[b] - c->lg[y * BATCH + b];
-        c->dlg[y * BATCH + b] -= (float)inv_b;
+        if (smoothing != 0.0) {
+            const double lse = log((double)sum[b]) + mx[b];
+            double zsum = 0.0;
+            for (int k = 0; k < F3; k++)
+                zsum += c->lg[k * BATCH + b];
+            totals[0] += (1.0 - smoothing) * (lse - c->lg[y * BATCH + b]) + smoothing * (lse - zsum / F3);
+            c->dlg[y * BATCH + b] -= (float)((1.0 - smoothing) * inv_b);
+        } else {
+            totals[0] += log((double)sum[b]) + mx[b] - c->lg[y * BATCH + b];
+            c->dlg[y * BATCH + b] -= (float)inv_b;
+        }
         int best = 0;
         for (int k = 1; k < F3; k++)
             if (c->lg[k * BATCH + b] > c->lg[best * BATCH + b])
@@ -770,15 +906,12 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double *
 }
 
 /* Backward through the classifier, down to the gradient w.r.t. the pooled conv2 maps. */
-static void classifier_bwd(chunk *c, float *const *P, float *grad, float *scratch, int dropout)
+static void classifier_bwd(chunk *c, float *const *P, float *grad, float *scratch, int dropout, int relu)
 {
     linear_wgrad10(c->dlg, c->a4, grad + goff(P_F3W), F3, F2);
     bias_grad(c->dlg, grad + goff(P_F3B), F3);
     linear_bwd_input84(c->dlg, P[P_F3W], NULL, c->da4, F2, F3, 1, F2);
-    for (int i = 0; i < F2 * BATCH; i += VW) {
-        const vf t = LD(c->a4 + i);
-        ST(c->da4 + i, LD(c->da4 + i) * (1.0f - t * t));
-    }
+    act_bwd(c->da4, c->a4, NULL, F2 * BATCH, relu);
 #if F1_FITS_VECTORS
     transpose_rows(c->a3, scratch, F1);
     fc2_wgrad(c->da4, scratch, grad + goff(P_F2W), c->n);
@@ -787,13 +920,7 @@ static void classifier_bwd(chunk *c, float *const *P, float *grad, float *scratc
 #endif
     bias_grad(c->da4, grad + goff(P_F2B), F2);
     linear_bwd_input(c->da4, P[P_F2W], NULL, c->da3, F1, F2, 1, F1);
-    for (int i = 0; i < F1 * BATCH; i += VW) {
-        const vf t = LD(c->a3 + i);
-        vf d = LD(c->da3 + i) * (1.0f - t * t);
-        if (dropout)
-            d *= LD(c->drop + i);
-        ST(c->da3 + i, d);
-    }
+    act_bwd(c->da3, c->a3, dropout ? c->drop : NULL, F1 * BATCH, relu);
     transpose_rows(c->p2, scratch, FEAT);
     fc1_wgrad(c->da3, scratch, grad + goff(P_F1W), c->n);
     bias_grad(c->da3, grad + goff(P_F1B), F1);
@@ -827,9 +954,10 @@ static void bn_stats(chunk *ch, int nch, int which, int C, int H, double *mean, 
 }
 
 /* Training-mode batch norm of one layer: statistics, running-statistics update (momentum, the
- * unbiased variance, as torch), then normalise, tanh and pool each chunk. */
+ * unbiased variance, as torch), then normalise, activate and pool each chunk. */
 static void bn_layer_fwd(chunk *ch, int nch, int which, int C, int H, float *const *P, float *const *run,
-                         int64_t *nbt, double eps, double momentum, int64_t count, float *istd)
+                         int64_t *nbt, double eps, double momentum, int64_t count, float *istd, int relu,
+                         int maxpool)
 {
     double mean[C2], var[C2];
     for (int c = 0; c < C; c++)
@@ -847,9 +975,9 @@ static void bn_layer_fwd(chunk *ch, int nch, int which, int C, int H, float *con
     const float *gamma = P[which == 1 ? P_BN1W : P_BN2W], *beta = P[which == 1 ? P_BN1B : P_BN2B];
     for (int k = 0; k < nch; k++) {
         if (which == 1)
-            act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, C1, H1, fmean, istd, gamma, beta, 1);
+            act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, C1, H1, fmean, istd, gamma, beta, 1, relu, maxpool);
         else
-            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, C2, H2, fmean, istd, gamma, beta, 1);
+            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, C2, H2, fmean, istd, gamma, beta, 1, relu, maxpool);
     }
 }
 
@@ -987,7 +1115,10 @@ int ln_vector_bytes(void) { return VBYTES; }
  * of both batch norms; nbt: their num_batches_tracked. x: (rows, 784) images, the batch being
  * rows idx[0..B) (or rows 0..B without idx); y: labels of those rows. drop: (B, 120) dropout
  * scales or NULL. s1/s2/steps: per slot, exp_avg / exp_avg_sq / step (Adam, AdamW) or
- * momentum_buffer (SGD; NULL without momentum). totals += (loss sum, correct).
+ * momentum_buffer (SGD; NULL without momentum). totals += (loss sum, correct). relu: ReLU
+ * (else tanh); maxpool: max pooling (else average); smoothing: the loss's label smoothing in
+ * [0, 1]. These three come last so that an older build (a benchmark baseline) called this way
+ * ignores them and runs tanh, average pooling and the plain loss.
  * Returns 0, or -1 for an index out of range, -2 for a label out of range, -3 out of memory
  * (nothing is changed then). */
 int ln_train_step(ln_ws *ws, float *const *P, float *const *run, int64_t *const *nbt,
@@ -995,7 +1126,7 @@ int ln_train_step(ln_ws *ws, float *const *P, float *const *run, int64_t *const 
                   const float *x, const int64_t *y, const int64_t *idx, int64_t rows, int B,
                   const float *drop, double bn_eps, double bn_momentum,
                   int opt, double lr, double beta1, double beta2, double eps, double wd, double momentum,
-                  double *totals)
+                  double *totals, int relu, int maxpool, double smoothing)
 {
     for (int b = 0; b < B; b++) {
         const int64_t r = idx ? idx[b] : b;
@@ -1021,21 +1152,23 @@ int ln_train_step(ln_ws *ws, float *const *P, float *const *run, int64_t *const 
         conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1);
         PROF(S_CONV1);
         if (!bn)
-            act_pool_fwd(c->z1, c->a1, c->p1, C1, H1, ZEROS, ONES, ONES, ZEROS, 0);
+            act_pool_fwd(c->z1, c->a1, c->p1, C1, H1, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
         PROF(S_ACT1);
     }
     if (bn)
-        bn_layer_fwd(ch, nch, 1, C1, H1, P, run, nbt[0], bn_eps, bn_momentum, (int64_t)B * H1 * H1, istd1);
+        bn_layer_fwd(ch, nch, 1, C1, H1, P, run, nbt[0], bn_eps, bn_momentum, (int64_t)B * H1 * H1, istd1,
+                     relu, maxpool);
     PROF(S_ACT1);
     for (int k = 0; k < nch; k++) {
         conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], ch[k].z2);
         PROF(S_CONV2);
         if (!bn)
-            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, C2, H2, ZEROS, ONES, ONES, ZEROS, 0);
+            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, C2, H2, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
         PROF(S_ACT2);
     }
     if (bn)
-        bn_layer_fwd(ch, nch, 2, C2, H2, P, run, nbt[1], bn_eps, bn_momentum, (int64_t)B * H2 * H2, istd2);
+        bn_layer_fwd(ch, nch, 2, C2, H2, P, run, nbt[1], bn_eps, bn_momentum, (int64_t)B * H2 * H2, istd2,
+                     relu, maxpool);
     PROF(S_ACT2);
 
     double sdy[C2], sdyx[C2];
@@ -1047,14 +1180,14 @@ int ln_train_step(ln_ws *ws, float *const *P, float *const *run, int64_t *const 
             for (int o = 0; o < F1; o++)
                 for (int b = 0; b < BATCH; b++)
                     c->drop[o * BATCH + b] = b < c->n ? drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;
-        classifier_fwd(c, P, drop != NULL);
+        classifier_fwd(c, P, drop != NULL, relu);
         for (int b = 0; b < c->n; b++)
             labels[b] = y[idx ? idx[k * BATCH + b] : k * BATCH + b];
-        loss_fwd_bwd(c, labels, 1.0 / B, totals);
+        loss_fwd_bwd(c, labels, 1.0 / B, smoothing, totals);
         PROF(S_CLSF);
-        classifier_bwd(c, P, ws->grad, ws->featT, drop != NULL);
+        classifier_bwd(c, P, ws->grad, ws->featT, drop != NULL, relu);
         PROF(S_CLSB);
-        act_pool_bwd(c->dp2, c->a2, c->dz2, C2, H2, H2, 0, bn ? c->z2 : NULL, sdy, sdyx);
+        act_pool_bwd(c->dp2, c->a2, c->dz2, C2, H2, H2, 0, bn ? c->z2 : NULL, sdy, sdyx, relu, maxpool);
         PROF(S_ACT2B);
     }
     if (bn)
@@ -1076,7 +1209,7 @@ int ln_train_step(ln_ws *ws, float *const *P, float *const *run, int64_t *const 
         PROF(S_WG2);
         conv2_bwd_input(c->dz2, ws->w2t, NULL, c->dp1);
         PROF(S_BI2);
-        act_pool_bwd(c->dp1, c->a1, c->a1, C1, H1, H1, 0, bn ? c->z1 : NULL, sdy, sdyx);
+        act_pool_bwd(c->dp1, c->a1, c->a1, C1, H1, H1, 0, bn ? c->z1 : NULL, sdy, sdyx, relu, maxpool);
         PROF(S_ACT1B);
     }
     conv_wgrad_finish(ws->pw2, ws->grad + goff(P_C2W), C2 * C1 * 25);
@@ -1117,8 +1250,10 @@ void ln_tanh(const float *x, float *y, int64_t n)
 }
 
 /* Eval-mode logits of n images (x: (n, 784)) into out (n, 10): batch norm with the running
- * statistics, no dropout. Returns 0, or -3 out of memory. */
-int ln_forward(float *const *P, float *const *run, double bn_eps, const float *x, int64_t n, float *out)
+ * statistics, no dropout; relu and maxpool as for ln_train_step (last, for the same reason).
+ * Returns 0, or -3 out of memory. */
+int ln_forward(float *const *P, float *const *run, double bn_eps, const float *x, int64_t n, float *out,
+               int relu, int maxpool)
 {
     ln_ws *ws = ln_ws_new();
     if (!ws || ws_reserve(ws, 1)) {
@@ -1143,15 +1278,15 @@ int ln_forward(float *const *P, float *const *run, double bn_eps, const float *x
         pack_input(c, ws->stage, x, NULL, first);
         conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1);
         if (bn)
-            act_pool_fwd(c->z1, NULL, c->p1, C1, H1, m1, s1, P[P_BN1W], P[P_BN1B], 0);
+            act_pool_fwd(c->z1, NULL, c->p1, C1, H1, m1, s1, P[P_BN1W], P[P_BN1B], 0, relu, maxpool);
         else
-            act_pool_fwd(c->z1, NULL, c->p1, C1, H1, ZEROS, ONES, ONES, ZEROS, 0);
+            act_pool_fwd(c->z1, NULL, c->p1, C1, H1, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
         conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2);
         if (bn)
-            act_pool_fwd(c->z2, NULL, c->p2, C2, H2, m2, s2, P[P_BN2W], P[P_BN2B], 0);
+            act_pool_fwd(c->z2, NULL, c->p2, C2, H2, m2, s2, P[P_BN2W], P[P_BN2B], 0, relu, maxpool);
         else
-            act_pool_fwd(c->z2, NULL, c->p2, C2, H2, ZEROS, ONES, ONES, ZEROS, 0);
-        classifier_fwd(c, P, 0);
+            act_pool_fwd(c->z2, NULL, c->p2, C2, H2, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
+        classifier_fwd(c, P, 0, relu);
         for (int b = 0; b < c->n; b++)
             for (int k = 0; k < F3; k++)
                 out[(first + b) * F3 + k] = c->lg[k * BATCH + b];
