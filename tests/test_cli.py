@@ -214,3 +214,106 @@ def test_evaluate_refuses_weights_with_non_finite_values(tmp_path):
         result = run_cli("evaluate", tmp_path / "nan.pth", *extra)
         assert_one_line_error(result, "nan.pth", "non-finite", "classifier.5.weight")
         assert result.stdout == ""
+
+
+# ----------------------------------------------------------------------------- issue 11
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--activation", "sigmoid"], "--activation"),
+    (["--pool", "min"], "--pool"),
+    (["--translate", "-1"], "--translate"),
+    (["--translate", "28"], "--translate"),  # larger than the image
+    (["--erasing", "1.5"], "--erasing"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--schedule", "step"], "--schedule"),
+    (["--flip", "maybe"], "--flip"),
+    (["--checkpoint", "best_test"], "--checkpoint"),
+    (["--warmup-epochs", "12"], "warm-up"),  # baseline trains 12 epochs: as long as the run
+])
+def test_bad_recipe_fields_are_one_line_in_flags(tmp_path, args, fragment):
+    line = assert_one_line_error(run_cli("train", "baseline", *args, "--out", tmp_path / "out", "--quiet"),
+                                 fragment)
+    assert not (tmp_path / "out").exists(), line
+    assert_one_line_error(run_cli("sweep", *args, "--out", tmp_path / "out"), fragment)
+
+
+@pytest.mark.parametrize(("toml", "fragment"), [
+    ('activation = "sigmoid"', "activation: invalid value 'sigmoid'"),
+    ('pool = "min"', "pool: invalid value"),
+    ("translate = -1", "translate: invalid value -1"),
+    ("translate = 28", "translate: invalid value 28"),
+    ("erasing = 1.5", "erasing: invalid value 1.5"),
+    ('schedule = "step"', "schedule: invalid value 'step'"),
+    ('flip = "yes"', "flip: expected bool"),
+    ('variant = "tuned"\nwarmup_epochs = 40\n[grid]\nlr = [0.001]', "warm-up (40 epochs) must be shorter"),
+    ('[[configs]]\nvariant = "tuned"\nname = "a/b"', "configs[0].name"),
+    ('reference = "nothing"\n[[configs]]\nvariant = "tuned"', "reference: 'nothing' is none of"),
+])
+def test_bad_recipe_fields_are_one_line_in_sweep_specs(tmp_path, toml, fragment):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(toml + "\n")
+    assert_one_line_error(run_cli("sweep", spec, "--out", tmp_path / "out"), "spec.toml", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_runs_the_published_five_unless_tuned_is_asked_for(tmp_path):
+    from lenetlab.recipes import PUBLISHED_RECIPES, RECIPES
+
+    five = ["baseline", "dropout", "l2_regularization", "batch_norm", "l2_optimized"]
+    assert list(PUBLISHED_RECIPES) == five
+    assert list(RECIPES) == [*PUBLISHED_RECIPES, "tuned"]
+    assert_one_line_error(run_cli("study", "--variants", "tuned,nothing", "--out", tmp_path), "'nothing'")
+    listing = run_cli("variants").stdout
+    assert "tuned" in listing and "activation relu" in listing
+
+
+@pytest.fixture(scope="module")
+def trained_tuned(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("tuned")
+    result = run_cli("train", "tuned", "--epochs", "2", "--warmup-epochs", "1", "--train-subset", "3000",
+                     "--out", out, "--data-dir", data_dir, "--device", "cpu", "--threads", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out / "lenet5_tuned_fashionmnist.pth"
+
+
+@pytest.mark.slow
+def test_a_relu_max_model_evaluates_to_its_recorded_accuracy_through_its_sidecar(trained_tuned, data_dir):
+    import json
+
+    from lenetlab.data import load_fashion_mnist, normalise
+    from lenetlab.evaluation import evaluate
+    from lenetlab.model import load_weights
+
+    sidecar = strict_json(trained_tuned.with_suffix(".json"))
+    assert sidecar["architecture"] == {"use_dropout": False, "use_batch_norm": True, "activation": "relu",
+                                       "pool": "max"}
+    assert sidecar["test_accuracy_flip_averaged"] is not None and sidecar["kept_epoch"] == 2
+    report = json.loads(run_cli("evaluate", trained_tuned, "--json", "--data-dir", data_dir).stdout)
+    assert (report["activation"], report["pool"]) == ("relu", "max")
+    assert report["architecture_source"] == "architecture from lenet5_tuned_fashionmnist.json"
+    assert report["test_accuracy"] == sidecar["test_accuracy"]
+    model = load_weights(trained_tuned)
+    data = load_fashion_mnist(data_dir)
+    assert evaluate(model, normalise(data.test_images), data.test_labels).accuracy == sidecar["test_accuracy"]
+    text = run_cli("evaluate", trained_tuned, "--data-dir", data_dir).stdout
+    assert "activation='relu', pool='max'" in text and "from lenet5_tuned_fashionmnist.json" in text
+
+    # without its sidecar the same weights load as the original's tanh/avg network, and say so
+    alone = trained_tuned.parent / "alone" / trained_tuned.name
+    alone.parent.mkdir()
+    alone.write_bytes(trained_tuned.read_bytes())
+    report = json.loads(run_cli("evaluate", alone, "--json", "--data-dir", data_dir).stdout)
+    assert (report["activation"], report["pool"]) == ("tanh", "avg")
+    assert report["architecture_source"].startswith("no sidecar")
+    assert report["test_accuracy"] != sidecar["test_accuracy"]
+
+
+def test_a_sidecar_that_does_not_fit_is_one_line(tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(LeNet5V1(use_batch_norm=True).state_dict(), weights)
+    for text, fragment in (("{not json", "not a lenetlab sidecar"),
+                           ('{"architecture": {"activation": "gelu"}}', "unknown activation 'gelu'"),
+                           ('{"architecture": {"use_batch_norm": false}}', "use_batch_norm=False, but")):
+        weights.with_suffix(".json").write_text(text)
+        assert_one_line_error(run_cli("evaluate", weights), "w.json", fragment)

@@ -22,7 +22,7 @@ if export.use_dynamo():
     pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'lenetlab[onnx]'")
 
 # The five published recipes have four architectures: both L2 recipes are the baseline's.
-FLAGS = {architecture_name(d, b): (d, b) for d in (False, True) for b in (False, True)}
+FLAGS = {architecture_name(LeNet5V1(d, b)): (d, b) for d in (False, True) for b in (False, True)}
 SUBSET = 1000  # the API exports check parity on this many test images; the CLI one on all 10,000
 
 
@@ -92,7 +92,8 @@ def check_model(path, weights_path, flags, dataset):
     assert (float(meta["mean"]), float(meta["std"])) == (MEAN, STD)
     assert "(batch, 1, 28, 28), NCHW" in meta["input_layout"]
     assert "(pixel / 255 - mean) / std" in meta["input_layout"]
-    assert meta["architecture"] == f"LeNet5V1(use_dropout={flags[0]}, use_batch_norm={flags[1]})"
+    assert meta["architecture"] == (f"LeNet5V1(use_dropout={flags[0]}, use_batch_norm={flags[1]}, "
+                                    "activation='tanh', pool='avg')")
     shape = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert (proto.graph.input[0].name, shape) == ("image", ["batch", 1, 28, 28])
     model = LeNet5V1(*flags)

@@ -14,12 +14,13 @@ from lenetlab.sweep import expand, load_spec
 
 
 def test_grid_times_configs_with_readable_names():
-    name, seeds, configs = expand({
+    sweep = expand({
         "name": "wd", "seeds": [3, 7], "variant": "baseline",
         "grid": {"weight_decay": [1e-4, 1e-3], "lr": [0.001, 0.01]},
         "configs": [{"variant": "dropout", "dropout_rate": 0.3}],
     })
-    assert name == "wd" and seeds == [3, 7]
+    assert sweep.name == "wd" and sweep.seeds == [3, 7] and sweep.reference is None
+    configs = sweep.configs
     names = [n for n, _ in configs]
     assert names == ["baseline-wd0.0001-lr0.001", "baseline-wd0.0001-lr0.01",
                      "baseline-wd0.001-lr0.001", "baseline-wd0.001-lr0.01", "dropout-p0.3"]
@@ -58,13 +59,13 @@ def test_malformed_specs_name_the_key(spec, key):
 
 
 def test_string_fields_appear_in_names_without_quotes():
-    _, _, configs = expand({"seeds": 1, "grid": {"optimizer": ["sgd"], "lr": [0.5]}})
+    configs = expand({"seeds": 1, "grid": {"optimizer": ["sgd"], "lr": [0.5]}}).configs
     assert [name for name, _ in configs] == ["baseline-lr0.5-optsgd"]
 
 
 def test_the_same_recipe_reached_twice_runs_once():
-    _, _, configs = expand({"configs": [{"lr": 0.01, "weight_decay": 0.1},
-                                        {"weight_decay": 0.1, "lr": 0.01}]})
+    configs = expand({"configs": [{"lr": 0.01, "weight_decay": 0.1},
+                                  {"weight_decay": 0.1, "lr": 0.01}]}).configs
     assert [name for name, _ in configs] == ["baseline-wd0.1-lr0.01"]
 
 
@@ -98,7 +99,7 @@ def test_a_huge_grid_is_refused_at_once_naming_the_cap(tmp_path):
                                   "--out", tmp_path / "runs"), "4 trials", "cap of 3")
     assert_one_line_error(run_cli("study", "--seeds", "1000", "--out", tmp_path / "runs"),
                           "5,000 trials", "--max-trials 5000")
-    assert expand({"seeds": 2, "grid": {"lr": [0.1, 0.2]}}, max_trials=4)[2]
+    assert expand({"seeds": 2, "grid": {"lr": [0.1, 0.2]}}, max_trials=4).configs
 
 
 def test_engine_ray_without_ray_says_how_to_install(monkeypatch, tmp_path):

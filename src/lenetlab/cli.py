@@ -21,10 +21,19 @@ from .data import CLASS_NAMES, load_fashion_mnist, normalise
 from .engines import check_engine
 from .errors import LenetlabError, OutputError, SpecError
 from .evaluation import evaluate
-from .model import architecture_name, load_weights
+from .model import architecture_call, architecture_name, load_weights
 from .progress import Progress
-from .recipes import FIELDS, RECIPES, describe_start, file_name, get_recipe, with_fields
-from .records import Trial, final_accuracies
+from .recipes import (
+    FIELDS,
+    PUBLISHED_RECIPES,
+    RECIPES,
+    describe_start,
+    extensions,
+    file_name,
+    get_recipe,
+    with_fields,
+)
+from .records import SPLITS, Trial
 from .rundir import MAX_SEEDS, check_size, new_run_dir, parse_seeds, read_plan
 from .sweep import expand, load_spec
 from .trials import execute_trial, save_weights
@@ -52,6 +61,10 @@ def cmd_variants(args) -> int:
         print(f"{r.name:<18} {r.dropout_rate if r.use_dropout else '-':>7} "
               f"{'yes' if r.use_batch_norm else '-':>3} {r.epochs:>6} {r.batch_size:>5} "
               f"{r.lr:>7g} {r.weight_decay:>7g} {r.optimizer:>5}  {file_name(r.name)}")
+    for r in RECIPES.values():
+        extras = extensions(r)
+        if extras:
+            print(f"{r.name}: " + ", ".join(f"{k} {v}" for k, v in extras.items()))
     print("l2_optimized trains from scratch; --warm-start continues the trained l2_regularization "
           "model instead, as the original did.")
     return 0
@@ -77,7 +90,7 @@ def cmd_train(args) -> int:
         raise SpecError(f"{recipe.name}: {result.error}; no weights saved")
     out = Path(args.out) / file_name(recipe.name)
     save_weights(out, result, state_dict, data.checksums)
-    final = final_accuracies(result.history)
+    final = {split: result.final(split) for split in SPLITS}
     print(f"{recipe.name}: train {final['train']:.4f}  val {final['val']:.4f}  test {final['test']:.4f}  "
           f"({result.wall_time_s:.0f} s, {result.kernels} kernels)  saved {out}")
     if tracking:
@@ -91,17 +104,18 @@ def cmd_evaluate(args) -> int:
     data = load_fashion_mnist(args.data_dir, quiet=True)
     x, y = normalise(data.test_images).to(device), data.test_labels.to(device)
     result = evaluate(model.to(device), x, y)
-    variant = architecture_name(model.use_dropout, model.use_batch_norm)
+    variant = architecture_name(model)
     if args.json:
         print(json.dumps({"weights": str(args.weights), "variant": variant,
                           "use_dropout": model.use_dropout, "use_batch_norm": model.use_batch_norm,
+                          "activation": model.activation, "pool": model.pool,
+                          "architecture_source": model.architecture_source,
                           "test_accuracy": result.accuracy, "test_loss": result.loss,
                           "per_class_accuracy": dict(zip(CLASS_NAMES, result.per_class_accuracy)),
                           "confusion_matrix": result.confusion_matrix,
                           "classes": list(CLASS_NAMES)}, allow_nan=False))
         return 0
-    print(f"{args.weights}: LeNet5V1(use_dropout={model.use_dropout}, "
-          f"use_batch_norm={model.use_batch_norm}) [{variant}]")
+    print(f"{args.weights}: {architecture_call(model)} [{variant}; {model.architecture_source}]")
     print(f"test accuracy {result.accuracy:.4f}  (loss {result.loss:.4f}, 10,000 images)")
     for name, acc in zip(CLASS_NAMES, result.per_class_accuracy):
         print(f"  {name:<12} {acc:.4f}")
@@ -187,19 +201,22 @@ def _run(args, run_dir: Path, go) -> int:
     return 1 if failed else 0
 
 
-def _start(args, kind: str, name: str | None, configs, seeds: list[int]) -> int:
+def _start(args, kind: str, name: str | None, configs, seeds: list[int], reference: str | None = None) -> int:
     check_size(len(configs) * len(seeds), args.max_trials)
     run = options.run_options(args)
     check_engine(args.engine)
     _tracking(args)
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)  # before a run folder exists
     run_dir = new_run_dir(args.out, args.name or name, kind)
-    plan = study.new_plan(kind, run_dir.name, configs, seeds, run, args.engine, args.workers)
+    plan = study.new_plan(kind, run_dir.name, configs, seeds, run, args.engine, args.workers, reference)
     return _run(args, run_dir, lambda display: study.start(run_dir, plan, data, args.address, display))
 
 
 def cmd_study(args) -> int:
-    variants = list(dict.fromkeys(args.variants or RECIPES))  # each once, in the given order
+    variants = args.variants or list(PUBLISHED_RECIPES)
+    if "all" in variants:
+        variants = [name for v in variants for name in (RECIPES if v == "all" else [v])]
+    variants = list(dict.fromkeys(variants))  # each once, in the given order
     configs = study.study_configs(variants, args.epochs_scale, args.warm_start)
     return _start(args, "study", None, configs, parse_seeds(args.seeds))
 
@@ -211,11 +228,10 @@ def cmd_sweep(args) -> int:
         if given:
             raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
                             f"put {', '.join(given)} in it instead")
-        name, seeds, configs = load_spec(args.spec, args.max_trials)
+        sweep = load_spec(args.spec, args.max_trials)
     else:
-        spec = {"seeds": args.seeds or options.DEFAULT_SEEDS, "grid": grid}
-        name, seeds, configs = expand(spec, args.max_trials)
-    return _start(args, "sweep", name, configs, seeds)
+        sweep = expand({"seeds": args.seeds or options.DEFAULT_SEEDS, "grid": grid}, args.max_trials)
+    return _start(args, "sweep", sweep.name, sweep.configs, sweep.seeds, sweep.reference)
 
 
 def cmd_resume(args) -> int:
@@ -301,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the whole comparison: every variant over several seeds")
     p.add_argument("--seeds", type=options.number(int, 1, MAX_SEEDS), default=options.DEFAULT_SEEDS,
                    help=f"seeds per variant, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
-    p.add_argument("--variants", type=options.list_of(str), help="comma-separated, e.g. baseline,dropout "
-                   "(default: all five)")
+    p.add_argument("--variants", type=options.list_of(str), help="comma-separated, e.g. baseline,dropout; "
+                   "tuned is lenetlab's best recipe; all: the five and tuned (default: the five published)")
     p.add_argument("--epochs-scale", type=options.number(float, 0, options.MAX_EPOCHS_SCALE, low_open=True),
                    default=1.0,
                    help=f"multiply every recipe's epochs, more than 0 to {options.MAX_EPOCHS_SCALE:g} "

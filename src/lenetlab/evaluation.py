@@ -19,6 +19,13 @@ class Evaluation:
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
 
 
+def flip_averaged(forward: Callable, model: LeNet5V1, x: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities averaged over each image and its left-right mirror (test-time flip
+    averaging, for models trained with flips): forward(model, x) gives logits."""
+    probs = forward(model, x).softmax(1) + forward(model, x.flip(3).contiguous()).softmax(1)
+    return (probs / 2).log()
+
+
 @torch.inference_mode()
 def evaluate(model: LeNet5V1, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Evaluation:

@@ -29,7 +29,7 @@ from . import __version__
 from .data import CLASS_NAMES, MEAN, STD, normalise
 from .errors import OutputError, SpecError
 from .files import atomic_write, writable_dir
-from .model import LeNet5V1, architecture_name, load_weights
+from .model import LeNet5V1, architecture_call, architecture_name, load_weights
 
 TOLERANCE = 1e-4
 EXTRA = "lenetlab export needs the onnx extra: pip install 'lenetlab[onnx]'"
@@ -83,7 +83,7 @@ def metadata(model: LeNet5V1, weights: Path) -> dict[str, str]:
         "input_layout": (f"{INPUT}: float32 (batch, 1, 28, 28), NCHW, one grey channel, a light garment on "
                          f"black; x = (pixel / 255 - mean) / std, pixel 0-255"),
         "output": f"{OUTPUT}: float32 (batch, 10), in class_names order; softmax gives probabilities",
-        "architecture": f"LeNet5V1(use_dropout={model.use_dropout}, use_batch_norm={model.use_batch_norm})",
+        "architecture": architecture_call(model),
         "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
         "lenetlab_version": __version__,
     }
@@ -181,7 +181,7 @@ def export_onnx(weights: str | Path, out: str | Path, images: torch.Tensor,
     serialised, opset = with_metadata(to_onnx(model, dynamo), metadata(model, weights))
     worst, mismatches, torch_acc, onnx_acc = parity(model, serialised, normalise(images), labels)
     result = Export(out, "dynamo" if dynamo else "torchscript", opset,
-                    architecture_name(model.use_dropout, model.use_batch_norm), len(images), worst,
+                    architecture_name(model), len(images), worst,
                     mismatches, torch_acc, onnx_acc, written=False, size=len(serialised))
     if result.ok:
         atomic_write(out, serialised)

@@ -1,5 +1,5 @@
-"""LeNet5V1 as the original study built it (with ReLU and max pooling as options), plus a
-faster forward pass for training.
+"""LeNet5V1 as the original study built it (with ReLU and max pooling as options), loading
+weights, and a faster forward pass for training.
 
 The module layout (two nn.Sequential attributes, layers appended in a fixed order,
 optional layers shifting the indices of later ones) is what makes weights saved by
@@ -10,6 +10,7 @@ lists the keys of every variant).
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -64,10 +65,18 @@ class LeNet5V1(nn.Module):
         return self.classifier(self.feature(x))
 
 
-def architecture_name(use_dropout: bool, use_batch_norm: bool) -> str:
-    """A short name for a flag combination, as `evaluate` reports it."""
-    parts = [name for name, on in (("dropout", use_dropout), ("batch_norm", use_batch_norm)) if on]
+def architecture_name(model: LeNet5V1) -> str:
+    """A short name for a model's architecture, as `evaluate` reports it: baseline,
+    dropout+batch_norm, batch_norm+relu+max..."""
+    parts = [name for name, on in (("dropout", model.use_dropout), ("batch_norm", model.use_batch_norm),
+                                   ("relu", model.activation == "relu"), ("max", model.pool == "max")) if on]
     return "+".join(parts) or "baseline"
+
+
+def architecture_call(model: LeNet5V1) -> str:
+    """The constructor call that builds model's architecture."""
+    return (f"LeNet5V1(use_dropout={model.use_dropout}, use_batch_norm={model.use_batch_norm}, "
+            f"activation={model.activation!r}, pool={model.pool!r})")
 
 
 def expected_shapes(use_dropout: bool, use_batch_norm: bool) -> dict[str, tuple[int, ...]]:
@@ -107,7 +116,13 @@ def detect_flags(state_dict: dict) -> tuple[bool, bool]:
 
 
 def load_weights(path: str | Path) -> LeNet5V1:
-    """Load a .pth state_dict (weights_only) into a LeNet5V1 of the right variant, in eval mode."""
+    """Load a .pth state_dict (weights_only) into a LeNet5V1 of the right variant, in eval mode.
+
+    Dropout and batch norm are told by the keys. Activation and pooling have no weights: they
+    come from the sidecar lenetlab writes beside its weights (the same name ending in .json),
+    else they are the original's tanh and average pooling. model.architecture_source says
+    which was used.
+    """
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{path}: a folder, not a weights file")
@@ -125,9 +140,33 @@ def load_weights(path: str | Path) -> LeNet5V1:
     if broken:
         raise WeightsError(f"{path}: non-finite values (NaN or infinity) in {', '.join(broken[:3])}: "
                            f"the model diverged in training")
-    model = LeNet5V1(use_dropout=use_dropout, use_batch_norm=use_batch_norm)
+    activation, pool, source = _sidecar_architecture(path, use_dropout, use_batch_norm)
+    model = LeNet5V1(use_dropout=use_dropout, use_batch_norm=use_batch_norm, activation=activation, pool=pool)
     model.load_state_dict(state_dict)
+    model.architecture_source = source
     return model.eval()
+
+
+def _sidecar_architecture(weights: Path, use_dropout: bool, use_batch_norm: bool) -> tuple[str, str, str]:
+    """(activation, pool, where they came from) for the weights file: its sidecar's, or the original's."""
+    sidecar = weights.with_suffix(".json")
+    if not sidecar.is_file():
+        return "tanh", "avg", "no sidecar: the original's tanh and average pooling"
+    try:
+        architecture = json.loads(sidecar.read_text(encoding="utf-8"))["architecture"]
+        activation, pool = architecture.get("activation", "tanh"), architecture.get("pool", "avg")
+        flags = (architecture.get("use_dropout", use_dropout),
+                 architecture.get("use_batch_norm", use_batch_norm))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise WeightsError(f"{sidecar}: beside the weights but not a lenetlab sidecar (no readable "
+                           f"\"architecture\"); move it away to load the weights as the original's") from None
+    if activation not in _ACTIVATIONS or pool not in _POOLS:
+        raise WeightsError(f"{sidecar}: architecture: unknown activation {activation!r} or pool {pool!r} "
+                           f"(expected {' or '.join(_ACTIVATIONS)}, {' or '.join(_POOLS)})")
+    if flags != (use_dropout, use_batch_norm):
+        raise WeightsError(f"{sidecar}: says use_dropout={flags[0]}, use_batch_norm={flags[1]}, but the "
+                           f"weights are of use_dropout={use_dropout}, use_batch_norm={use_batch_norm}")
+    return activation, pool, f"architecture from {sidecar.name}"
 
 
 def _load_problem(exc: Exception) -> str:

@@ -40,15 +40,19 @@ def number(kind: type, low: float, high: float, low_open: bool = False):
     return parse
 
 
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def field(key: str):
     """An argparse type for one recipe field, checked against its range in recipes.FIELDS."""
     kind = FIELDS[key].kind
 
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+            value = _BOOLS[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            expected = "true or false" if kind is bool else kind.__name__
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         try:
             return check_field(key, value)
         except SpecError as exc:

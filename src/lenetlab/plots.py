@@ -82,7 +82,8 @@ def _mean_curve(by_epoch: dict[int, dict[int, float]]) -> dict[int, float]:
 def _plot_convergence(
     config: dict, config_curves: dict[str, dict[int, dict[int, float]]], path: Path
 ) -> None:
-    """Mean accuracy per epoch for each split, with the range over seeds shaded."""
+    """Mean accuracy per epoch for each split, with the range over seeds shaded, and the kept
+    epochs marked for a recipe that keeps its best epoch on validation."""
     seeds = {seed for by_epoch in config_curves.values() for by in by_epoch.values() for seed in by}
     fig, ax = plt.subplots(figsize=(8, 5))
     handles, labels = [], []
@@ -101,6 +102,12 @@ def _plot_convergence(
             handle = (band, line)  # one legend entry draws the band behind the line
         handles.append(handle)
         labels.append(SPLIT_LABELS[split])
+    if config["recipe"].get("checkpoint") == "best_val":  # where each seed's kept model comes from
+        for i, epoch in enumerate(sorted(set((config.get("kept_epochs") or {}).values()))):
+            line = ax.axvline(epoch, color="grey", linestyle=":", linewidth=1.2)
+            if i == 0:
+                handles.append(line)
+                labels.append("kept epoch (best validation)")
     seed_text = seed_count(len(seeds))
     legend_title = "line: mean; band: min–max over seeds" if len(seeds) > 1 else None
     ax.set_title(f"{config['name']}: accuracy per epoch ({seed_text})")

@@ -48,10 +48,10 @@ class EpochMetrics:
     accuracy: float
 
 
-def final_accuracies(history: list[EpochMetrics]) -> dict[str, float]:
-    """Accuracy per split at the last recorded epoch."""
-    last = max(row.epoch for row in history)
-    return {row.split: row.accuracy for row in history if row.epoch == last}
+def final_accuracies(history: list[EpochMetrics], epoch: int | None = None) -> dict[str, float]:
+    """Accuracy per split at epoch (default: the last recorded one)."""
+    epoch = epoch or max(row.epoch for row in history)
+    return {row.split: row.accuracy for row in history if row.epoch == epoch}
 
 
 class Diverged(Exception):
@@ -72,7 +72,9 @@ class TrialResult:
     status: str  # done or failed
     error: str | None = None
     history: list[EpochMetrics] = field(default_factory=list)
-    test: Evaluation | None = None  # the final model on the test set
+    test: Evaluation | None = None  # the kept model on the test set
+    kept_epoch: int | None = None  # the epoch whose model was kept (the recipe's checkpoint choice)
+    test_flip: float | None = None  # the kept model's test accuracy with flip averaging
     wall_time_s: float = 0.0
     options: RunOptions | None = None
     kernels: str | None = None  # which kernels trained it: native or torch
@@ -84,7 +86,8 @@ class TrialResult:
         return self.status == "done"
 
     def final(self, split: str) -> float:
-        return final_accuracies(self.history)[split]
+        """The kept model's accuracy on split."""
+        return final_accuracies(self.history, self.kept_epoch)[split]
 
     @property
     def start(self) -> str:
@@ -107,7 +110,8 @@ class TrialResult:
             trial=Trial(trial["config"], recipe_from_dict(trial["recipe"]), trial["seed"]),
             run_id=record["run_id"], status=record["status"], error=record.get("error"),
             history=[EpochMetrics(**row) for row in record.get("history", [])],
-            test=Evaluation(**test) if test else None,
+            test=Evaluation(**test) if test else None, kept_epoch=record.get("kept_epoch"),
+            test_flip=record.get("test_flip"),
             wall_time_s=record.get("wall_time_s", 0.0),
             options=RunOptions(**options) if options else None, kernels=record.get("kernels"),
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),

@@ -17,7 +17,7 @@ from typing import Any
 from . import files
 from .errors import RunDirError
 from .plots import best_test_accuracy, seed_count, write_plots
-from .recipes import PUBLISHED, RECIPES
+from .recipes import ORIGINAL_FIELDS, PUBLISHED, RECIPES, extensions, recipe_from_dict
 from .records import SPLITS
 from .rundir import plan_path
 from .summary import Curves, read_summary
@@ -73,8 +73,10 @@ def _how_to_read(kind: str) -> list[str]:
     return [
         "## How to read this report",
         "",
-        "Each configuration was trained once per random seed. Accuracies are those after "
-        "the last epoch, written as *mean ± half-width of the 95% confidence interval of the "
+        "Each configuration was trained once per random seed. Accuracies are those of the kept "
+        "model: the last epoch's, or, for a recipe with checkpoint best_val, the epoch's with the "
+        "highest validation accuracy (the test set chooses nothing). They are written as *mean ± "
+        "half-width of the 95% confidence interval of the "
         "mean* (Student t over seeds). A configuration with one completed seed has no interval "
         "and shows *n/a, 1 seed*. Validation accuracy is measured on images held out from the "
         "training set; test accuracy on the separate 10,000 Fashion-MNIST test images. "
@@ -89,7 +91,13 @@ def _results_section(summary: dict, configs: list[dict]) -> list[str]:
     study = summary["kind"] == "study"
     published = study and any(c["name"] in PUBLISHED for c in configs)
     any_failed = any(c["failed"] for c in configs)
+    flip = any(c.get("test_flip") for c in configs)
+    kept = any(c["recipe"].get("checkpoint") == "best_val" for c in configs)
     header = ["Configuration", "Seeds completed", "Train", "Validation", "Test"]
+    if flip:
+        header.append("Test, flip-averaged")
+    if kept:
+        header.append("Kept epochs")
     if published:
         header += ["Published train (1 run)", "Published validation (1 run)"]
     if any_failed:
@@ -101,6 +109,12 @@ def _results_section(summary: dict, configs: list[dict]) -> list[str]:
             cells += ["failed"] * 3
         else:
             cells += [_format_stat(config["final"][split]) for split in SPLITS]
+        if flip:
+            cells.append(_format_stat(config["test_flip"]) if config.get("test_flip") else "")
+        if kept:
+            epochs = (config.get("kept_epochs") or {}).values()
+            cells.append(", ".join(str(e) for e in epochs) if config["recipe"].get("checkpoint") == "best_val"
+                         else "last")
         if published:
             figures = PUBLISHED.get(config["name"])
             cells += [f"{v:.4f}" for v in figures] if figures else ["", ""]
@@ -109,6 +123,10 @@ def _results_section(summary: dict, configs: list[dict]) -> list[str]:
             cells.append("; ".join(errors))
         lines.append(_table_row(cells))
     lines.append("")
+    if flip:
+        lines += ["Flip-averaged test accuracy averages the predicted probabilities of each test image "
+                  "and its mirror image, for recipes trained with flips; it is reported beside, not "
+                  "instead of, the plain test accuracy.", ""]
     if published:
         lines += [
             "The published columns are the original study's figures: one run per variant, and "
@@ -261,10 +279,12 @@ def _provenance_section(summary: dict) -> list[str]:
 
 
 def _recipe_table(configs: list[dict]) -> list[str]:
-    """One row per configuration, one column per hyperparameter any recipe has."""
-    keys: list[str] = []
+    """One row per configuration; a column per field of the original's recipes, and one per
+    newer field that some configuration sets (the others keep the original's behaviour)."""
+    newer: dict[str, None] = {}
     for config in configs:
-        keys += [key for key in config["recipe"] if key not in keys and key != "name"]
+        newer.update(dict.fromkeys(extensions(recipe_from_dict(config["recipe"]))))
+    keys = [key for key in ORIGINAL_FIELDS if key != "name"] + list(newer)
     lines = ["### Recipes", "", _table_row(["Configuration", "Variant", *keys]),
              _table_row(["---"] * (len(keys) + 2))]
     for config in configs:

@@ -42,13 +42,15 @@ def study_configs(variants: list[str], epochs_scale: float, warm_start: bool) ->
 
 
 def new_plan(kind: str, name: str, configs: list[tuple[str, Recipe]], seeds: list[int],
-             options: RunOptions, engine: str = "local", workers: int | None = None) -> RunPlan:
+             options: RunOptions, engine: str = "local", workers: int | None = None,
+             reference: str | None = None) -> RunPlan:
     """A plan with its workers and threads settled: no more workers than trials (a small run
-    still gets every core), and by default the cores shared between the workers."""
+    still gets every core), and by default the cores shared between the workers. The others
+    are compared with reference (default: a configuration named baseline, if any)."""
     workers = min(workers or default_workers(options.device), len(configs) * len(seeds))
     if options.threads is None:
         options = replace(options, threads=max(1, usable_cores() // workers))
-    reference = next((n for n, _ in configs if n == "baseline"), None)
+    reference = reference or next((n for n, _ in configs if n == "baseline"), None)
     return RunPlan(kind, name, configs, seeds, options, reference, engine, workers)
 
 

@@ -64,6 +64,10 @@ def summarize_configs(plan: RunPlan, results: dict[str, TrialResult]) -> list[di
                         "values": {str(r.trial.seed): r.final(split) for r in done}}
                 for split in SPLITS
             }
+            summary["kept_epochs"] = {str(r.trial.seed): r.kept_epoch for r in done}
+            flips = {str(r.trial.seed): r.test_flip for r in done if r.test_flip is not None}
+            if flips:
+                summary["test_flip"] = {**summarize(list(flips.values())), "values": flips}
             summary["best_seed"] = max(done, key=lambda r: r.final("test")).trial.seed
             summary["per_class_test_accuracy"] = {str(r.trial.seed): r.test.per_class_accuracy for r in done}
             summary["confusion_matrix"] = {str(r.trial.seed): r.test.confusion_matrix for r in done}

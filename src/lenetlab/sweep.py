@@ -12,6 +12,10 @@ A spec is a TOML file (every key optional, but at least one configuration must r
     [[configs]]                    # and/or explicit configurations
     variant = "dropout"
     dropout_rate = 0.3
+    name = "dropout-lighter"       # optional: the configuration's name in the report
+
+    reference = "dropout-lighter"  # optional: the configuration the others are compared with
+                                   # (default: one named baseline, if any)
 
 The fields and their ranges are recipes.FIELDS (plus `variant`).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import SpecError
@@ -35,7 +39,15 @@ else:  # pragma: no cover
 
 KEYS = ("variant", *FIELDS)
 Configs = list[tuple[str, Recipe]]
-TOP_LEVEL = {"name", "seeds", "grid", "configs", *KEYS}
+TOP_LEVEL = {"name", "seeds", "grid", "configs", "reference", *KEYS}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str | None  # the run folder's name, if the spec gives one
+    seeds: list[int]
+    configs: Configs
+    reference: str | None  # the configuration the others are compared with
 
 
 def _check(key: str, value, where: str):
@@ -46,22 +58,30 @@ def _check(key: str, value, where: str):
     return value
 
 
-def _check_table(table: dict, where: str) -> dict:
-    unknown = sorted(set(table) - set(KEYS))
+def _check_table(table: dict, where: str, allowed=KEYS) -> dict:
+    unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(KEYS)})")
-    return {key: _check(key, value, where) for key, value in table.items()}
+    if "name" in table and not is_folder_name(table["name"]):
+        raise SpecError(f"{where}name: expected a name usable as a file name, got {table['name']!r}")
+    return {key: _check(key, value, where) if key != "name" else value for key, value in table.items()}
 
 
 def config_name(fields: dict) -> str:
-    """baseline-wd0.001-lr0.003: the variant, then each changed field in a fixed order."""
+    """baseline-wd0.001-lr0.003-noflip: the variant, then each changed field in a fixed order."""
+    if "name" in fields:
+        return fields["name"]
     parts = [fields.get("variant", "baseline")]
-    parts += [f"{field.short}{fields[key]}" for key, field in FIELDS.items() if key in fields]
+    for key, field in FIELDS.items():
+        if key in fields:
+            value = fields[key]
+            flag = isinstance(value, bool)
+            parts.append(("" if value else "no") + field.short if flag else f"{field.short}{value}")
     return "-".join(parts)
 
 
-def expand(spec: dict, max_trials: int = MAX_TRIALS) -> tuple[str | None, list[int], Configs]:
-    """Check a parsed spec and expand it into (name, seeds, [(configuration name, recipe)])."""
+def expand(spec: dict, max_trials: int = MAX_TRIALS) -> Sweep:
+    """Check a parsed spec and expand it into its configurations and seeds."""
     unknown = sorted(set(spec) - TOP_LEVEL)
     if unknown:
         raise SpecError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
@@ -88,21 +108,28 @@ def expand(spec: dict, max_trials: int = MAX_TRIALS) -> tuple[str | None, list[i
     check_size(((math.prod(map(len, axes)) if axes else 0) + len(extra)) * len(seeds), max_trials)
     axes = [[(key, _check(key, v, "grid.")) for v in values] for key, values in zip(grid, axes)]
     entries = [{**common, **dict(combo)} for combo in itertools.product(*axes)] if axes else []
-    entries += [{**common, **_check_table(t, f"configs[{i}].")} for i, t in enumerate(extra)]
+    entries += [{**common, **_check_table(t, f"configs[{i}].", (*KEYS, "name"))} for i, t in enumerate(extra)]
     if not entries:
         raise SpecError("grid: empty, no configuration to run (give [grid] values or [[configs]])")
     configs, seen = [], set()
     for fields in entries:
         base = RECIPES[fields.get("variant", "baseline")]
-        recipe = with_fields(base, {k: v for k, v in fields.items() if k != "variant"})
+        recipe = with_fields(base, {k: v for k, v in fields.items() if k not in ("variant", "name")})
         identity = tuple(sorted(asdict(recipe).items()))
         if identity not in seen:  # the same recipe reached twice runs once
             seen.add(identity)
             configs.append((config_name(fields), recipe))
-    return name, seeds, configs
+    names = [n for n, _ in configs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise SpecError(f"configs: two different configurations are named {twice!r}")
+    reference = spec.get("reference")
+    if reference is not None and reference not in names:
+        raise SpecError(f"reference: {reference!r} is none of the configurations ({', '.join(names)})")
+    return Sweep(name, seeds, configs, reference)
 
 
-def load_spec(path: str | Path, max_trials: int = MAX_TRIALS) -> tuple[str | None, list[int], Configs]:
+def load_spec(path: str | Path, max_trials: int = MAX_TRIALS) -> Sweep:
     path = Path(path)
     try:
         spec = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -20,6 +20,7 @@ from . import files
 from .data import FashionMNIST, make_splits
 from .errors import RunDirError
 from .provenance import library_versions, machine_info
+from .recipes import architecture
 from .records import Diverged, RunOptions, Trial, TrialResult
 from .rundir import checkpoint_path, result_path, weights_path
 from .training import train_trial
@@ -38,6 +39,7 @@ def execute_trial(trial: Trial, run_id: str, data: FashionMNIST, options: RunOpt
     except Diverged as exc:
         return TrialResult(trial, run_id, "failed", error=str(exc), options=options), {}
     result = TrialResult(trial, run_id, "done", history=output.history, test=output.test,
+                         kept_epoch=output.kept_epoch, test_flip=output.test_flip,
                          wall_time_s=time.perf_counter() - started, options=options,
                          kernels=output.kernels)
     return result, {k: v.detach().cpu() for k, v in output.model.state_dict().items()}
@@ -54,10 +56,11 @@ def save_weights(path: Path, result: TrialResult, state_dict: dict, checksums: d
     files.atomic_write(path.with_suffix(".json"), files.to_json({
         "variant": recipe.name, "config": result.trial.config, "seed": result.trial.seed,
         "recipe": asdict(recipe), "start": result.start,
-        "architecture": {"use_dropout": recipe.use_dropout, "use_batch_norm": recipe.use_batch_norm},
+        "architecture": architecture(recipe),
         "split_seed": result.options.split_seed, "train_subset": result.options.train_subset,
         "kernels": result.kernels, "metrics": [asdict(row) for row in result.history],
-        "test_accuracy": result.test.accuracy, "wall_time_s": result.wall_time_s,
+        "kept_epoch": result.kept_epoch, "test_accuracy": result.test.accuracy,
+        "test_accuracy_flip_averaged": result.test_flip, "wall_time_s": result.wall_time_s,
         "data_sha256": checksums, "versions": library_versions(),
         "machine": machine_info(result.options.device), "threads": result.options.threads,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
