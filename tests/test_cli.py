@@ -317,3 +317,14 @@ def test_a_sidecar_that_does_not_fit_is_one_line(tmp_path):
                            ('{"architecture": {"use_batch_norm": false}}', "use_batch_norm=False, but")):
         weights.with_suffix(".json").write_text(text)
         assert_one_line_error(run_cli("evaluate", weights), "w.json", fragment)
+
+
+@pytest.mark.slow
+def test_a_relu_max_model_exports_as_relu_max(trained_tuned, data_dir, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install 'lenetlab[onnx]'")
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    result = run_cli("export", trained_tuned, "--onnx", tmp_path / "tuned.onnx", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "exported batch_norm+relu+max" in result.stdout and "predicted class differs on 0" in result.stdout
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "tuned.onnx")).metadata_props}
+    assert meta["architecture"].endswith("activation='relu', pool='max')")

@@ -70,9 +70,7 @@ class EpochDraws:
             flat = torch.cat([x.reshape(b, -1), x.new_full((b, 1), self.background)], 1)
             x = flat.gather(1, table[self.move[start:stop]]).view(b, 1, SIZE, SIZE)
         if self.rows is not None:  # x * (1 - rows cols^T): 0 inside the rectangle
-            keep = torch.baddbmm(x.new_ones((1, SIZE, SIZE)), self.rows[start:stop, :, None],
-                                 self.cols[start:stop, None, :], alpha=-1)
-            x = x * keep[:, None]
+            x = x * (1.0 - self.rows[start:stop, None, :, None] * self.cols[start:stop, None, None, :])
         return x.contiguous()
 
 
