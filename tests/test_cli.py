@@ -314,6 +314,7 @@ def test_a_sidecar_that_does_not_fit_is_one_line(tmp_path):
     torch.save(LeNet5V1(use_batch_norm=True).state_dict(), weights)
     for text, fragment in (("{not json", "not a lenetlab sidecar"),
                            ('{"architecture": {"activation": "gelu"}}', "unknown activation 'gelu'"),
+                           ('{"architecture": {"pool": ["max"]}}', "or pool ['max']"),
                            ('{"architecture": {"use_batch_norm": false}}', "use_batch_norm=False, but")):
         weights.with_suffix(".json").write_text(text)
         assert_one_line_error(run_cli("evaluate", weights), "w.json", fragment)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from conftest import RESUME_ARGS, assert_one_line_error, lenetlab, metrics_text, run_cli, strict_json
@@ -134,3 +136,22 @@ def test_ray_gives_the_numbers_and_files_of_the_local_pool(tmp_path, data_dir, u
         assert sa[key] == sb[key], key
     assert sb["config"]["engine"] == "ray"
     assert run_cli("report", b).returncode == 0  # the Ray run's files check out against its summary
+
+
+def test_a_named_configuration_never_vanishes_as_a_duplicate():
+    spec = {"variant": "tuned", "configs": [{"name": "a"}, {"name": "b", "checkpoint": "last"}]}
+    with pytest.raises(SpecError, match="'b' is the same recipe as 'a'"):
+        expand(spec)
+
+
+def test_the_shipped_ablation_takes_one_ingredient_at_a_time_out_of_tuned():
+    from lenetlab.recipes import RECIPES
+
+    sweep = load_spec(Path(__file__).resolve().parents[1] / "examples" / "ablation.toml")
+    assert sweep.reference == "tuned" and sweep.seeds == [0, 1, 2]
+    configs = dict(sweep.configs)
+    assert configs["tuned"] == RECIPES["tuned"]
+    for name, recipe in configs.items():
+        changed = {k for k, v in asdict(recipe).items() if v != getattr(RECIPES["tuned"], k)}
+        assert changed <= {"schedule", "warmup_epochs"} or len(changed) <= 1, (name, changed)
+        assert name == "tuned" or changed, name

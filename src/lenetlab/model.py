@@ -160,7 +160,8 @@ def _sidecar_architecture(weights: Path, use_dropout: bool, use_batch_norm: bool
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         raise WeightsError(f"{sidecar}: beside the weights but not a lenetlab sidecar (no readable "
                            f"\"architecture\"); move it away to load the weights as the original's") from None
-    if activation not in _ACTIVATIONS or pool not in _POOLS:
+    if not isinstance(activation, str) or not isinstance(pool, str) or activation not in _ACTIVATIONS \
+            or pool not in _POOLS:
         raise WeightsError(f"{sidecar}: architecture: unknown activation {activation!r} or pool {pool!r} "
                            f"(expected {' or '.join(_ACTIVATIONS)}, {' or '.join(_POOLS)})")
     if flags != (use_dropout, use_batch_norm):

@@ -61,7 +61,7 @@ def _check(key: str, value, where: str):
 def _check_table(table: dict, where: str, allowed=KEYS) -> dict:
     unknown = sorted(set(table) - set(allowed))
     if unknown:
-        raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(KEYS)})")
+        raise SpecError(f"{where}{unknown[0]}: unknown field (known: {', '.join(allowed)})")
     if "name" in table and not is_folder_name(table["name"]):
         raise SpecError(f"{where}name: expected a name usable as a file name, got {table['name']!r}")
     return {key: _check(key, value, where) if key != "name" else value for key, value in table.items()}
@@ -111,14 +111,16 @@ def expand(spec: dict, max_trials: int = MAX_TRIALS) -> Sweep:
     entries += [{**common, **_check_table(t, f"configs[{i}].", (*KEYS, "name"))} for i, t in enumerate(extra)]
     if not entries:
         raise SpecError("grid: empty, no configuration to run (give [grid] values or [[configs]])")
-    configs, seen = [], set()
+    configs, seen = [], {}
     for fields in entries:
         base = RECIPES[fields.get("variant", "baseline")]
         recipe = with_fields(base, {k: v for k, v in fields.items() if k not in ("variant", "name")})
         identity = tuple(sorted(asdict(recipe).items()))
         if identity not in seen:  # the same recipe reached twice runs once
-            seen.add(identity)
+            seen[identity] = config_name(fields)
             configs.append((config_name(fields), recipe))
+        elif "name" in fields and fields["name"] != seen[identity]:  # a named one must not vanish
+            raise SpecError(f"configs: {fields['name']!r} is the same recipe as {seen[identity]!r}")
     names = [n for n, _ in configs]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:

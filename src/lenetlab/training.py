@@ -29,7 +29,7 @@ from .augment import Augmentation, draw
 from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
 from .model import LeNet5V1, fast_forward
-from .recipes import OPTIMIZERS, RECIPES, Recipe
+from .recipes import OPTIMIZERS, RECIPES, Recipe, recipe_from_dict
 from .records import Diverged, EpochMetrics
 
 
@@ -142,7 +142,12 @@ def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None  # a damaged checkpoint only costs the epochs since the last good one: restart
-    if not isinstance(state, dict) or state.get("recipe") != asdict(recipe) or state.get("seed") != seed:
+    if not isinstance(state, dict) or state.get("seed") != seed or not isinstance(state.get("recipe"), dict):
+        return None
+    try:
+        if recipe_from_dict(state["recipe"]) != recipe:  # fields a checkpoint predates: their defaults
+            return None
+    except TypeError:  # not a recipe lenetlab wrote
         return None
     return state
 
@@ -255,7 +260,7 @@ def train_trial(
         if average:
             average.model.load_state_dict(saved["average"])
         history = [EpochMetrics(**row) for row in saved["history"]]
-        best = saved["best"]
+        best = saved.get("best")  # checkpoints before best_val existed have none
         start_epoch = saved["epoch"] + 1
 
     train_x, train_y = splits.train_x, splits.train_y
