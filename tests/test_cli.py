@@ -246,7 +246,7 @@ def test_bad_recipe_fields_are_one_line_in_flags(tmp_path, args, fragment):
     ("erasing = 1.5", "erasing: invalid value 1.5"),
     ('schedule = "step"', "schedule: invalid value 'step'"),
     ('flip = "yes"', "flip: expected bool"),
-    ('variant = "tuned"\nwarmup_epochs = 40\n[grid]\nlr = [0.001]', "warm-up (40 epochs) must be shorter"),
+    ('variant = "tuned"\nepochs = 5\nwarmup_epochs = 5\n[grid]\nlr = [0.001]', "warm-up (5 epochs)"),
     ('[[configs]]\nvariant = "tuned"\nname = "a/b"', "configs[0].name"),
     ('reference = "nothing"\n[[configs]]\nvariant = "tuned"', "reference: 'nothing' is none of"),
 ])
