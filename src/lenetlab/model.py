@@ -21,8 +21,8 @@ from torch import nn
 
 from .errors import WeightsError
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
-_POOLS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+POOLS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 
 class LeNet5V1(nn.Module):
@@ -38,14 +38,14 @@ class LeNet5V1(nn.Module):
     def __init__(self, use_dropout: bool = False, use_batch_norm: bool = False,
                  dropout_rate: float = 0.5, activation: str = "tanh", pool: str = "avg") -> None:
         super().__init__()
-        for name, value, choices in (("activation", activation, _ACTIVATIONS), ("pool", pool, _POOLS)):
+        for name, value, choices in (("activation", activation, ACTIVATIONS), ("pool", pool, POOLS)):
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         self.use_dropout = use_dropout
         self.use_batch_norm = use_batch_norm
         self.activation = activation
         self.pool = pool
-        act, pooling = _ACTIVATIONS[activation], _POOLS[pool]
+        act, pooling = ACTIVATIONS[activation], POOLS[pool]
         feature: list[nn.Module] = [nn.Conv2d(1, 6, kernel_size=5, stride=1, padding=2)]
         if use_batch_norm:
             feature.append(nn.BatchNorm2d(6))
@@ -160,10 +160,10 @@ def _sidecar_architecture(weights: Path, use_dropout: bool, use_batch_norm: bool
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         raise WeightsError(f"{sidecar}: beside the weights but not a lenetlab sidecar (no readable "
                            f"\"architecture\"); move it away to load the weights as the original's") from None
-    if not isinstance(activation, str) or not isinstance(pool, str) or activation not in _ACTIVATIONS \
-            or pool not in _POOLS:
+    if not isinstance(activation, str) or not isinstance(pool, str) or activation not in ACTIVATIONS \
+            or pool not in POOLS:
         raise WeightsError(f"{sidecar}: architecture: unknown activation {activation!r} or pool {pool!r} "
-                           f"(expected {' or '.join(_ACTIVATIONS)}, {' or '.join(_POOLS)})")
+                           f"(expected {' or '.join(ACTIVATIONS)}, {' or '.join(POOLS)})")
     if flags != (use_dropout, use_batch_norm):
         raise WeightsError(f"{sidecar}: says use_dropout={flags[0]}, use_batch_norm={flags[1]}, but the "
                            f"weights are of use_dropout={use_dropout}, use_batch_norm={use_batch_norm}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import SpecError
+from .model import ACTIVATIONS, POOLS
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ FIELDS: dict[str, Field] = {
     "optimizer": Field(str, lambda v: v in OPTIMIZERS, "opt", f"one of {', '.join(OPTIMIZERS)} "
                        "(sgd: momentum 0.9)"),
     "use_batch_norm": Field(bool, lambda v: True, "bn", "true or false: batch norm after each convolution"),
-    "activation": Field(str, lambda v: v in ("tanh", "relu"), "act", "tanh (the original) or relu"),
-    "pool": Field(str, lambda v: v in ("avg", "max"), "pool", "avg (the original) or max: 2x2 pooling"),
+    "activation": Field(str, lambda v: v in ACTIVATIONS, "act", "tanh (the original) or relu"),
+    "pool": Field(str, lambda v: v in POOLS, "pool", "avg (the original) or max: 2x2 pooling"),
     "translate": Field(int, lambda v: 0 <= v <= 27, "tr", "shift each training image by up to this "
                        "many pixels, 0 to 27 (0: off)"),
     "flip": Field(bool, lambda v: True, "flip", "true or false: mirror half the training images"),
