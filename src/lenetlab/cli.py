@@ -285,6 +285,9 @@ def cmd_report(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+WEIGHTS_HELP = ("a .pth state_dict: its keys give dropout and batch norm, the .json sidecar beside it "
+                "(if any) the activation and pooling, else the original's tanh and average pooling")
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lenetlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lenetlab {__version__}")
@@ -357,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "truncated or corrupt file, one that is not an image, or one with a side of 0 or 100,000+ pixels "
         "stops the call (one line naming it, exit 2) and nothing is printed for the others. In a folder, "
         "files that are not images are skipped and counted on stderr."))
-    p.add_argument("weights", type=Path, help="a .pth state_dict; its keys give the architecture")
+    p.add_argument("weights", type=Path, help=WEIGHTS_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="image files (PNG, JPEG, BMP, GIF, WebP, ...) or folders: every image in a folder, "
                    "sorted by name, not recursing")
@@ -376,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and the input layout in the model's metadata_props. Before writing, onnxruntime and PyTorch "
         "classify the 10,000 test images: the logits must agree within 1e-4 and every predicted class "
         "must match, or nothing is written (exit 1)."))
-    p.add_argument("weights", type=Path, help="a .pth state_dict; its keys give the architecture")
+    p.add_argument("weights", type=Path, help=WEIGHTS_HELP)
     p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
     options.add_data_options(p)
     p.set_defaults(func=cmd_export)
