@@ -70,7 +70,8 @@ def main() -> int:
         verdict = "" if name.startswith("without") else (
             f"  augmentation {share:+.1%} of the epoch ({'within' if share <= LIMIT else 'OVER'} "
             f"the {LIMIT:.0%} bound)")
-        print(f"  {name:44} {statistics.median(values):6.2f} s{verdict}")
+        spread = f"(rounds {min(values):.2f}-{max(values):.2f})"
+        print(f"  {name:44} {statistics.median(values):6.2f} s {spread}{verdict}")
     return 0
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lenetlab import native
+from lenetlab.augment import Augmentation, draw
 from lenetlab.model import LeNet5V1, fast_forward
 from lenetlab.recipes import RECIPES
 from lenetlab.training import make_optimizer
@@ -553,6 +554,27 @@ def test_indexed_step_is_the_gathered_step():
         tb.train_step_indexed(data_x, data_y, idx, scale)
     assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())
     assert ta.take_totals() == tb.take_totals()
+
+
+@pytest.mark.parametrize("aug", [Augmentation(2, True, 0.0), Augmentation(0, False, 0.5),
+                                 Augmentation(3, False, 1.0), Augmentation(27, True, 0.25)], ids=str)
+def test_augmenting_in_the_step_is_augmenting_before_it(aug):
+    """The step's own augmentation (while packing its input) gives the images EpochDraws.apply
+    gives, bit for bit: the parameters after steps on both are identical."""
+    (ma, oa), (mb, ob) = _pair(ALL_ON, "adam")
+    ta, tb = native.NativeTrainer(ma, oa), native.NativeTrainer(mb, ob)
+    data_x, data_y = _random_batches(1, 500)[0]
+    draws = draw(aug, 500, torch.Generator().manual_seed(7), background=-0.8)
+    order = torch.randperm(500, generator=torch.Generator().manual_seed(1))
+    for start in (0, 77, 423):  # batches anywhere in the epoch, the last one short
+        idx = order[start:start + 77]
+        scale = _mask(ma, len(idx), start)[1]
+        ta.train_step(draws.apply(data_x[idx], start), data_y[idx], scale)
+        tb.train_step_indexed(data_x, data_y, idx, scale, draws, start)
+    assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())
+    assert ta.take_totals() == tb.take_totals()
+    with pytest.raises(IndexError, match="draws"):
+        tb.train_step_indexed(data_x, data_y, idx, None, draws, 480)
 
 
 @pytest.mark.parametrize("variant", [Variant(bn=True), Variant(False, True, "relu", "max", 0.1)], ids=str)

@@ -63,7 +63,9 @@ class EpochDraws:
     cols: torch.Tensor | None  # (n, SIZE) likewise for columns
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """The batch x of images start, start + 1, ... of the epoch, augmented (a new tensor)."""
+        """The batch x of images start, start + 1, ... of the epoch, augmented (a new tensor).
+        The native step does the same while packing its input (native_step.c's augment_image,
+        which decodes a move as _moves orders them); a test holds the two bit-identical."""
         b, stop = len(x), start + len(x)
         if self.move is not None:
             table = _moves(self.aug.translate, self.aug.flip, x.device)

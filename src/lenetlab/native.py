@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .augment import EpochDraws
 from .model import LeNet5V1, _layers
 
 SOURCE = Path(__file__).with_name("native_step.c")
@@ -116,10 +117,11 @@ def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, d, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int64
-    # the relu, maxpool (and smoothing) arguments come last: an older source (a benchmark
-    # baseline) declared this way ignores them
+    # the relu, maxpool, smoothing and augmentation arguments come last: an older source (a
+    # benchmark baseline) declared this way ignores them
     signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
-                  "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p, i, i, d]),
+                  "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p, i, i, d,
+                                                    p, i, p, p, d]),
                   "ln_forward": (i, [p, p, d, p, i64, p, i, i]), "ln_tanh": (None, [p, p, i64])}
     if hasattr(lib, "ln_profile"):  # older sources (benchmark baselines) lack it
         signatures.update(ln_profile=(i, [p]), ln_profile_names=(ctypes.c_char_p, []))
@@ -339,12 +341,16 @@ class NativeTrainer:
         self._step(x, y, None, len(x), dropout_scale)
 
     def train_step_indexed(self, train_x: torch.Tensor, train_y: torch.Tensor, idx: torch.Tensor,
-                           dropout_scale: torch.Tensor | None = None) -> None:
-        """train_step(train_x[idx], train_y[idx], dropout_scale) with the gather done in C."""
+                           dropout_scale: torch.Tensor | None = None, draws: EpochDraws | None = None,
+                           start: int = 0) -> None:
+        """train_step(train_x[idx], train_y[idx], dropout_scale) with the gather done in C; with
+        draws, the images are draws.apply(train_x[idx], start), augmented in the same copy (the
+        batch being images start, start + 1, ... of the epoch's draws)."""
         _check(idx, torch.int64, (len(idx),), "idx")
-        self._step(train_x, train_y, idx, len(idx), dropout_scale)
+        self._step(train_x, train_y, idx, len(idx), dropout_scale, draws, start)
 
-    def _step(self, x, y, idx, batch: int, dropout_scale) -> None:
+    def _step(self, x, y, idx, batch: int, dropout_scale, draws: EpochDraws | None = None,
+              start: int = 0) -> None:
         _check(x, torch.float32, (len(x), 1, 28, 28), "x")
         _check(y, torch.int64, (len(x),), "y")
         if batch < 1:
@@ -362,7 +368,7 @@ class NativeTrainer:
             dropout_scale.data_ptr() if dropout_scale is not None else None, bn_eps, bn_momentum,
             self._kind, float(group["lr"]), beta1, beta2, group.get("eps", 0.0),
             group["weight_decay"], group.get("momentum", 0.0), self._totals, relu, maxpool,
-            self.label_smoothing)
+            self.label_smoothing, *_augment_args(draws, start, batch))
         if rc == -1:
             raise IndexError("an index of the batch is out of range")
         if rc == -2:
@@ -384,6 +390,19 @@ def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None
     if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
         raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor of shape {shape}, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
+    """ln_train_step's last five arguments: the batch's own slice of the epoch's moves (a pointer
+    to its first element), the largest shift, the slices of the erasing rows and columns, and the
+    background value."""
+    if draws is None:
+        return None, 0, None, None, 0.0
+    if not 0 <= start <= (len(draws.move) if draws.move is not None else len(draws.rows)) - batch:
+        raise IndexError(f"the draws have no images {start}..{start + batch - 1}")
+    move, rows, cols = (None if t is None else t.data_ptr() + start * t.stride(0) * t.element_size()
+                        for t in (draws.move, draws.rows, draws.cols))
+    return move, draws.aug.translate, rows, cols, draws.background
 
 
 def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:

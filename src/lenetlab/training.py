@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import files, native
-from .augment import Augmentation, draw
+from .augment import Augmentation, EpochDraws, draw
 from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
 from .model import LeNet5V1, fast_forward
@@ -167,11 +167,13 @@ class _TorchSteps:
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None,
-             keep: torch.Tensor | None) -> None:
-        """One step on x[idx], y[idx] (or on x, y themselves without idx)."""
-        if idx is not None:
-            x, y = x[idx], y[idx]
+    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
+             draws: EpochDraws | None, start: int) -> None:
+        """One step on x[idx], y[idx], the images augmented by draws if any (the batch being
+        images start, start + 1, ... of the epoch)."""
+        x, y = x[idx], y[idx]
+        if draws is not None:
+            x = draws.apply(x, start)
         logits = fast_forward(self.model, x, keep)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -201,13 +203,10 @@ class _NativeSteps:
         self.trainer = native.NativeTrainer(model, optimizer, label_smoothing=label_smoothing)
         self.loss_sum, self.correct, self.first_bad = 0.0, 0, None
 
-    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None,
-             keep: torch.Tensor | None) -> None:
+    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
+             draws: EpochDraws | None, start: int) -> None:
         scale = None if keep is None else keep.float().div_(1.0 - self.dropout_p)
-        if idx is None:
-            self.trainer.train_step(x, y, scale)
-        else:
-            self.trainer.train_step_indexed(x, y, idx, scale)  # gathers the batch in C
+        self.trainer.train_step_indexed(x, y, idx, scale, draws, start)  # gathers and augments in C
         loss, correct = self.trainer.take_totals()
         self.loss_sum += loss
         self.correct += correct
@@ -285,10 +284,10 @@ def train_trial(
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 derived_seed(seed, epoch, 0))).to(device)
             dropout_gen = torch.Generator(device=device).manual_seed(derived_seed(seed, epoch, 1))
-            moves = None
+            draws = None
             if aug.active:
                 aug_gen = torch.Generator(device=device).manual_seed(derived_seed(seed, epoch, 2))
-                moves = draw(aug, n, aug_gen, BACKGROUND, device)
+                draws = draw(aug, n, aug_gen, BACKGROUND, device)
             first_step = (epoch - phase.first_epoch) * steps_per_epoch
             steps = range(0, n, batch)
             bar = None
@@ -307,10 +306,7 @@ def train_trial(
                     lr = learning_rate(phase.recipe, first_step + i, phase_steps, warmup_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    if moves is not None:
-                        steps_impl.step(i, moves.apply(train_x[idx], start), train_y[idx], None, keep)
-                    else:
-                        steps_impl.step(i, train_x, train_y, idx, keep)
+                    steps_impl.step(i, train_x, train_y, idx, keep, draws, start)
                     if average:
                         average.update()
             except _NonFinite:
