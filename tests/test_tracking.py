@@ -168,6 +168,7 @@ def test_a_live_study_logs_a_parent_run_and_one_run_per_trial_equal_to_the_run_f
         assert files == [f"weights/{weights.stem}.json", f"weights/{weights.name}"]
         result = TrialResult.from_dict(json.loads((run_dir / "trials" / f"{key}.json").read_text()))
         assert metrics["final_test_accuracy"] == [(1, result.test.accuracy)]
+        assert metrics["kept_epoch"] == [(1, 1.0)] and "final_test_accuracy_flip_averaged" not in metrics
 
     # every metric history is metrics.csv, row for row
     from_csv: dict = {}
@@ -276,8 +277,9 @@ def test_train_logs_one_run_and_a_broken_store_costs_only_the_logging(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.db").write_bytes(b"this is not an SQLite database\n" * 100)
     broken = f"sqlite:///{tmp_path / 'broken.db'}"
-    code = main("train", "baseline", "--epochs", "1", "--train-subset", "2000", "--threads", "1", "--quiet",
-                "--kernels", "torch", "--data-dir", data_dir, "--out", "models", "--mlflow", broken)
+    code = main("train", "baseline", "--epochs", "3", "--train-subset", "2000", "--threads", "1", "--quiet",
+                "--kernels", "torch", "--data-dir", data_dir, "--out", "models", "--mlflow", broken,
+                "--checkpoint", "best_val", "--flip", "true", "--lr", "0.02")
     out, err = capsys.readouterr()
     weights = Path("models/lenet5_baseline_fashionmnist.pth")
     assert code == 0 and weights.is_file() and "saved" in out
@@ -292,13 +294,18 @@ def test_train_logs_one_run_and_a_broken_store_costs_only_the_logging(
     [run] = runs_of(uri, "lenetlab-train")
     sidecar = json.loads(weights.with_suffix(".json").read_text())
     assert run.info.status == "FINISHED" and run.data.tags["variant"] == "baseline"
-    assert run.data.params["seed"] == "0" and run.data.params["epochs"] == "1"
+    assert run.data.params["seed"] == "0" and run.data.params["epochs"] == "3"
     assert run.data.params["train_subset"] == "2000"
     client = MlflowClient(uri)
     for measure in MEASURES:
         split, what = measure.split("_")
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, measure))
         assert history == [(row["epoch"], row[what]) for row in sidecar["metrics"] if row["split"] == split]
+    kept = sidecar["kept_epoch"]  # best_val: the epoch with the best validation accuracy
+    assert run.data.metrics["kept_epoch"] == kept and run.data.metrics["final_test_accuracy"] == sidecar[
+        "test_accuracy"] and run.data.metrics["final_test_accuracy_flip_averaged"] == sidecar[
+        "test_accuracy_flip_averaged"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "final_test_accuracy")] == [kept]
     assert artifacts(client, run.info.run_id) == ["weights/lenet5_baseline_fashionmnist.json",
                                                   "weights/lenet5_baseline_fashionmnist.pth"]
 

@@ -110,17 +110,23 @@ def _log(mlflow_client, run_id: str, params: dict | None = None, tags: dict | No
 
 
 def _log_training(mlflow_client, run_id: str, weights: Path, history: list[EpochMetrics],
-                  test_accuracy: float, wall_time_s: float, **params_or_tags) -> None:
-    """A trained trial: <split>_loss and <split>_accuracy per epoch (step = epoch), the final test
-    accuracy and the wall time as metrics, and the weights with their sidecar as artifacts."""
+                  test_accuracy: float, wall_time_s: float, kept_epoch: int | None, test_flip: float | None,
+                  **params_or_tags) -> None:
+    """A trained trial: <split>_loss and <split>_accuracy per epoch (step = epoch); the kept
+    model's test accuracy (at the kept epoch's step), the kept epoch, the flip-averaged test
+    accuracy if measured and the wall time as metrics; the weights with their sidecar as artifacts."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     last = max((row.epoch for row in history), default=0)
+    kept = last if kept_epoch is None else kept_epoch  # results from before checkpoint choice
     metrics = [Metric(f"{row.split}_{measure}", float(getattr(row, measure)), now, row.epoch)
                for row in history for measure in ("loss", "accuracy")]
-    metrics += [Metric("final_test_accuracy", float(test_accuracy), now, last),
+    metrics += [Metric("final_test_accuracy", float(test_accuracy), now, kept),
+                Metric("kept_epoch", float(kept), now, kept),
                 Metric("wall_time_s", float(wall_time_s), now, last)]
+    if test_flip is not None:
+        metrics.append(Metric("final_test_accuracy_flip_averaged", float(test_flip), now, kept))
     _log(mlflow_client, run_id, metrics=metrics, **params_or_tags)
     for path in (weights, weights.with_suffix(".json")):
         mlflow_client.log_artifact(run_id, str(path), "weights")
@@ -218,7 +224,8 @@ class RunLog:
         if result.done:
             tags = {SHA_TAG: result.weights_sha256, "weights": result.weights, "kernels": result.kernels}
             _log_training(self.client, run.run_id, self.run_dir / result.weights, result.history,
-                          result.test.accuracy, result.wall_time_s, tags=tags)
+                          result.test.accuracy, result.wall_time_s, result.kept_epoch, result.test_flip,
+                          tags=tags)
             run.has_metrics, run.tags = True, {**run.tags, **tags}
             if run.tags.pop("error", None) is not None:
                 self.client.delete_tag(run.run_id, "error")
@@ -390,7 +397,9 @@ def log_weights(uri: str | None, weights: Path) -> str:
             run = mlflow_client.create_run(experiment_id, run_name=trial.key, tags=tags)
             options = {key: record.get(key) for key in ("split_seed", "train_subset", "threads")}
             _log_training(mlflow_client, run.info.run_id, weights, history, record["test_accuracy"],
-                          record.get("wall_time_s", 0.0), params={**trial_params(trial), **options})
+                          record.get("wall_time_s", 0.0), record.get("kept_epoch"),
+                          record.get("test_accuracy_flip_averaged"),
+                          params={**trial_params(trial), **options})
             mlflow_client.set_terminated(run.info.run_id, "FINISHED")
     except Exception as exc:
         raise OutputError(f"could not log to MLflow at {uri} ({reason(exc)})") from None
