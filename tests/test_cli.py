@@ -272,8 +272,8 @@ def test_study_runs_the_published_five_unless_tuned_is_asked_for(tmp_path):
 def trained_tuned(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("tuned")
     result = run_cli("train", "tuned", "--epochs", "2", "--warmup-epochs", "1", "--train-subset", "3000",
-                     "--pool", "max", "--out", out, "--data-dir", data_dir, "--device", "cpu", "--threads", "1",
-                     "--quiet")
+                     "--pool", "max", "--out", out, "--data-dir", data_dir, "--device", "cpu",
+                     "--threads", "1", "--quiet")
     assert result.returncode == 0, result.stderr
     return out / "lenet5_tuned_fashionmnist.pth"
 

@@ -272,6 +272,28 @@ def test_an_unreachable_server_loses_no_training_and_says_once_how_to_log_later(
     assert sorted(r.info.status for r in runs_of(store, "offline")) == ["FINISHED", "FINISHED"]
 
 
+def test_the_kept_models_test_accuracy_is_logged_at_the_kept_epoch(empty_store, tmp_path):
+    """best_val keeps an earlier epoch: its test accuracy, the epoch and the flip-averaged figure
+    are logged at that epoch's step, the learning curves and the wall time run to the last."""
+    from lenetlab import tracking
+    from lenetlab.records import SPLITS, EpochMetrics
+
+    client = MlflowClient(new_store(empty_store, tmp_path / "store"))
+    run_id = client.create_run(tracking.experiment(client, "kept")).info.run_id
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    weights.with_suffix(".json").write_text("{}")
+    history = [EpochMetrics(epoch, split, 1.0 / epoch, 0.5 + epoch / 10)
+               for epoch in (1, 2, 3) for split in SPLITS]
+    tracking._log_training(client, run_id, weights, history, 0.61, 5.0, 2, 0.62)
+    logged = {name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
+              for name in ("final_test_accuracy", "kept_epoch", "final_test_accuracy_flip_averaged",
+                           "wall_time_s", "test_accuracy")}
+    assert logged["final_test_accuracy"] == [(2, 0.61)] and logged["kept_epoch"] == [(2, 2.0)]
+    assert logged["final_test_accuracy_flip_averaged"] == [(2, 0.62)] and logged["wall_time_s"] == [(3, 5.0)]
+    assert sorted(logged["test_accuracy"]) == [(epoch, 0.5 + epoch / 10) for epoch in (1, 2, 3)]
+
+
 def test_train_logs_one_run_and_a_broken_store_costs_only_the_logging(
         empty_store, tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

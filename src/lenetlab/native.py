@@ -396,9 +396,17 @@ def _augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
     """ln_train_step's last five arguments: the batch's own slice of the epoch's moves (a pointer
     to its first element), the largest shift, the slices of the erasing rows and columns, and the
     background value."""
-    if draws is None:
+    if draws is None or (draws.move is None and draws.rows is None):
         return None, 0, None, None, 0.0
-    if not 0 <= start <= (len(draws.move) if draws.move is not None else len(draws.rows)) - batch:
+    n = len(draws.move) if draws.move is not None else len(draws.rows)
+    if draws.move is not None:
+        _check(draws.move, torch.int64, (n,), "draws.move")
+        if not 0 <= draws.aug.translate < 28:  # native_step.c's rows assume a shift inside the image
+            raise ValueError(f"translate must be 0 to 27, got {draws.aug.translate}")
+    if draws.rows is not None:
+        _check(draws.rows, torch.float32, (n, 28), "draws.rows")
+        _check(draws.cols, torch.float32, (n, 28), "draws.cols")
+    if not 0 <= start <= n - batch:
         raise IndexError(f"the draws have no images {start}..{start + batch - 1}")
     move, rows, cols = (None if t is None else t.data_ptr() + start * t.stride(0) * t.element_size()
                         for t in (draws.move, draws.rows, draws.cols))
