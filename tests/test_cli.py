@@ -330,3 +330,15 @@ def test_a_relu_max_model_exports_as_relu_max(trained_tuned, data_dir, tmp_path)
     assert "exported batch_norm+relu+max" in result.stdout and "predicted class differs on 0" in result.stdout
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "tuned.onnx")).metadata_props}
     assert meta["architecture"].endswith("activation='relu', pool='max')")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`lenetlab variants | head -1`: the reader leaves early; no error line, no traceback."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "lenetlab", "variants"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before lenetlab writes a line: its first write meets a closed pipe
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and err == "", err

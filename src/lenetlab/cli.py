@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -410,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except LenetlabError as exc:
         print(f"lenetlab: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        return 141  # 128 + SIGPIPE, what a program stopped by the signal reports
     except OSError as exc:  # a file system refusing a write (full, read-only, a file in the way)
         print(f"lenetlab: error: {files.write_problem(exc.filename or '', exc)}", file=sys.stderr)
         return 2
