@@ -17,7 +17,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__, export, files, options, predict, study
+from . import __version__, export, files, kernels, options, predict, study
 from .data import CLASS_NAMES, load_fashion_mnist, normalise
 from .engines import check_engine
 from .errors import LenetlabError, OutputError, SpecError
@@ -78,6 +78,7 @@ def cmd_train(args) -> int:
     recipe = with_fields(get_recipe(args.variant, args.warm_start), changes, "--")
     run = options.run_options(args)
     run = replace(run, threads=run.threads or torch.get_num_threads())
+    kernels.announce(run.kernels, run.device, [(recipe.name, recipe)])
     tracking = _tracking(args)
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
     files.writable_dir(args.out)  # before training, not after it
@@ -205,6 +206,7 @@ def _run(args, run_dir: Path, go) -> int:
 def _start(args, kind: str, name: str | None, configs, seeds: list[int], reference: str | None = None) -> int:
     check_size(len(configs) * len(seeds), args.max_trials)
     run = options.run_options(args)
+    kernels.announce(run.kernels, run.device, configs)
     check_engine(args.engine)
     _tracking(args)
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)  # before a run folder exists
@@ -238,7 +240,7 @@ def cmd_sweep(args) -> int:
 def cmd_resume(args) -> int:
     run_dir = Path(args.run_dir)
     plan = read_plan(run_dir)  # a folder that is no run is refused before the data is loaded
-    options.check_kernels(plan.options.kernels, plan.options.device)
+    kernels.announce(plan.options.kernels, plan.options.device, plan.configs)
     check_engine(args.engine or "local")
     _tracking(args)
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)

@@ -10,9 +10,7 @@ import argparse
 import math
 import os
 import re
-import sys
 
-from . import native
 from .data import TRAIN_SIZE
 from .errors import SpecError
 from .recipes import FIELDS, check_field
@@ -91,21 +89,9 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_kernels(kernels: str, device: str) -> None:
-    """Build the native step now, once, before any worker needs it; say so if it cannot be used."""
-    if kernels == "torch" or not device.startswith("cpu") or native.load() is not None:
-        return
-    if kernels == "native":
-        raise SpecError(f"--kernels native: the native step cannot be used here "
-                        f"({native.unavailable_reason()})")
-    print(f"lenetlab: note: training with PyTorch's kernels, the native step is unavailable here "
-          f"({native.unavailable_reason()})", file=sys.stderr)
-
-
 def run_options(args) -> RunOptions:
     """The options of a new run, checked before any folder exists or any work starts."""
     device = resolve_device(args.device)
-    check_kernels(args.kernels, device)
     return RunOptions(device=device, threads=args.threads, split_seed=args.split_seed,
                       train_subset=args.train_subset, kernels=args.kernels)
 
@@ -126,7 +112,8 @@ def add_training_options(p: argparse.ArgumentParser, threads_default: str) -> No
     p.add_argument("--kernels", choices=("auto", "native", "torch"),
                    default=os.environ.get("LENETLAB_KERNELS", "auto"),
                    help="the CPU training step: native (lenetlab's own, built with your C compiler on "
-                   "first use), torch, or auto (default, or $LENETLAB_KERNELS: native where it builds)")
+                   "first use), torch, or auto (default, or $LENETLAB_KERNELS: native where it builds and "
+                   "covers the recipe, else torch with one note saying why)")
     p.add_argument("--threads", type=THREADS, help=f"torch threads per trial, 1 to {MAX_THREADS} "
                    f"(default: {threads_default})")
     p.add_argument("--split-seed", type=SEED, default=0,

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from . import files, native
 from .augment import Augmentation, EpochDraws, draw
 from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
+from .kernels import choose as choose_kernels
 from .model import LeNet5V1, fast_forward
 from .recipes import OPTIMIZERS, RECIPES, Recipe, recipe_from_dict
 from .records import Diverged, EpochMetrics
@@ -40,6 +42,10 @@ class Phase:
     recipe: Recipe
     first_epoch: int  # 1-based, global
     last_epoch: int
+
+    @property
+    def epochs(self) -> int:
+        return self.last_epoch - self.first_epoch + 1
 
 
 def phases(recipe: Recipe) -> list[Phase]:
@@ -116,13 +122,44 @@ class _Average:
             mine.copy_(theirs)
 
 
-def choose_kernels(kernels: str, device: torch.device, model: LeNet5V1, batch_size: int) -> str:
-    """native or torch for this trial: native on the CPU where it builds and supports the recipe."""
-    if kernels == "torch" or device.type != "cpu":
-        return "torch"
-    if native.load() is None or native.NativeTrainer.supports(model, batch_size) is not None:
-        return "torch"
-    return "native"
+class Kept:
+    """The kept-model choice: which model a trial evaluates, keeps and saves.
+
+    The trained weights, or with ema > 0 their moving average (`evaluated`); of the last epoch,
+    or with checkpoint="best_val" of the epoch with the highest validation accuracy (the first
+    such): the test set never chooses anything.
+    """
+
+    def __init__(self, model: LeNet5V1, recipe: Recipe) -> None:
+        self.average = _Average(model, recipe.ema) if recipe.ema > 0 else None
+        self.evaluated = self.average.model if self.average else model
+        self.by_val = recipe.checkpoint == "best_val"
+        self.best: dict | None = None  # best_val: {"epoch", "val", "model", "test"}
+
+    def after_step(self) -> None:
+        if self.average:
+            self.average.update()
+
+    def after_epoch(self, epoch: int, val: Evaluation, test: Evaluation) -> None:
+        if self.by_val and (self.best is None or val.accuracy > self.best["val"]):
+            self.best = {"epoch": epoch, "val": val.accuracy, "test": asdict(test),
+                         "model": {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}}
+
+    def choose(self, last_epoch: int, test: Evaluation | None) -> tuple[int, Evaluation | None]:
+        """(kept epoch, its test result), the evaluated model loaded with the kept weights;
+        test is the last epoch's result (None if this run trained no epoch)."""
+        if self.best is None:
+            return last_epoch, test
+        self.evaluated.load_state_dict(self.best["model"])
+        return self.best["epoch"], Evaluation(**self.best["test"])
+
+    def state(self) -> dict:
+        return {"average": self.average.model.state_dict() if self.average else None, "best": self.best}
+
+    def restore(self, saved: dict) -> None:
+        if self.average:
+            self.average.model.load_state_dict(saved["average"])
+        self.best = saved.get("best")  # checkpoints before best_val existed have none
 
 
 @dataclass
@@ -134,6 +171,8 @@ class TrialOutput:
     kept_epoch: int  # the epoch whose model was kept
     test_flip: float | None = None  # test accuracy averaging each image with its mirror (flip)
 
+
+# ---- checkpoints: the state after every epoch, saved atomically, resumed when it matches ----
 
 def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict | None:
     if not path.is_file():
@@ -152,6 +191,29 @@ def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict | None:
     return state
 
 
+def _save_checkpoint(path: Path, model: LeNet5V1, optimizer: torch.optim.Optimizer, kept: Kept,
+                     epoch: int, history: list[EpochMetrics], recipe: Recipe, seed: int) -> None:
+    files.torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **kept.state(),
+                      "epoch": epoch, "history": [asdict(r) for r in history],
+                      "recipe": asdict(recipe), "seed": seed}, path)
+
+
+# ---- the step implementations, behind one interface ----
+
+class Steps(Protocol):
+    """One epoch's training steps, made as Steps(model, optimizer, device, label_smoothing,
+    dropout_p): step() per batch, then totals() once."""
+
+    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
+             draws: EpochDraws | None, start: int) -> None:
+        """One step on x[idx], y[idx], the images augmented by draws if any (the batch being
+        images start, start + 1, ... of the epoch); keep: the dropout mask (B, 120) or None.
+        Raises _NonFinite at the first non-finite loss where that is known at once."""
+
+    def totals(self) -> tuple[float, int, int | None]:
+        """(summed loss, correct predictions, index of the first non-finite step or None)."""
+
+
 class _TorchSteps:
     """The PyTorch step: fast_forward, cross-entropy, backward, the torch optimiser.
 
@@ -160,17 +222,14 @@ class _TorchSteps:
     """
 
     def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, device: torch.device,
-                 label_smoothing: float) -> None:
+                 label_smoothing: float, dropout_p: float) -> None:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.label_smoothing = label_smoothing
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
-             draws: EpochDraws | None, start: int) -> None:
-        """One step on x[idx], y[idx], the images augmented by draws if any (the batch being
-        images start, start + 1, ... of the epoch)."""
+    def step(self, i, x, y, idx, keep, draws, start) -> None:
         x, y = x[idx], y[idx]
         if draws is not None:
             x = draws.apply(x, start)
@@ -195,18 +254,17 @@ class _TorchSteps:
 
 
 class _NativeSteps:
-    """The native whole step (native.py); the same interface as _TorchSteps."""
+    """The native whole step (native.py), gathering and augmenting the batch in C."""
 
-    def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, dropout_p: float,
-                 label_smoothing: float) -> None:
-        self.model, self.dropout_p = model, dropout_p
+    def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, device: torch.device,
+                 label_smoothing: float, dropout_p: float) -> None:
+        self.dropout_p = dropout_p  # keep / (1 - p): the scale the C step multiplies by
         self.trainer = native.NativeTrainer(model, optimizer, label_smoothing=label_smoothing)
         self.loss_sum, self.correct, self.first_bad = 0.0, 0, None
 
-    def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
-             draws: EpochDraws | None, start: int) -> None:
+    def step(self, i, x, y, idx, keep, draws, start) -> None:
         scale = None if keep is None else keep.float().div_(1.0 - self.dropout_p)
-        self.trainer.train_step_indexed(x, y, idx, scale, draws, start)  # gathers and augments in C
+        self.trainer.train_step_indexed(x, y, idx, scale, draws, start)
         loss, correct = self.trainer.take_totals()
         self.loss_sum += loss
         self.correct += correct
@@ -219,8 +277,94 @@ class _NativeSteps:
         return self.loss_sum, self.correct, self.first_bad
 
 
+STEPS: dict[str, type] = {"torch": _TorchSteps, "native": _NativeSteps}
+
+
 class _NonFinite(Exception):
     """Raised inside an epoch at the first non-finite loss (CPU paths)."""
+
+
+# ---- the epoch loop ----
+
+@dataclass
+class _Run:
+    """What every epoch of one trial shares."""
+
+    recipe: Recipe
+    seed: int
+    splits: Splits
+    model: LeNet5V1
+    kernels: str
+    kept: Kept
+    progress: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.splits.train_x)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.recipe.batch_size)
+
+
+def _train_epoch(run: _Run, phase: Phase, optimizer: torch.optim.Optimizer, epoch: int) -> EpochMetrics:
+    """One epoch of training steps on the epoch's own data order, dropout masks and
+    augmentation; the learning rate set before every step. Raises Diverged."""
+    device, n, batch = run.splits.train_x.device, run.n, run.recipe.batch_size
+    dropout_p = run.recipe.dropout_rate if run.recipe.use_dropout else 0.0
+    steps = STEPS[run.kernels](run.model, optimizer, device, phase.recipe.label_smoothing, dropout_p)
+    order_gen = torch.Generator().manual_seed(derived_seed(run.seed, epoch, 0))
+    order = torch.randperm(n, generator=order_gen).to(device)
+    dropout_gen = torch.Generator(device=device).manual_seed(derived_seed(run.seed, epoch, 1))
+    aug = Augmentation(phase.recipe.translate, phase.recipe.flip, phase.recipe.erasing)
+    draws = None
+    if aug.active:
+        aug_gen = torch.Generator(device=device).manual_seed(derived_seed(run.seed, epoch, 2))
+        draws = draw(aug, n, aug_gen, BACKGROUND, device)
+    per_epoch = run.steps_per_epoch
+    first_step, phase_steps = (epoch - phase.first_epoch) * per_epoch, phase.epochs * per_epoch
+    warmup_steps = phase.recipe.warmup_epochs * per_epoch
+    starts = _progress(range(0, n, batch), run, epoch) if run.progress else range(0, n, batch)
+    try:
+        for i, start in enumerate(starts):
+            idx = order[start:start + batch]
+            keep = None
+            if dropout_p > 0:  # drawn here for both paths, as fast_forward expects it
+                keep = torch.rand((len(idx), 120), generator=dropout_gen, device=device) >= dropout_p
+            lr = learning_rate(phase.recipe, first_step + i, phase_steps, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            steps.step(i, run.splits.train_x, run.splits.train_y, idx, keep, draws, start)
+            run.kept.after_step()
+    except _NonFinite:
+        pass
+    finally:
+        if run.progress:
+            starts.close()
+    loss_sum, correct, bad_step = steps.totals()
+    if bad_step is not None:
+        raise Diverged(epoch, bad_step + 1)
+    return EpochMetrics(epoch, "train", loss_sum / n, correct / n)
+
+
+def _progress(starts: range, run: _Run, epoch: int):
+    from tqdm import tqdm
+
+    return tqdm(starts, desc=f"{run.recipe.name} s{run.seed} e{epoch}/{total_epochs(run.recipe)}",
+                leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def _forward(run: _Run) -> Callable:
+    """Evaluation's forward pass: the native one where the native step trains."""
+    return native.forward if run.kernels == "native" else fast_forward
+
+
+def _evaluate(run: _Run, split: str, epoch: int | None = None) -> Evaluation:
+    model, forward = run.kept.evaluated, _forward(run)
+    result = evaluate(model, *run.splits.split(split), forward=lambda x: forward(model, x))
+    if epoch is not None and not math.isfinite(result.loss):
+        raise Diverged(epoch, None)
+    return result
 
 
 def train_trial(
@@ -232,40 +376,30 @@ def train_trial(
     log: Callable[[str], None] | None = None,
     stop_after_epoch: int | None = None,
     kernels: str = "auto",
+    threads: Callable[[], int] | None = None,
 ) -> TrialOutput:
     """Train one recipe from one seed; evaluate train/val/test every epoch.
 
     With checkpoint set, the state after every epoch is saved there (atomically) and a
     matching checkpoint found there is resumed from. stop_after_epoch ends early (tests
-    use it to simulate an interruption). Raises Diverged at the first non-finite loss.
-    The kept model is the last epoch's, or with checkpoint="best_val" the epoch's with the
-    highest validation accuracy (the first such): the test set never chooses anything.
+    use it to simulate an interruption). threads, if given, is asked at the start of every
+    epoch how many threads to train with (torch.set_num_threads; the native step follows it).
+    Raises Diverged at the first non-finite loss. The kept model: see Kept.
     """
     device = splits.train_x.device
     if device.type == "cuda":  # same seed, same numbers: no nondeterministic cuDNN algorithms
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     model = build_model(recipe, seed).to(device)
-    kernels = choose_kernels(kernels, device, model, recipe.batch_size)
-    forward = native.forward if kernels == "native" else fast_forward  # evaluation's forward pass
-    average = _Average(model, recipe.ema) if recipe.ema > 0 else None
-    evaluated = average.model if average else model  # the model whose epochs are recorded and kept
+    run = _Run(recipe, seed, splits, model, choose_kernels(kernels, recipe, device), Kept(model, recipe),
+               progress)
     history: list[EpochMetrics] = []
-    best: dict | None = None  # best_val: {"epoch", "val", "model", "test"}
-    start_epoch = 1
     saved = _load_checkpoint(checkpoint, recipe, seed) if checkpoint else None
     if saved is not None:
         model.load_state_dict(saved["model"])
-        if average:
-            average.model.load_state_dict(saved["average"])
+        run.kept.restore(saved)
         history = [EpochMetrics(**row) for row in saved["history"]]
-        best = saved.get("best")  # checkpoints before best_val existed have none
-        start_epoch = saved["epoch"] + 1
-
-    train_x, train_y = splits.train_x, splits.train_y
-    n, batch = len(train_x), recipe.batch_size
-    steps_per_epoch = math.ceil(n / batch)
-    dropout_p = recipe.dropout_rate if recipe.use_dropout else 0.0
+    start_epoch = saved["epoch"] + 1 if saved is not None else 1
     test = None
     for phase in phases(recipe):
         if phase.last_epoch < start_epoch:
@@ -273,84 +407,38 @@ def train_trial(
         optimizer = make_optimizer(phase.recipe, model.parameters())
         if saved is not None and phase.first_epoch < start_epoch:
             optimizer.load_state_dict(saved["optimizer"])  # resuming inside this phase
-        aug = Augmentation(phase.recipe.translate, phase.recipe.flip, phase.recipe.erasing)
-        phase_steps = (phase.last_epoch - phase.first_epoch + 1) * steps_per_epoch
-        warmup_steps = phase.recipe.warmup_epochs * steps_per_epoch
         for epoch in range(max(start_epoch, phase.first_epoch), phase.last_epoch + 1):
+            if threads is not None:
+                torch.set_num_threads(threads())
             model.train()
-            steps_impl = (_NativeSteps(model, optimizer, dropout_p, phase.recipe.label_smoothing)
-                          if kernels == "native"
-                          else _TorchSteps(model, optimizer, device, phase.recipe.label_smoothing))
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(
-                derived_seed(seed, epoch, 0))).to(device)
-            dropout_gen = torch.Generator(device=device).manual_seed(derived_seed(seed, epoch, 1))
-            draws = None
-            if aug.active:
-                aug_gen = torch.Generator(device=device).manual_seed(derived_seed(seed, epoch, 2))
-                draws = draw(aug, n, aug_gen, BACKGROUND, device)
-            first_step = (epoch - phase.first_epoch) * steps_per_epoch
-            steps = range(0, n, batch)
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(steps, desc=f"{recipe.name} s{seed} e{epoch}/{total_epochs(recipe)}",
-                           leave=False, file=sys.stderr, dynamic_ncols=True)
-                steps = bar
-            try:
-                for i, start in enumerate(steps):
-                    idx = order[start:start + batch]
-                    keep = None
-                    if dropout_p > 0:  # drawn here for both paths, as fast_forward expects it
-                        keep = torch.rand((len(idx), 120), generator=dropout_gen, device=device) >= dropout_p
-                    lr = learning_rate(phase.recipe, first_step + i, phase_steps, warmup_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    steps_impl.step(i, train_x, train_y, idx, keep, draws, start)
-                    if average:
-                        average.update()
-            except _NonFinite:
-                pass
-            finally:
-                if bar is not None:
-                    bar.close()
-            loss_sum, correct, bad_step = steps_impl.totals()
-            if bad_step is not None:
-                raise Diverged(epoch, bad_step + 1)
-            rows = [EpochMetrics(epoch, "train", loss_sum / n, correct / n)]
-            results = {}
-            for split in ("val", "test"):
-                result = evaluate(evaluated, *splits.split(split), forward=lambda x: forward(evaluated, x))
-                if not math.isfinite(result.loss):
-                    raise Diverged(epoch, None)
-                rows.append(EpochMetrics(epoch, split, result.loss, result.accuracy))
-                results[split] = result
-            test = results["test"]
-            if recipe.checkpoint == "best_val" and (best is None or results["val"].accuracy > best["val"]):
-                best = {"epoch": epoch, "val": results["val"].accuracy, "test": asdict(test),
-                        "model": {k: v.detach().clone() for k, v in evaluated.state_dict().items()}}
+            rows = [_train_epoch(run, phase, optimizer, epoch)]
+            val, test = _evaluate(run, "val", epoch), _evaluate(run, "test", epoch)
+            rows += [EpochMetrics(epoch, "val", val.loss, val.accuracy),
+                     EpochMetrics(epoch, "test", test.loss, test.accuracy)]
+            run.kept.after_epoch(epoch, val, test)
             history += rows
             if log is not None:
                 log(format_epoch(recipe.name, seed, epoch, total_epochs(recipe), rows))
             if checkpoint is not None:
-                files.torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "average": average.model.state_dict() if average else None,
-                                  "best": best, "epoch": epoch, "history": [asdict(r) for r in history],
-                                  "recipe": asdict(recipe), "seed": seed}, checkpoint)
+                _save_checkpoint(checkpoint, model, optimizer, run.kept, epoch, history, recipe, seed)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                return TrialOutput(evaluated.eval(), history, test, kernels, epoch)
-    kept_epoch = history[-1].epoch
-    if best is not None:  # best_val: back to the chosen epoch's model and its test result
-        evaluated.load_state_dict(best["model"])
-        kept_epoch, test = best["epoch"], Evaluation(**best["test"])
-    elif test is None:  # resumed from the last epoch's checkpoint: nothing was left to train
-        test = evaluate(evaluated, *splits.split("test"), forward=lambda x: forward(evaluated, x))
-    evaluated.eval()
+                return TrialOutput(run.kept.evaluated.eval(), history, test, run.kernels, epoch)
+    return _finish(run, history, test)
+
+
+def _finish(run: _Run, history: list[EpochMetrics], test: Evaluation | None) -> TrialOutput:
+    """The kept model in eval mode, its test result and, for recipes that flip, the
+    flip-averaged test accuracy."""
+    kept_epoch, test = run.kept.choose(history[-1].epoch, test)
+    if test is None:  # resumed from the last epoch's checkpoint: nothing was left to train
+        test = _evaluate(run, "test")
+    model = run.kept.evaluated.eval()
     test_flip = None
-    if recipe.flip:
-        test_flip = evaluate(evaluated, *splits.split("test"),
-                             forward=lambda x: flip_averaged(forward, evaluated, x)).accuracy
-    return TrialOutput(evaluated, history, test, kernels, kept_epoch, test_flip)
+    if run.recipe.flip:
+        forward = _forward(run)
+        test_flip = evaluate(model, *run.splits.split("test"),
+                             forward=lambda x: flip_averaged(forward, model, x)).accuracy
+    return TrialOutput(model, history, test, run.kernels, kept_epoch, test_flip)
 
 
 def format_epoch(name: str, seed: int, epoch: int, epochs: int, rows: list[EpochMetrics]) -> str:

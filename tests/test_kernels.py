@@ -1,0 +1,97 @@
+"""The kernel choice (kernels.py): the native step trains a recipe only where it covers all of it,
+and anything else, a new optimiser or a new recipe field, trains on PyTorch's path instead of
+failing there."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+from lenetlab import kernels, native, recipes
+from lenetlab.recipes import RECIPES, Recipe
+from lenetlab.training import train_trial
+
+needs_native = pytest.mark.skipif(native.load() is None, reason="no native step here (no C compiler)")
+
+
+@pytest.fixture
+def rmsprop(monkeypatch):
+    """RMSprop added as recipes.py tells a user to add an optimiser: one OPTIMIZERS entry."""
+    monkeypatch.setitem(recipes.OPTIMIZERS, "rmsprop", lambda params, r: torch.optim.RMSprop(
+        params, lr=r.lr, weight_decay=r.weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixupRecipe(Recipe):
+    """A recipe with a field the native step has never heard of, as a test-only subclass."""
+
+    mixup: float = 0.0
+
+
+@needs_native
+def test_every_shipped_recipe_is_native():
+    for name, recipe in RECIPES.items():
+        assert kernels.native_gap(recipe) is None, name
+        assert kernels.choose("auto", recipe, "cpu") == "native"
+
+
+def test_what_the_native_step_lacks_is_named():
+    assert "device cuda" in kernels.native_gap(RECIPES["baseline"], "cuda")
+    assert "mixup = 0.2" in kernels.native_gap(MixupRecipe("baseline", mixup=0.2))
+
+
+@needs_native
+def test_a_new_field_at_its_default_keeps_the_native_step():
+    assert kernels.native_gap(MixupRecipe("baseline")) is None
+
+
+@needs_native
+def test_a_new_optimizer_falls_back_and_native_refuses_it(rmsprop):
+    recipe = replace(RECIPES["baseline"], optimizer="rmsprop")
+    assert "RMSprop" in kernels.native_gap(recipe)
+    assert kernels.choose("auto", recipe, "cpu") == "torch"
+    with pytest.raises(recipes.SpecError, match="RMSprop"):
+        kernels.choose("native", recipe, "cpu")
+
+
+@needs_native
+def test_a_warm_start_is_checked_in_both_phases(rmsprop, monkeypatch):
+    monkeypatch.setitem(RECIPES, "l2_regularization", replace(RECIPES["l2_regularization"], optimizer="rmsprop"))
+    warm = recipes.get_recipe("l2_optimized", warm_start=True)
+    assert "RMSprop" in kernels.native_gap(warm)
+
+
+@needs_native
+def test_a_new_field_in_use_trains_on_pytorchs_path(small_splits):
+    """A field the step does not know, set: the trial trains (no traceback) on PyTorch's path."""
+    recipe = MixupRecipe("baseline", epochs=1, mixup=0.2)
+    output = train_trial(recipe, 0, small_splits)
+    reference = train_trial(replace(RECIPES["baseline"], epochs=1), 0, small_splits, kernels="torch")
+    assert output.kernels == "torch"
+    assert output.history == reference.history  # this loop has no mixup: the plain torch run
+
+
+@needs_native
+def test_rmsprop_trains_under_the_default_kernels_with_pytorchs_numbers(rmsprop, tmp_path, data_dir):
+    """The issue's case: `lenetlab train baseline --optimizer rmsprop` with the default kernels
+    trains, says once why it is not native, and saves what --kernels torch saves."""
+    common = ["train", "baseline", "--optimizer", "rmsprop", "--epochs", "1", "--train-subset", "640",
+              "--data-dir", data_dir, "--quiet"]
+    auto = run_cli(*common, "--out", tmp_path / "auto")
+    assert auto.returncode == 0, auto.stderr
+    notes = [line for line in auto.stderr.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "baseline trains with PyTorch's kernels" in notes[0] and "RMSprop" in notes[0]
+    assert "torch kernels" in auto.stdout
+    forced = run_cli(*common, "--out", tmp_path / "torch", "--kernels", "torch")
+    assert forced.returncode == 0, forced.stderr
+    name = recipes.file_name("baseline")
+    digests = {hashlib.sha256((tmp_path / where / name).read_bytes()).hexdigest() for where in ("auto", "torch")}
+    assert len(digests) == 1
+    refused = run_cli(*common, "--out", tmp_path / "native", "--kernels", "native")
+    assert_one_line_error(refused, "--kernels native", "RMSprop")
+    assert not (tmp_path / "native").exists()
