@@ -1,12 +1,16 @@
-"""Benchmark lenetlab's five-variant study against the conventional training loop, side by side in one run.
+"""Benchmark lenetlab's study against the conventional training loop, side by side in one run.
 
 The conventional loop is what a user writes from the PyTorch tutorials, as the original
 study did: a `Dataset` that turns each uint8 image into a normalised tensor one sample at a
-time, a `DataLoader` (batch 64, shuffled), `model(x)`, Adam, and per-batch metrics read back
-with `.item()`. Both sides use the same recipes, seeds, data and split, and do the same work
-per epoch: train one epoch, then evaluate the validation and the test set.
+time (with the recipe's augmentation as per-sample transforms), a `DataLoader` (shuffled),
+`model(x)`, the recipe's network, optimiser, `torch.optim.lr_scheduler` schedule and
+`F.cross_entropy(label_smoothing=...)`, and per-batch metrics read back with `.item()`. Both
+sides use the same recipes, seeds, data and split, and do the same work per epoch: train one
+epoch, then evaluate the validation and the test set; each keeps its recipe's epoch (last or
+best_val).
 
-    python benchmarks/benchmark.py                   # the whole study, one seed
+    python benchmarks/benchmark.py                   # what `lenetlab study` runs, one seed
+    python benchmarks/benchmark.py --variants all    # the six recipes, tuned too
     python benchmarks/benchmark.py --quick           # 0.1 x epochs, baseline + batch_norm
     python benchmarks/benchmark.py --seeds 3 --json bench.json
 
@@ -48,7 +52,7 @@ from lenetlab.data import MEAN, STD, TRAIN_SIZE, VAL_SIZE, load_fashion_mnist, m
 from lenetlab.engines import usable_cores  # noqa: E402
 from lenetlab.model import LeNet5V1, fast_forward  # noqa: E402
 from lenetlab.provenance import cpu_model  # noqa: E402
-from lenetlab.recipes import RECIPES, scale_epochs  # noqa: E402
+from lenetlab.recipes import PUBLISHED_RECIPES, RECIPES, Recipe, scale_epochs  # noqa: E402
 from lenetlab.training import make_optimizer, train_trial  # noqa: E402
 
 EVAL_BATCH = 1000  # conventional val/test loaders: fewer collate calls and syncs, every batch full
@@ -62,31 +66,55 @@ def log(message: str) -> None:
 
 
 class FashionDataset(Dataset):
-    """Tutorial style: ToTensor() + Normalize((0.2860,), (0.3530,)), one uint8 image at a time."""
+    """Tutorial style: ToTensor() + Normalize((0.2860,), (0.3530,)), one uint8 image at a time,
+    and for training the recipe's augmentation as per-sample transforms, hand-written as
+    torchvision's RandomCrop(28, padding=t), RandomHorizontalFlip() and RandomErasing(p) would
+    do them (no torchvision here): a shift of up to t pixels padded with black, a mirror with
+    probability 1/2, one rectangle of 2-33% of the area set to 0 after normalisation."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe | None = None) -> None:
         self.images, self.labels = images, labels
+        self.translate = recipe.translate if recipe else 0
+        self.flip = recipe.flip if recipe else False
+        self.erasing = recipe.erasing if recipe else 0.0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i].unsqueeze(0).float().div(255.0).sub(MEAN).div(STD), int(self.labels[i])
+        x = self.images[i].unsqueeze(0).float().div(255.0)
+        if self.translate:
+            t = self.translate
+            dy, dx = torch.randint(0, 2 * t + 1, (2,)).tolist()
+            x = F.pad(x, (t, t, t, t))[:, dy:dy + 28, dx:dx + 28]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        x = x.sub(MEAN).div(STD)
+        if self.erasing and torch.rand(()) < self.erasing:
+            area = 784 * float(torch.empty(()).uniform_(0.02, 0.33))
+            ratio = math.exp(float(torch.empty(()).uniform_(math.log(0.3), math.log(3.3))))
+            h, w = (min(28, max(1, round(math.sqrt(area * r)))) for r in (ratio, 1 / ratio))
+            top, left = int(torch.randint(0, 29 - h, ())), int(torch.randint(0, 29 - w, ()))
+            x = x.clone()
+            x[:, top:top + h, left:left + w] = 0.0
+        return x, int(self.labels[i])
 
 
-def conventional_loaders(data, batch_size: int, workers: int) -> dict[str, DataLoader]:
+def conventional_loaders(data, recipe: Recipe, workers: int) -> dict[str, DataLoader]:
     """The same 54,000 / 6,000 split as lenetlab.data.make_splits (split seed 0)."""
     order = torch.randperm(TRAIN_SIZE + VAL_SIZE, generator=torch.Generator().manual_seed(0))
     train, val = order[:TRAIN_SIZE], order[TRAIN_SIZE:]
-    sets = {"train": FashionDataset(data.train_images[train], data.train_labels[train]),
+    sets = {"train": FashionDataset(data.train_images[train], data.train_labels[train], recipe),
             "val": FashionDataset(data.train_images[val], data.train_labels[val]),
             "test": FashionDataset(data.test_images, data.test_labels)}
-    return {name: DataLoader(ds, batch_size=batch_size if name == "train" else EVAL_BATCH,
+    return {name: DataLoader(ds, batch_size=recipe.batch_size if name == "train" else EVAL_BATCH,
                              shuffle=name == "train", num_workers=workers) for name, ds in sets.items()}
 
 
-def run_epoch(model: LeNet5V1, loader: DataLoader, optimizer=None) -> dict:
-    """One tutorial-style pass (training when given an optimizer); times the DataLoader waits."""
+def run_epoch(model: LeNet5V1, loader: DataLoader, optimizer=None, scheduler=None,
+              label_smoothing: float = 0.0) -> dict:
+    """One tutorial-style pass (training when given an optimizer, the scheduler stepped per
+    batch); times the DataLoader waits."""
     model.train(optimizer is not None)
     loss_sum = acc_sum = wait = 0.0
     start = time.perf_counter()
@@ -100,11 +128,13 @@ def run_epoch(model: LeNet5V1, loader: DataLoader, optimizer=None) -> dict:
                 break
             wait += time.perf_counter() - t
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing if optimizer else 0.0)
             if optimizer is not None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
             loss_sum += loss.item()
             acc_sum += (logits.argmax(1) == y).float().mean().item()
     n = len(loader)
@@ -112,19 +142,58 @@ def run_epoch(model: LeNet5V1, loader: DataLoader, optimizer=None) -> dict:
             "data_wait_s": wait}
 
 
-def conventional_trial(recipe, seed: int, loaders: dict[str, DataLoader], epochs: int) -> dict:
+def conventional_optimizer(recipe: Recipe, model: LeNet5V1) -> torch.optim.Optimizer:
+    """As a tutorial writes it: the torch class, default (not fused) implementation."""
+    params = model.parameters()
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[recipe.optimizer]
+    return kind(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def conventional_scheduler(recipe: Recipe, optimizer, steps_per_epoch: int, epochs: int):
+    """The recipe's schedule through torch.optim.lr_scheduler, stepped per batch (None: constant)."""
+    total, warmup = steps_per_epoch * epochs, steps_per_epoch * recipe.warmup_epochs
+    sched = torch.optim.lr_scheduler
+    if recipe.schedule == "onecycle":
+        return sched.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total, pct_start=warmup / total,
+                                anneal_strategy="cos", div_factor=25, final_div_factor=1e4,
+                                cycle_momentum=False)
+    parts, milestones = [], []
+    if warmup:
+        parts.append(sched.LambdaLR(optimizer, lambda step: (step + 1) / warmup))
+        milestones.append(warmup)
+    if recipe.schedule == "cosine":
+        parts.append(sched.CosineAnnealingLR(optimizer, T_max=total - warmup))
+    elif warmup:
+        parts.append(sched.LambdaLR(optimizer, lambda step: 1.0))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else sched.SequentialLR(optimizer, parts, milestones)
+
+
+def conventional_trial(recipe: Recipe, seed: int, data, workers: int) -> dict:
+    """One trial of recipe as a tutorial trains it: its network, optimiser, schedule, augmentation,
+    label smoothing and kept epoch (best_val: the epoch with the highest validation accuracy).
+    No shipped recipe has an EMA of the weights or a warm start: neither is here."""
     torch.manual_seed(seed)
-    model = LeNet5V1(recipe.use_dropout, recipe.use_batch_norm, recipe.dropout_rate)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    model = LeNet5V1(recipe.use_dropout, recipe.use_batch_norm, recipe.dropout_rate,
+                     activation=recipe.activation, pool=recipe.pool)
+    loaders = conventional_loaders(data, recipe, workers)
+    optimizer = conventional_optimizer(recipe, model)
+    scheduler = conventional_scheduler(recipe, optimizer, len(loaders["train"]), recipe.epochs)
     start, history = time.perf_counter(), []
-    for epoch in range(1, epochs + 1):
-        row = {"train": run_epoch(model, loaders["train"], optimizer),
-               "val": run_epoch(model, loaders["val"]), "test": run_epoch(model, loaders["test"])}
-        history.append(row)
-        log(f"  conventional {recipe.name} seed {seed} epoch {epoch}/{epochs}: "
-            f"test {row['test']['accuracy']:.4f}")
-    return {"variant": recipe.name, "seed": seed, "epochs": epochs, "seconds": time.perf_counter() - start,
-            "test_accuracy": history[-1]["test"]["accuracy"], "first_epoch": history[0]}
+    for epoch in range(1, recipe.epochs + 1):
+        train = run_epoch(model, loaders["train"], optimizer, scheduler, recipe.label_smoothing)
+        history.append({"train": train, "val": run_epoch(model, loaders["val"]),
+                        "test": run_epoch(model, loaders["test"])})
+        log(f"  conventional {recipe.name} seed {seed} epoch {epoch}/{recipe.epochs}: "
+            f"test {history[-1]['test']['accuracy']:.4f}")
+    kept = (max(history, key=lambda r: r["val"]["accuracy"]) if recipe.checkpoint == "best_val"
+            else history[-1])
+    return {"variant": recipe.name, "seed": seed, "epochs": recipe.epochs,
+            "seconds": time.perf_counter() - start, "test_accuracy": kept["test"]["accuracy"],
+            "first_epoch": history[0]}
 
 
 # ----------------------------------------------------------------------------- sections 1 and 2
@@ -262,14 +331,24 @@ def model_flops(batch: int = 64) -> dict[str, float]:
 # ----------------------------------------------------------------------------- main
 
 
+def variants(text: str) -> list[str]:
+    names = [name for v in text.split(",") for name in (RECIPES if v == "all" else [v])]
+    unknown = [v for v in names if v not in RECIPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r} (choose from "
+                                         f"{', '.join(RECIPES)} or all)")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "LENETLAB_DATA", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")),
         help="folder with the Fashion-MNIST IDX files (default: $LENETLAB_DATA)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(RECIPES),
-                        help="comma-separated (default: all five)")
+    parser.add_argument("--variants", type=variants, default=list(PUBLISHED_RECIPES),
+                        help="comma-separated, or all (default: what `lenetlab study` runs, the five "
+                        "published recipes)")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every recipe's epochs")
     parser.add_argument("--quick", action="store_true", help="0.1 x epochs, baseline and batch_norm")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader num_workers (default 0)")
@@ -285,12 +364,9 @@ def main(argv: list[str] | None = None) -> int:
              else ""))
     peak, bits = fma_peak_gflops()
     data = load_fashion_mnist(args.data_dir, download=False)
-    loaders = {b: conventional_loaders(data, b, args.loader_workers)
-               for b in {RECIPES[v].batch_size for v in args.variants}}
 
     log("whole study: conventional loop, one trial after another")
-    trials = [conventional_trial(RECIPES[v], seed, loaders[RECIPES[v].batch_size],
-                                 scale_epochs(RECIPES[v], args.epochs_scale).epochs)
+    trials = [conventional_trial(scale_epochs(RECIPES[v], args.epochs_scale), seed, data, args.loader_workers)
               for v in args.variants for seed in range(args.seeds)]
     conv = {"seconds": sum(t["seconds"] for t in trials), "trial_epochs": sum(t["epochs"] for t in trials),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
