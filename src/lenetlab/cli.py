@@ -191,7 +191,7 @@ def _run(args, run_dir: Path, go) -> int:
     failed = sum(len(c["failed"]) for c in summary["configs"])
     done = sum(len(c["completed_seeds"]) for c in summary["configs"])
     print(f"{summary['kind']} {run_dir}: {done} trial(s) done, {failed} failed; "
-          f"report: {run_dir / 'report.md'}")
+          f"report: {run_dir / 'report.html'} (and report.md)")
     if summary["best"]:
         best = next(c for c in summary["configs"] if c["name"] == summary["best"]["name"])
         print(f"best: {best['name']} test accuracy {best['final']['test']['mean']:.4f} "
@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_data_options(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("report", help="render tables, plots and report.md again from a run folder")
+    p = sub.add_parser("report", help="render tables, plots, report.md and report.html again from a run "
+                       "folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 

@@ -1,4 +1,5 @@
-"""report.md: tables, comparisons and sentences computed from a run's summary, with its plots.
+"""The report: tables, comparisons and sentences computed from a run's summary, with its plots,
+as report.md and as report.html (the same text, one self-contained page).
 
 finalize() hands the summary to render_report in memory; `lenetlab report RUN_DIR` reads
 summary.json and metrics.csv back (summary.read_summary checks them against the checksums
@@ -8,11 +9,16 @@ about which variant is better is written in advance.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 from typing import Any
+
+import markdown
 
 from . import files
 from .errors import RunDirError
@@ -37,8 +43,48 @@ def render_report(run_dir: Path, summary: dict | None = None, curves: Curves | N
         summary, curves = read_summary(run_dir)
     plots = write_plots(summary, curves, run_dir / "plots")
     path = run_dir / "report.md"
-    files.write_text(path, build_markdown(summary, plots))
+    text = build_markdown(summary, plots)
+    files.write_text(path, text)
+    files.write_text(run_dir / "report.html", build_html(text, summary["name"], run_dir))
     return path
+
+
+# report.html: no script, no request. Plots are embedded (data: URIs), so the page is one file
+# to open, keep or send; print rules keep each plot, table row and heading with what follows it.
+_STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+       color: #1b1b1b; }
+table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
+th { background: #f2f2f2; }
+img { max-width: 100%; height: auto; display: block; }
+code { background: #f2f2f2; padding: 0 0.2rem; }
+@media print {
+  body { max-width: none; margin: 0; font-size: 11pt; }
+  img, tr, figure { break-inside: avoid; page-break-inside: avoid; }
+  img { max-height: 24cm; }
+  h1, h2, h3 { break-after: avoid; page-break-after: avoid; }
+}
+"""
+_IMG = re.compile(r'<img alt="([^"]*)" src="([^"]+\.png)"\s*/?>')
+
+
+def build_html(text: str, title: str, run_dir: Path) -> str:
+    """report.md's text as one HTML page, its plots read from run_dir and embedded."""
+    body = markdown.markdown(text, extensions=["tables"], output_format="html")
+
+    def embed(match: re.Match) -> str:
+        plot = run_dir / html.unescape(match[2])
+        if not plot.is_file():  # write_plots just wrote every plot it lists; keep the link otherwise
+            return match[0]
+        data = base64.b64encode(plot.read_bytes()).decode("ascii")
+        return f'<img alt="{match[1]}" src="data:image/png;base64,{data}">'
+
+    body = _IMG.sub(embed, body)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{html.escape(title)}: lenetlab report</title>\n<style>{_STYLE}</style>\n"
+            f"</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
 def build_markdown(summary: dict, plots: list[tuple[str, str]]) -> str:

@@ -7,7 +7,7 @@
       checkpoints/<key>.pt          the state after a running trial's last finished epoch
       models/seed<k>/<file>.pth     each trial's weights + <file>.json sidecar
       models/<file>.pth             the best seed's weights of each configuration
-      metrics.csv, summary.json, report.md, plots/   written by summary.py and report.py
+      metrics.csv, summary.json, report.md, report.html, plots/   written by summary.py and report.py
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     plan (RunPlan) -> run.json; an engine runs the trials not yet done, each recorded as it
     finishes; finalize() aggregates them into metrics.csv, summary.json, the best seed's
-    weights under the original names, the plots and report.md.
+    weights under the original names, the plots, report.md and report.html.
 
 The run folder is held (rundir.hold) from the first write to the last, so two processes
 never run the same plan at once.

@@ -247,8 +247,9 @@ class RunLog:
             if trial.key in results:
                 self.log_trial(results[trial.key])
         summary = files.read_record(self.run_dir / "summary.json", "summary")
-        for name in ("summary.json", "metrics.csv", "report.md"):
-            self.client.log_artifact(self.parent_id, str(self.run_dir / name))
+        for name in ("summary.json", "metrics.csv", "report.md", "report.html"):
+            if (self.run_dir / name).is_file():  # report.html: not in run folders older than it
+                self.client.log_artifact(self.parent_id, str(self.run_dir / name))
         if (self.run_dir / "plots").is_dir():
             self.client.log_artifacts(self.parent_id, str(self.run_dir / "plots"), "plots")
         failed = sum(len(c["failed"]) for c in summary["configs"])
