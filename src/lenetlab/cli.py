@@ -36,6 +36,7 @@ from .recipes import (
 )
 from .records import SPLITS, Trial
 from .rundir import MAX_SEEDS, check_size, new_run_dir, parse_seeds, read_plan
+from .runs import list_runs
 from .sweep import expand, load_spec
 from .trials import execute_trial, save_weights
 
@@ -279,6 +280,15 @@ def cmd_log_mlflow(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    found = list_runs(Path(args.dir))
+    for state in found:
+        print(state.line())
+    if not found:
+        print(f"no run folders under {args.dir}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import render_report
 
@@ -391,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("runs", help="the run folders under DIR, one line each: kind, configurations and "
+                       "seeds, trials done and failed, best test accuracy, and whether each is finished, "
+                       "interrupted, in use or damaged")
+    p.add_argument("dir", nargs="?", default="runs", help="the folder holding run folders (default: runs)")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("log-mlflow", help="log a finished run folder (or weights train saved) to MLflow",
                        description="Log a finished run folder to MLflow as `--mlflow` would have logged it "

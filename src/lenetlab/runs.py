@@ -1,0 +1,88 @@
+"""The run folders under a directory, one line each: what each holds and what state it is in.
+
+`lenetlab runs [DIR]` prints them: kind, configurations and seeds, trials done and failed, the
+best test accuracy, and the state: finished, interrupted (resumable), in use by a process, or
+damaged. Nothing is written: the lock is probed without being taken.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import files
+from .errors import RunDirError
+from .rundir import plan_path, read_plan
+from .study import read_results
+
+
+@dataclass(frozen=True)
+class RunState:
+    path: Path
+    kind: str = "?"
+    configs: int = 0
+    seeds: int = 0
+    done: int = 0
+    failed: int = 0
+    best: tuple[str, float] | None = None  # (configuration, mean test accuracy)
+    state: str = "finished"  # finished, interrupted, in use by process N, damaged (why)
+
+    def line(self) -> str:
+        best = f"best {self.best[0]} {self.best[1]:.4f}" if self.best else "best -"
+        return (f"{self.path.name}  {self.kind}  {self.configs} config(s) x {self.seeds} seed(s)  "
+                f"{self.done} done, {self.failed} failed  {best}  {self.state}")
+
+
+def _holder(run_dir: Path) -> str | None:
+    """The pid holding the run folder's lock, or None when nobody holds it."""
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
+
+
+def describe(run_dir: Path) -> RunState:
+    """What run_dir holds; a folder whose files lenetlab cannot trust is 'damaged (why)'."""
+    run_dir = Path(run_dir)
+    try:
+        plan = read_plan(run_dir)
+    except RunDirError as exc:
+        return RunState(run_dir, state=f"damaged ({exc})")
+    results = read_results(run_dir, plan).values()
+    counts = dict(kind=plan.kind, configs=len(plan.configs), seeds=len(plan.seeds),
+                  done=sum(r.done for r in results), failed=sum(not r.done for r in results))
+    holder = _holder(run_dir)
+    if holder is not None:
+        return RunState(run_dir, **counts, state=f"in use by process {holder}")
+    resumable = "interrupted: lenetlab resume finishes it"
+    if counts["done"] + counts["failed"] < len(plan.configs) * len(plan.seeds):
+        return RunState(run_dir, **counts, state=resumable)
+    if not (run_dir / "summary.json").exists():  # stopped while finalizing
+        return RunState(run_dir, **counts, state=resumable)
+    try:
+        summary = files.read_record(run_dir / "summary.json", "summary")
+    except RunDirError as exc:
+        return RunState(run_dir, **counts, state=f"damaged ({exc})")
+    best = summary.get("best")
+    if best:
+        config = next(c for c in summary["configs"] if c["name"] == best["name"])
+        best = (best["name"], config["final"]["test"]["mean"])
+    state = "finished, with failures: lenetlab resume reruns them" if counts["failed"] else "finished"
+    return RunState(run_dir, **counts, best=best or None, state=state)
+
+
+def list_runs(folder: Path) -> list[RunState]:
+    """Every run folder directly under folder (a subfolder with a run.json), by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunDirError(f"{folder}: no such folder")
+    return [describe(p) for p in sorted(folder.iterdir()) if p.is_dir() and plan_path(p).exists()]
