@@ -232,6 +232,7 @@ def train_trial(
     log: Callable[[str], None] | None = None,
     stop_after_epoch: int | None = None,
     kernels: str = "auto",
+    threads: Callable[[], int] | None = None,
 ) -> TrialOutput:
     """Train one recipe from one seed; evaluate train/val/test every epoch.
 
@@ -240,6 +241,7 @@ def train_trial(
     use it to simulate an interruption). Raises Diverged at the first non-finite loss.
     The kept model is the last epoch's, or with checkpoint="best_val" the epoch's with the
     highest validation accuracy (the first such): the test set never chooses anything.
+    threads, if given, is asked at the start of every epoch for the torch threads to train it with.
     """
     device = splits.train_x.device
     if device.type == "cuda":  # same seed, same numbers: no nondeterministic cuDNN algorithms
@@ -277,6 +279,8 @@ def train_trial(
         phase_steps = (phase.last_epoch - phase.first_epoch + 1) * steps_per_epoch
         warmup_steps = phase.recipe.warmup_epochs * steps_per_epoch
         for epoch in range(max(start_epoch, phase.first_epoch), phase.last_epoch + 1):
+            if threads is not None:
+                torch.set_num_threads(threads())
             model.train()
             steps_impl = (_NativeSteps(model, optimizer, dropout_p, phase.recipe.label_smoothing)
                           if kernels == "native"
