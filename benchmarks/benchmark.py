@@ -285,8 +285,8 @@ class TrialClock:
         self.results[result.trial.key] = result
 
 
-def fixed_cost(data, trials: int = 6, workers: int = 2, subset: int = 2000) -> dict:
-    """What a trial on the local pool costs beyond its epochs, from a short run in this process.
+def fixed_cost(data_dir: Path, trials: int = 6, workers: int = 2, subset: int = 2000) -> dict:
+    """What a trial on the local pool costs beyond its epochs, from a short run.
 
     Per trial: the time from the pool starting its worker to its recorded result being back in
     the study's process, minus train_trial's own time (the trial's wall_time_s: its epochs with
@@ -294,7 +294,24 @@ def fixed_cost(data, trials: int = 6, workers: int = 2, subset: int = 2000) -> d
     writing the weights and the result, reading it back. Once per run (not per trial): the time
     from the start of the run to its first trial, and from its last result to the end of
     finalize (summary, plots, report).
+
+    The run is made by a `python -c` process, as by `python -m lenetlab`: a worker process
+    started from a script imports that script first (multiprocessing's rule), which for this one
+    (torch.utils.data, the FLOP counter, ...) would add seconds to every trial.
     """
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import benchmark; "
+            "print(json.dumps(benchmark.fixed_cost_here(*sys.argv[2:])))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(data_dir),
+                           str(trials), str(workers), str(subset)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"fixed-cost run failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fixed_cost_here(data_dir: str, trials: str, workers: str, subset: str) -> dict:
+    """fixed_cost's run, in this process."""
+    trials, workers, subset = int(trials), int(workers), int(subset)
+    data = load_fashion_mnist(data_dir, download=False, quiet=True)
     recipe = replace(RECIPES["baseline"], epochs=1)
     options = RunOptions(threads=1, train_subset=subset)
     plan = study.new_plan("sweep", "fixed-cost", [("baseline-ep1", recipe)], list(range(trials)),
@@ -354,14 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {cpu_model()}, {usable_cores()} cores, torch {torch.__version__}"
           + (f"\nWARNING: load average {load:.2f} at the start: timings are unreliable" if load > BUSY_LOAD
              else ""))
-    data = load_fashion_mnist(args.data_dir, download=False)
     if args.fixed_cost:
-        cost = fixed_cost(data)
+        cost = fixed_cost(args.data_dir)
         print_fixed_cost(cost)
         if args.json:
             args.json.write_text(json.dumps({**report, "fixed_cost": cost}, indent=2) + "\n")
         return 0
     peak, bits = fma_peak_gflops()
+    data = load_fashion_mnist(args.data_dir, download=False)
     loaders = {b: conventional_loaders(data, b, args.loader_workers)
                for b in {RECIPES[v].batch_size for v in args.variants}}
 
@@ -378,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lenetlab-bench-") as tmp:
         lab = run_lenetlab_study(args.variants, args.seeds, args.epochs_scale, args.data_dir, Path(tmp))
     log("fixed cost per trial: a short run on the local pool in this process")
-    cost = fixed_cost(data)
+    cost = fixed_cost(args.data_dir)
 
     print("\n== 1. One batch-64 training step of the baseline recipe, one thread (median) ==")
     for name, ms in steps.items():
