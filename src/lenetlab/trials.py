@@ -3,7 +3,8 @@
 Both engines (the local process pool and Ray) call execute_trial where the work runs and
 record_trial where the run folder is, so a run folder's contents do not depend on the
 engine that filled it. A result carries its run's identity: a file written by any other
-run (a stray process, a copied folder) is never counted.
+run (a stray process, a copied folder) is never counted. The splits come made: an engine
+makes them once per run (or per Ray worker), not once per trial.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import files
-from .data import FashionMNIST, make_splits
+from .data import Splits
 from .errors import RunDirError
 from .provenance import library_versions, machine_info
 from .recipes import architecture
@@ -26,12 +27,16 @@ from .rundir import checkpoint_path, result_path, weights_path
 from .training import train_trial
 
 
-def execute_trial(trial: Trial, run_id: str, data: FashionMNIST, options: RunOptions,
+def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions,
                   checkpoint: Path | None, progress: bool = False,
                   log: Callable[[str], None] | None = None) -> tuple[TrialResult, dict]:
-    """Train and evaluate one trial: its result (failed if it diverged) and its weights (CPU tensors)."""
+    """Train and evaluate one trial: its result (failed if it diverged) and its weights (CPU tensors).
+
+    splits: make_splits(data, options.split_seed, ..., options.train_subset) on any device;
+    they are moved to options.device if they are elsewhere.
+    """
     torch.set_num_threads(options.threads)
-    splits = make_splits(data, options.split_seed, options.device, options.train_subset)
+    splits = splits.to(options.device)
     started = time.perf_counter()
     try:
         output = train_trial(trial.recipe, trial.seed, splits, checkpoint=checkpoint,
