@@ -19,8 +19,9 @@ step, and the conventional step; (2) one baseline epoch (train + val + test) of 
 whole study: conventional loop in this process vs `lenetlab study` as a subprocess, test
 accuracies, wall times, their ratio and peak memory; (4) arithmetic: the study's FLOPs
 (counted by torch), this machine's FMA peak (a register-only loop, not sgemm, which takes an
-AVX2 path on AMD), and the share of it each side sustained. The conventional side runs
-before lenetlab makes anything in this process, so its peak RSS is its own.
+AVX2 path on AMD), and the share of it each side sustained; (5) the fixed cost of a trial on
+the local pool beyond its epochs (`--fixed-cost` runs this section alone). The conventional
+side runs before lenetlab makes anything in this process, so its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -47,16 +48,18 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import fma_peak_gflops  # noqa: E402
 
-from lenetlab import native  # noqa: E402
+from lenetlab import native, study  # noqa: E402
 from lenetlab.data import MEAN, STD, TRAIN_SIZE, VAL_SIZE, load_fashion_mnist, make_splits  # noqa: E402
 from lenetlab.engines import usable_cores  # noqa: E402
 from lenetlab.model import LeNet5V1, fast_forward  # noqa: E402
 from lenetlab.provenance import cpu_model  # noqa: E402
 from lenetlab.recipes import PUBLISHED_RECIPES, RECIPES, Recipe, scale_epochs  # noqa: E402
+from lenetlab.records import RunOptions  # noqa: E402
 from lenetlab.training import make_optimizer, train_trial  # noqa: E402
 
 EVAL_BATCH = 1000  # conventional val/test loaders: fewer collate calls and syncs, every batch full
 TARGET_SPEEDUP = 8.0
+TARGET_FIXED_S = 0.2  # per trial, beyond its epochs
 ONE_SEED_TOLERANCE = 0.01  # seed-to-seed std of final test accuracy is ~0.003-0.005
 BUSY_LOAD = 0.5  # a 1-minute load average above this at the start: other work is running
 
@@ -328,6 +331,89 @@ def model_flops(batch: int = 64) -> dict[str, float]:
             "eval_per_image": evaluation.get_total_flops() / batch}
 
 
+# ----------------------------------------------------------------------------- section 5
+
+
+class TrialClock:
+    """A study display noting when the pool starts each trial's worker and when the trial's
+    recorded result is back in the study's process."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.back: dict[str, float] = {}
+        self.results: dict = {}
+
+    def begin(self, todo: int, finished: int) -> None:
+        pass
+
+    def start(self, trial) -> None:
+        self.started[trial.key] = time.perf_counter()
+
+    def done(self, result) -> None:
+        self.back[result.trial.key] = time.perf_counter()
+        self.results[result.trial.key] = result
+
+
+def fixed_cost(data_dir: Path, trials: int = 6, workers: int = 2, subset: int = 2000) -> dict:
+    """What a trial on the local pool costs beyond its epochs, from a short run.
+
+    Per trial: the time from the pool starting its worker to its recorded result being back in
+    the study's process, minus train_trial's own time (the trial's wall_time_s: its epochs with
+    their evaluation). What is left is the trial's fixed cost: process start, data, splits,
+    writing the weights and the result, reading it back. Once per run (not per trial): the time
+    from the start of the run to its first trial, and from its last result to the end of
+    finalize (summary, plots, report).
+
+    The run is made by a `python -c` process, as by `python -m lenetlab`: a worker process
+    started from a script imports that script first (multiprocessing's rule), which for this one
+    (torch.utils.data, the FLOP counter, ...) would add seconds to every trial.
+    """
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import benchmark; "
+            "print(json.dumps(benchmark.fixed_cost_here(*sys.argv[2:])))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(data_dir),
+                           str(trials), str(workers), str(subset)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"fixed-cost run failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fixed_cost_here(data_dir: str, trials: str, workers: str, subset: str) -> dict:
+    """fixed_cost's run, in this process."""
+    trials, workers, subset = int(trials), int(workers), int(subset)
+    data = load_fashion_mnist(data_dir, download=False, quiet=True)
+    recipe = replace(RECIPES["baseline"], epochs=1)
+    options = RunOptions(threads=1, train_subset=subset)
+    plan = study.new_plan("sweep", "fixed-cost", [("baseline-ep1", recipe)], list(range(trials)),
+                          options, workers=workers)
+    clock = TrialClock()
+    with tempfile.TemporaryDirectory(prefix="lenetlab-fixed-") as tmp:
+        begun = time.perf_counter()
+        study.start(Path(tmp) / "fixed-cost", plan, data, display=clock)
+        ended = time.perf_counter()
+    failed = [r.error for r in clock.results.values() if not r.done]
+    if failed:
+        raise SystemExit(f"fixed-cost run: a trial failed: {failed[0]}")
+    per_trial = sorted(clock.back[k] - clock.started[k] - clock.results[k].wall_time_s for k in clock.back)
+    epochs = [r.wall_time_s for r in clock.results.values()]
+    return {"trials": trials, "workers": workers, "train_subset": subset,
+            "per_trial_s": per_trial, "median_s": statistics.median(per_trial),
+            "epoch_median_s": statistics.median(epochs),
+            "before_first_trial_s": min(clock.started.values()) - begun,
+            "after_last_trial_s": ended - max(clock.back.values()), "run_s": ended - begun}
+
+
+def print_fixed_cost(cost: dict) -> None:
+    print(f"\n== 5. Fixed cost per trial: {cost['trials']} one-epoch baseline trials on "
+          f"{cost['train_subset']:,} images, {cost['workers']} workers, local pool ==")
+    print(f"per trial beyond its epochs: median {cost['median_s']:.3f} s (min {cost['per_trial_s'][0]:.3f}, "
+          f"max {cost['per_trial_s'][-1]:.3f}; target <= {TARGET_FIXED_S} s: "
+          f"{'met' if cost['median_s'] <= TARGET_FIXED_S else 'NOT met'}), "
+          f"its epoch {cost['epoch_median_s']:.2f} s")
+    print(f"once per run: {cost['before_first_trial_s']:.2f} s before the first trial starts, "
+          f"{cost['after_last_trial_s']:.2f} s after the last one (summary, plots, report); "
+          f"whole run {cost['run_s']:.1f} s")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -353,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="0.1 x epochs, baseline and batch_norm")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader num_workers (default 0)")
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="only section 5: the fixed cost of a trial beyond its epochs")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs_scale, args.variants = 0.1, ["baseline", "batch_norm"]
@@ -362,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {cpu_model()}, {usable_cores()} cores, torch {torch.__version__}"
           + (f"\nWARNING: load average {load:.2f} at the start: timings are unreliable" if load > BUSY_LOAD
              else ""))
+    if args.fixed_cost:
+        cost = fixed_cost(args.data_dir)
+        print_fixed_cost(cost)
+        if args.json:
+            args.json.write_text(json.dumps({**report, "fixed_cost": cost}, indent=2) + "\n")
+        return 0
     peak, bits = fma_peak_gflops()
     data = load_fashion_mnist(args.data_dir, download=False)
 
@@ -376,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = {k: lenetlab_epoch(data, k) for k in ("native", "torch") if k == "torch" or "native" in steps}
     with tempfile.TemporaryDirectory(prefix="lenetlab-bench-") as tmp:
         lab = run_lenetlab_study(args.variants, args.seeds, args.epochs_scale, args.data_dir, Path(tmp))
+    log("fixed cost per trial: a short run on the local pool in this process")
+    cost = fixed_cost(args.data_dir)
 
     print("\n== 1. One batch-64 training step of the baseline recipe, one thread (median) ==")
     for name, ms in steps.items():
@@ -420,12 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sustained over the study: conventional {total / conv['seconds']:.0f} GFLOP/s, "
           f"lenetlab {total / lab['seconds']:.0f} GFLOP/s ({total / lab['seconds'] / (peak * cores):.0%} of "
           f"{cores} cores' peak)")
+    print_fixed_cost(cost)
     print(f"\nSpeed-up, whole study (conventional / lenetlab wall time): {ratio:.1f}x "
           f"(target >= {TARGET_SPEEDUP:.0f}x: {'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}); "
           f"accuracies {'all within seed noise' if within else 'NOT all within seed noise'}")
     if args.json:
         report.update(steps_ms=steps, epoch_s=epochs, conventional=conv, lenetlab=lab, ratio=ratio,
-                      fma_peak_gflops_per_core=peak, trials=trials)
+                      fma_peak_gflops_per_core=peak, trials=trials, fixed_cost=cost)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, export, files, kernels, options, predict, study
-from .data import CLASS_NAMES, load_fashion_mnist, normalise
+from .data import CLASS_NAMES, load_fashion_mnist, make_splits, normalise
 from .engines import check_engine
 from .errors import LenetlabError, OutputError, SpecError
 from .evaluation import evaluate
@@ -86,7 +86,8 @@ def cmd_train(args) -> int:
     echo = (lambda line: None) if args.quiet else _echo
     echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on {run.device}, "
          f"{args.train_subset or 'all'} training images")
-    result, state_dict = execute_trial(Trial(recipe.name, recipe, args.seed), "train", data, run,
+    splits = make_splits(data, run.split_seed, run.device, run.train_subset)
+    result, state_dict = execute_trial(Trial(recipe.name, recipe, args.seed), "train", splits, run,
                                        checkpoint=None, progress=not (args.quiet or not sys.stderr.isatty()),
                                        log=echo)
     if not result.done:

@@ -214,6 +214,17 @@ class Splits:
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
 
+    def to(self, device: str | torch.device) -> Splits:
+        """These splits on device (the same tensors where they already are)."""
+        return Splits(**{name: tensor.to(device) for name, tensor in vars(self).items()})
+
+    def share_memory_(self) -> Splits:
+        """Move every tensor into shared memory, in place: a process started from here then
+        receives them without a copy (torch passes a descriptor of the memory, not the bytes)."""
+        for tensor in vars(self).values():
+            tensor.share_memory_()
+        return self
+
 
 def make_splits(data: FashionMNIST, split_seed: int = 0, device: str | torch.device = "cpu",
                 train_subset: int | None = None) -> Splits:

@@ -5,11 +5,16 @@ several single-threaded processes side by side rather than one process with
 many threads (LeNet-5's layers are too small to keep many threads busy). Each
 local worker is a fresh process per trial, started from a forkserver that has
 already imported torch; a worker that dies (killed, out of memory) costs only
-its own trial, which is recorded as failed.
+its own trial, which is recorded as failed. The splits are made once per run, in
+this process, in shared memory: every worker maps the same tensors instead of
+decoding the IDX files and normalising the images again (about 1 s per trial).
+Once no trial is waiting for a worker, the cores of the workers that finish go
+to the trials still running, from their next epoch on (_Cores).
 
 Ray is the engine past one machine: each trial is a Ray task, the data set is
-put in the object store once, and results come back to this process, which
-writes them into the run folder as they finish.
+put in the object store once, each Ray worker process makes the splits from it
+once (for every task of the run it runs), and results come back to this
+process, which writes them into the run folder as they finish.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from .data import FashionMNIST, load_fashion_mnist
+from .data import FashionMNIST, Splits, make_splits
 from .errors import OutputError, SpecError
 from .records import RunOptions, Trial, TrialResult
 from .rundir import checkpoint_path, result_path
@@ -83,34 +88,73 @@ def _die_with(pid: int) -> None:
     threading.Thread(target=watch, name="lenetlab-watch-study", daemon=True).start()
 
 
-def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, data_dir: str,
-                  study_pid: int, report: Connection) -> None:
+class _Cores:
+    """The torch threads each running local worker may use, in memory shared with the workers.
+
+    A worker holds a slot while its trial runs and reads it at the start of every epoch. Once
+    no trial is waiting for a worker, the cores the run holds (workers x threads, at most the
+    usable cores, at least one worker's threads) are spread again over the workers still
+    running each time one finishes: the last trials of a run do not train on one thread each
+    beside idle cores. A share never shrinks. (A trial with PyTorch's kernels keeps its
+    threads: see trials.execute_trial.)
+    """
+
+    def __init__(self, context, workers: int, threads: int) -> None:
+        self.threads = threads
+        self.budget = max(threads, min(workers * threads, usable_cores()))
+        self.shares = context.RawArray("i", workers)
+        self.free = list(range(workers))
+
+    def take(self) -> int:
+        slot = self.free.pop(0)
+        self.shares[slot] = self.threads
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def spread(self, slots: list[int]) -> None:
+        """The budget shared among the workers of slots; the first ones get any remainder."""
+        for i, slot in enumerate(slots):
+            share = self.budget // len(slots) + (1 if i < self.budget % len(slots) else 0)
+            self.shares[slot] = max(self.shares[slot], share)
+
+
+def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, splits: Splits,
+                  checksums: dict[str, str], shares, slot: int, study_pid: int, report: Connection) -> None:
     """Entry point of a local worker process: one trial, its files written here.
 
-    A failure goes back to the study through report; a write that fails (a full disk) is
-    fatal to the whole run, not to this trial alone.
+    splits: the run's, in memory shared with the study (read, never written); shares[slot]:
+    the threads the study gives this trial now (_Cores). A failure goes back to the study
+    through report; a write that fails (a full disk) is fatal to the whole run, not to this
+    trial alone.
     """
     _die_with(study_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for everyone
     run = Path(run_dir)
     try:
-        data = load_fashion_mnist(data_dir, download=False, quiet=True)
-        result, state_dict = execute_trial(trial, run_id, data, options, checkpoint_path(run, trial))
-        record_trial(run, result, state_dict, data.checksums)
+        result, state_dict = execute_trial(trial, run_id, splits, options, checkpoint_path(run, trial),
+                                           threads=lambda: shares[slot])
+        record_trial(run, result, state_dict, checksums)
     except OutputError as exc:
         report.send(("fatal", str(exc)))
     except Exception as exc:  # a failed trial is reported, the others go on
         report.send(("failed", f"{type(exc).__name__}: {exc}"))
 
 
-def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, data_dir: str,
+def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, data: FashionMNIST,
               workers: int, on_start: OnStart, on_done: OnDone) -> None:
     """Run trials in at most `workers` processes at a time; call on_done with each result."""
+    if not trials:
+        return
     run_dir = Path(run_dir).resolve()  # workers start in the forkserver's working directory
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["lenetlab.trials"])
+    # Once per run; a worker moves them to options.device itself (a GPU's memory is not shared).
+    splits = make_splits(data, options.split_seed, "cpu", options.train_subset).share_memory_()
+    cores = _Cores(context, workers, options.threads)
     pending = list(trials)
-    running: dict[int, tuple] = {}  # sentinel -> (process, trial, report connection)
+    running: dict[int, tuple] = {}  # sentinel -> (process, trial, report connection, slot), oldest first
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -118,16 +162,19 @@ def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptio
                 # Drop a stale result of an earlier try so that only this run's file counts.
                 result_path(run_dir, trial).unlink(missing_ok=True)
                 receive, send = context.Pipe(duplex=False)
+                slot = cores.take()
                 process = context.Process(
                     target=_local_worker, name=f"lenetlab-{trial.key}",
-                    args=(trial, run_id, str(run_dir), options, data_dir, os.getpid(), send))
+                    args=(trial, run_id, str(run_dir), options, splits, data.checksums, cores.shares, slot,
+                          os.getpid(), send))
                 process.start()
                 send.close()
-                running[process.sentinel] = (process, trial, receive)
+                running[process.sentinel] = (process, trial, receive, slot)
                 on_start(trial)
             for sentinel in wait(list(running)):
-                process, trial, receive = running.pop(sentinel)
+                process, trial, receive, slot = running.pop(sentinel)
                 process.join()
+                cores.release(slot)
                 try:
                     message = receive.recv()  # nothing was sent when the trial was recorded
                 except EOFError:
@@ -144,18 +191,42 @@ def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptio
                     how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
                     result = record_failure(run_dir, trial, run_id, f"worker died ({how})")
                 on_done(result)
+            if not pending and running:  # newest first: likeliest to have the most epochs left
+                cores.spread([slot for *_, slot in reversed(running.values())])
     finally:
-        for process, _, _ in running.values():
+        for process, *_ in running.values():
             process.kill()
             process.join()
 
 
-def _ray_trial(trial: Trial, run_id: str, data: FashionMNIST, options: RunOptions,
+# This Ray worker process's splits, for the tasks of one run it runs: (key, splits).
+_ray_splits: tuple[tuple, Splits] | None = None
+
+
+def _ray_worker_splits(data_ref, options: RunOptions) -> Splits:
+    """The run's splits in this Ray worker process, made from the object store's data set by
+    the first of the run's tasks it runs; the next ones reuse them. Only the last run's are kept."""
+    global _ray_splits
+    import ray
+
+    key = (data_ref.hex(), options.split_seed, options.train_subset, options.device)
+    if _ray_splits is None or _ray_splits[0] != key:
+        _ray_splits = None  # the previous run's go before this one's are made
+        data = ray.get(data_ref)
+        _ray_splits = key, make_splits(data, options.split_seed, options.device, options.train_subset)
+    return _ray_splits[1]
+
+
+def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions,
                checkpoint: str) -> tuple[TrialResult, dict]:
-    """A Ray task: train one trial where Ray placed it; checkpoint if the run folder is reachable."""
+    """A Ray task: train one trial where Ray placed it; checkpoint if the run folder is reachable.
+
+    data_refs: [the data set's object ref], in a list so that Ray hands over the ref, not a copy
+    of the data set for every task."""
     path = Path(checkpoint)
     usable = path.parent.is_dir() and os.access(path.parent, os.W_OK)
-    return execute_trial(trial, run_id, data, options, path if usable else None)
+    splits = _ray_worker_splits(data_refs[0], options)
+    return execute_trial(trial, run_id, splits, options, path if usable else None)
 
 
 def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,
@@ -182,7 +253,7 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
         for trial in trials:
             result_path(run_dir, trial).unlink(missing_ok=True)
             checkpoint = str(checkpoint_path(run_dir, trial))
-            futures[task.remote(trial, run_id, data_ref, options, checkpoint)] = trial
+            futures[task.remote(trial, run_id, [data_ref], options, checkpoint)] = trial
         # Ray runs about `workers` tasks at once; count those as running, the rest as queued.
         for trial in trials[:workers]:
             on_start(trial)

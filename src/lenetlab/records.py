@@ -80,6 +80,9 @@ class TrialResult:
     kernels: str | None = None  # which kernels trained it: native or torch
     weights: str | None = None  # relative to the run folder
     weights_sha256: str | None = None
+    # The torch threads of each epoch its last process trained, in order: the last
+    # len(epoch_threads) epochs of history (a resumed trial's earlier ones are not in it).
+    epoch_threads: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -115,4 +118,5 @@ class TrialResult:
             wall_time_s=record.get("wall_time_s", 0.0),
             options=RunOptions(**options) if options else None, kernels=record.get("kernels"),
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),
+            epoch_threads=record.get("epoch_threads", []),
         )

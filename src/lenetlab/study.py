@@ -113,8 +113,7 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
     if plan.engine == "ray":
         run_ray(todo, plan.run_id, run_dir, plan.options, address, workers, data, start_one, done)
     else:
-        run_local(todo, plan.run_id, run_dir, plan.options, str(data.folder.resolve()), workers,
-                  start_one, done)
+        run_local(todo, plan.run_id, run_dir, plan.options, data, workers, start_one, done)
     record_elapsed()
     return finalize(run_dir, plan, data)
 
