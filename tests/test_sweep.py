@@ -138,6 +138,55 @@ def test_ray_gives_the_numbers_and_files_of_the_local_pool(tmp_path, data_dir, u
     assert run_cli("report", b).returncode == 0  # the Ray run's files check out against its summary
 
 
+def test_ray_retries_are_range_checked(tmp_path):
+    assert_one_line_error(run_cli("study", "--engine", "ray", "--ray-retries", "101", "--out", tmp_path),
+                          "--ray-retries", "0 to 100")
+    assert_one_line_error(run_cli("resume", tmp_path, "--ray-retries", "-1"), "--ray-retries")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_worker_reaches_the_run_folder_only_by_its_run_id(tmp_path):
+    """Issue 24, item 1: a folder of the same name (another host's, another run's) is not the run
+    folder; only the file holding this run's id says so."""
+    from lenetlab import files
+    from lenetlab.rundir import reaches, token_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert not reaches(run, "abc")  # the folder exists, but nothing says it is this run's
+    files.write_text(token_path(run), "another-run")
+    assert not reaches(run, "abc")
+    files.write_text(token_path(run), "abc")
+    assert reaches(run, "abc")
+    assert not reaches(tmp_path / "elsewhere", "abc")
+
+
+def test_the_checkpoint_sink_writes_into_the_run_folder_for_the_newest_attempt_only(tmp_path):
+    """The sink (a plain class; Ray makes it an actor) keeps one trial's checkpoint for the tasks
+    that do not reach the run folder; a lost host's attempt cannot overwrite its retry's."""
+    from lenetlab.engines import CheckpointSink
+    from lenetlab.recipes import RECIPES
+    from lenetlab.records import Trial
+    from lenetlab.rundir import checkpoint_path
+
+    trial = Trial("baseline", RECIPES["baseline"], 0)
+    sink = CheckpointSink(str(tmp_path))
+    first, data = sink.load(trial)
+    assert data is None
+    assert sink.save(trial, first, b"epoch 1") is None
+    assert checkpoint_path(tmp_path, trial).read_bytes() == b"epoch 1"
+    retry, data = sink.load(trial)  # the retry after a lost host resumes from it
+    assert data == b"epoch 1" and retry != first
+    assert sink.save(trial, first, b"stale") == CheckpointSink.SUPERSEDED
+    assert sink.save(trial, retry, b"epoch 2") is None
+    assert checkpoint_path(tmp_path, trial).read_bytes() == b"epoch 2"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["baseline__seed0.pt"]  # no temp files
+    blocked = CheckpointSink(str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")  # a file where the run folder should be: one line back
+    generation, _ = blocked.load(trial)
+    assert "cannot write" in blocked.save(trial, generation, b"x")
+
+
 def test_a_named_configuration_never_vanishes_as_a_duplicate():
     spec = {"variant": "tuned", "configs": [{"name": "a"}, {"name": "b", "checkpoint": "last"}]}
     with pytest.raises(SpecError, match="'b' is the same recipe as 'a'"):
