@@ -354,6 +354,9 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
     finally:
         token_path(run_dir).unlink(missing_ok=True)
         if sink is not None:
-            ray.kill(sink)
+            try:
+                ray.kill(sink)
+            except Exception:  # the cluster is gone: so is the actor; keep the first error
+                pass
         if started_here:
             ray.shutdown()

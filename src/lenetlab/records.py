@@ -74,6 +74,7 @@ class TrainedOn:
     kernels: str  # native or torch
     vector_bytes: int | None = None  # the native library's vector width (native.ln_vector_bytes)
     compiler: str | None = None  # the compiler that built the native library
+    flags: str = ""  # its extra flags ($LENETLAB_NATIVE_CFLAGS_EXTRA), if any
     platform: str = ""
     cpu_count: int | None = None
     gpu: str | None = None
@@ -84,7 +85,8 @@ class TrainedOn:
         the same numbers for the same seed."""
         if self.kernels != "native":
             return self.kernels
-        return f"native, {self.vector_bytes}-byte vectors, {self.compiler}"
+        extra = f", {self.flags}" if self.flags else ""
+        return f"native, {self.vector_bytes}-byte vectors, {self.compiler}{extra}"
 
     def machine(self, device: str) -> dict:
         """The sidecar's machine: provenance.machine_info's fields, as the trainer saw them."""
