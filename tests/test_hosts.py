@@ -95,9 +95,14 @@ def remove_namespaces() -> None:
 def hosts():
     """The namespaces and their bridge; on teardown, every process in them killed and the
     namespaces deleted, whatever happened."""
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("no ip or unshare command here: the hosts test makes network namespaces")
+    missing = [tool for tool in ("ip", "unshare", "nsenter") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {', '.join(missing)} command here: the hosts test makes namespaces with them")
     pytest.importorskip("ray")
+    private = sh("unshare", "--mount", "--uts", "true", check=False)
+    if private.returncode != 0:
+        pytest.skip(f"cannot make mount namespaces here (unshare: {private.stderr.strip()}); "
+                    f"the hosts test needs root or CAP_SYS_ADMIN")
     remove_namespaces()  # what a killed earlier run may have left
     made = sh("ip", "netns", "add", HEAD, check=False)
     if made.returncode != 0:
@@ -105,25 +110,33 @@ def hosts():
                     f"the hosts test needs root or CAP_NET_ADMIN")
     temp = Path(tempfile.mkdtemp(prefix="lnl-", dir="/tmp"))  # short: Ray's socket paths have a limit
     try:
-        sh("ip", "-n", HEAD, "link", "set", "lo", "up")
-        sh("ip", "-n", HEAD, "link", "add", "lnlbr0", "type", "bridge")
-        sh("ip", "-n", HEAD, "addr", "add", f"{HEAD_IP}/24", "dev", "lnlbr0")
-        sh("ip", "-n", HEAD, "link", "set", "lnlbr0", "up")
-        # Ray finds its node's address by the route to a public one; no packet leaves the bridge.
-        sh("ip", "-n", HEAD, "route", "add", "default", "dev", "lnlbr0")
-        for i, (ns, ip) in enumerate(zip(WORKERS, WORKER_IPS)):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", HEAD, "link", "add", f"lnlw{i}", "type", "veth",
-               "peer", "name", "eth0", "netns", ns)
-            sh("ip", "-n", HEAD, "link", "set", f"lnlw{i}", "master", "lnlbr0", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "route", "add", "default", "via", HEAD_IP)
+        try:
+            network()
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"cannot make the hosts' network here ({' '.join(exc.cmd)}: {exc.stderr.strip()})")
         yield temp
     finally:
         remove_namespaces()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def network() -> None:
+    """A bridge in the head's namespace, a veth pair from it into each worker's: 10.200.0.0/24."""
+    sh("ip", "-n", HEAD, "link", "set", "lo", "up")
+    sh("ip", "-n", HEAD, "link", "add", "lnlbr0", "type", "bridge")
+    sh("ip", "-n", HEAD, "addr", "add", f"{HEAD_IP}/24", "dev", "lnlbr0")
+    sh("ip", "-n", HEAD, "link", "set", "lnlbr0", "up")
+    # Ray finds its node's address by the route to a public one; no packet leaves the bridge.
+    sh("ip", "-n", HEAD, "route", "add", "default", "dev", "lnlbr0")
+    for i, (ns, ip) in enumerate(zip(WORKERS, WORKER_IPS)):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", HEAD, "link", "add", f"lnlw{i}", "type", "veth",
+           "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", HEAD, "link", "set", f"lnlw{i}", "master", "lnlbr0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", HEAD_IP)
 
 
 def ray_start(ns: str, temp: Path, *args: str, hidden: Path | None = None,
