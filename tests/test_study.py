@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -151,6 +152,45 @@ def test_resume_reruns_a_trial_with_damaged_weights_and_ignores_a_foreign_checkp
     for name in WEIGHTS.values():
         load_weights(study_copy / "models" / f"{name}.pth")  # the best seeds' copies are whole
     assert run_cli("report", study_copy).returncode == 0
+
+
+@pytest.mark.slow
+def test_each_result_says_where_it_was_trained_and_the_report_flags_mixed_builds(study_copy, data_dir):
+    """Issue 24, item 3: the host, CPU and build as the trainer saw them, in the result and the
+    sidecar; a configuration whose seeds were trained by different builds is flagged."""
+    import socket
+
+    from lenetlab.provenance import cpu_model
+    from lenetlab.records import TrainedOn
+
+    plan = read_plan(study_copy)
+    result = read_result(study_copy, plan.trials()[0], plan.run_id)
+    where = result.trained_on
+    assert where.host == socket.gethostname() and where.cpu == cpu_model()
+    assert where.kernels == result.kernels
+    if where.kernels == "native":
+        assert where.vector_bytes in (16, 32, 64) and where.compiler
+    sidecar = strict_json((study_copy / result.weights).with_suffix(".json"))
+    assert sidecar["machine"]["host"] == where.host and sidecar["build"] == where.build
+    assert "Mixed builds" not in (study_copy / "report.md").read_text()
+    # dropout's seed 1 as if trained on a host of another vector width; baseline's seed 0 as a
+    # result written before lenetlab recorded where (it reads as unknown, not as another build)
+    other = study_copy / "trials" / "dropout__seed1.json"
+    body = files.read_record(other, "trial")
+    elsewhere = TrainedOn(**{**body["trained_on"], "kernels": "native", "vector_bytes": 8, "compiler": "cc"})
+    files.write_record(other, "trial", {**body, "trained_on": asdict(elsewhere)})
+    old = study_copy / "trials" / "baseline__seed0.json"
+    body = files.read_record(old, "trial")
+    del body["trained_on"]
+    files.write_record(old, "trial", body)
+    assert read_result(study_copy, plan.trials()[0], plan.run_id).trained_on is None
+    done = run_cli("resume", study_copy, "--data-dir", data_dir, "--quiet")  # nothing to train: finalize
+    assert done.returncode == 0, done.stderr
+    builds = {c["name"]: c["builds"] for c in strict_json(study_copy / "summary.json")["configs"]}
+    assert len(builds["dropout"]) == 2 and "native, 8-byte vectors, cc" in builds["dropout"]
+    assert len(builds["baseline"]) == 1 and len(builds["l2_optimized"]) == 1
+    flagged = [line for line in (study_copy / "report.md").read_text().splitlines() if "Mixed builds" in line]
+    assert len(flagged) == 1 and "dropout's seeds" in flagged[0] and "baseline" not in flagged[0]
 
 
 def test_damaged_or_foreign_run_folders_are_refused(tmp_path):

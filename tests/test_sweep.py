@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import RESUME_ARGS, assert_one_line_error, lenetlab, metrics_text, run_cli, strict_json
+from conftest import (
+    RESUME_ARGS,
+    assert_one_line_error,
+    children,
+    lenetlab,
+    metrics_text,
+    run_cli,
+    strict_json,
+    wait_for,
+)
 
 from lenetlab.errors import SpecError
 from lenetlab.rundir import MAX_TRIALS
@@ -136,6 +148,100 @@ def test_ray_gives_the_numbers_and_files_of_the_local_pool(tmp_path, data_dir, u
         assert sa[key] == sb[key], key
     assert sb["config"]["engine"] == "ray"
     assert run_cli("report", b).returncode == 0  # the Ray run's files check out against its summary
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_reruns_a_trial_whose_worker_died_from_its_checkpoint(tmp_path, data_dir):
+    """Issue 24, item 2: a Ray worker process killed mid-trial is retried by Ray, not recorded as
+    failed; the retry resumes from the checkpoint in the run folder (a local instance reaches
+    it), and the trial is recorded once, with the numbers of the local pool's run."""
+    pytest.importorskip("ray")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('name = "retry"\nseeds = 1\n[[configs]]\nvariant = "baseline"\nepochs = 10\n')
+    args = [spec, "--train-subset", "1000", "--threads", "1", "--workers", "1", "--quiet",
+            "--data-dir", data_dir]
+    run = tmp_path / "ray" / "retry"
+    study = subprocess.Popen([sys.executable, "-m", "lenetlab", "sweep", *map(str, args), "--engine", "ray",
+                              "--out", str(tmp_path / "ray")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **RAY_ENV})
+    try:
+        wait_for(run, "checkpoints/*.pt", study, timeout=180)
+        trainers = [pid for pid in descendants(study.pid)
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_ray_trial")]
+        assert len(trainers) == 1, trainers
+        os.kill(trainers[0], signal.SIGKILL)
+        out, err = study.communicate(timeout=300)
+    finally:
+        if study.poll() is None:
+            study.kill()
+            study.communicate()
+    assert study.returncode == 0, out + err
+    [record] = (run / "trials").iterdir()
+    result = strict_json(record)
+    assert result["status"] == "done"
+    assert 1 <= 10 - len(result["epoch_threads"]) < 10  # the epochs before the kill were not trained again
+    local = lenetlab("sweep", *args, "--out", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    assert metrics_text(tmp_path / "local" / "retry") == metrics_text(run)
+
+
+def test_ray_retries_are_range_checked(tmp_path):
+    assert_one_line_error(run_cli("study", "--engine", "ray", "--ray-retries", "101", "--out", tmp_path),
+                          "--ray-retries", "0 to 100")
+    assert_one_line_error(run_cli("resume", tmp_path, "--ray-retries", "-1"), "--ray-retries")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_worker_reaches_the_run_folder_only_by_its_run_id(tmp_path):
+    """Issue 24, item 1: a folder of the same name (another host's, another run's) is not the run
+    folder; only the file holding this run's id says so."""
+    from lenetlab import files
+    from lenetlab.rundir import reaches, token_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert not reaches(run, "abc")  # the folder exists, but nothing says it is this run's
+    files.write_text(token_path(run), "another-run")
+    assert not reaches(run, "abc")
+    files.write_text(token_path(run), "abc")
+    assert reaches(run, "abc")
+    assert not reaches(tmp_path / "elsewhere", "abc")
+
+
+def test_the_checkpoint_sink_writes_into_the_run_folder_for_the_newest_attempt_only(tmp_path):
+    """The sink (a plain class; Ray makes it an actor) keeps one trial's checkpoint for the tasks
+    that do not reach the run folder; a lost host's attempt cannot overwrite its retry's."""
+    from lenetlab.engines import CheckpointSink
+    from lenetlab.recipes import RECIPES
+    from lenetlab.records import Trial
+    from lenetlab.rundir import checkpoint_path
+
+    trial = Trial("baseline", RECIPES["baseline"], 0)
+    sink = CheckpointSink(str(tmp_path))
+    first, data = sink.load(trial)
+    assert data is None
+    assert sink.save(trial, first, b"epoch 1") is None
+    assert checkpoint_path(tmp_path, trial).read_bytes() == b"epoch 1"
+    retry, data = sink.load(trial)  # the retry after a lost host resumes from it
+    assert data == b"epoch 1" and retry != first
+    assert sink.save(trial, first, b"stale") == CheckpointSink.SUPERSEDED
+    assert sink.save(trial, retry, b"epoch 2") is None
+    assert checkpoint_path(tmp_path, trial).read_bytes() == b"epoch 2"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["baseline__seed0.pt"]  # no temp files
+    blocked = CheckpointSink(str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")  # a file where the run folder should be: one line back
+    generation, _ = blocked.load(trial)
+    assert "cannot write" in blocked.save(trial, generation, b"x")
 
 
 def test_a_named_configuration_never_vanishes_as_a_duplicate():

@@ -214,7 +214,8 @@ def _start(args, kind: str, name: str | None, configs, seeds: list[int], referen
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)  # before a run folder exists
     run_dir = new_run_dir(args.out, args.name or name, kind)
     plan = study.new_plan(kind, run_dir.name, configs, seeds, run, args.engine, args.workers, reference)
-    return _run(args, run_dir, lambda display: study.start(run_dir, plan, data, args.address, display))
+    return _run(args, run_dir, lambda display: study.start(run_dir, plan, data, args.address, display,
+                                                            args.ray_retries))
 
 
 def cmd_study(args) -> int:
@@ -247,7 +248,7 @@ def cmd_resume(args) -> int:
     _tracking(args)
     data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
     return _run(args, run_dir, lambda display: study.resume(run_dir, data, args.engine, args.address,
-                                                             args.workers, display))
+                                                             args.workers, display, args.ray_retries))
 
 
 def cmd_predict(args) -> int:

@@ -14,7 +14,13 @@ to the trials still running, from their next epoch on (_Cores).
 Ray is the engine past one machine: each trial is a Ray task, the data set is
 put in the object store once, each Ray worker process makes the splits from it
 once (for every task of the run it runs), and results come back to this
-process, which writes them into the run folder as they finish.
+process, which writes them into the run folder as they finish. A task that
+reads this run's id in the run folder (rundir.reaches: a local instance, a shared
+file system) checkpoints there itself; any other sends each checkpoint to the
+run's CheckpointSink, an actor on this process's host that writes it into the run
+folder. A task whose worker or host dies is retried by Ray (retries, --ray-retries)
+and resumes from its trial's last checkpoint; an error of the trial itself is not
+retried. Either way the trial is recorded once, here, when its task returns.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
+from . import files
 from .data import FashionMNIST, Splits, make_splits
 from .errors import OutputError, SpecError
 from .records import RunOptions, Trial, TrialResult
-from .rundir import checkpoint_path, result_path
+from .rundir import checkpoint_path, reaches, result_path, token_path
+from .training import FileCheckpoint
 from .trials import execute_trial, read_result, record_failure, record_trial
 
 OnStart = Callable[[Trial], None]
 OnDone = Callable[[TrialResult], None]
+
+# How many times Ray reruns a trial whose worker process or host died (--ray-retries).
+DEFAULT_RAY_RETRIES = 3
+MAX_RAY_RETRIES = 100
 
 
 def usable_cores() -> int:
@@ -217,23 +229,82 @@ def _ray_worker_splits(data_ref, options: RunOptions) -> Splits:
     return _ray_splits[1]
 
 
-def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions,
-               checkpoint: str) -> tuple[TrialResult, dict]:
-    """A Ray task: train one trial where Ray placed it; checkpoint if the run folder is reachable.
+class CheckpointSink:
+    """A Ray actor on the driver's host, owned by the driver: the run folder's checkpoints for the
+    tasks that do not reach the folder themselves.
+
+    Each attempt of a trial first loads (its generation, the last checkpoint); a save of an
+    older attempt (a task on a host that was lost but still runs) is refused, so only the
+    attempt Ray retried writes the trial's checkpoint.
+    """
+
+    SUPERSEDED = "superseded"
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.generations: dict[str, int] = {}
+
+    def load(self, trial: Trial) -> tuple[int, bytes | None]:
+        generation = self.generations[trial.key] = self.generations.get(trial.key, 0) + 1
+        return generation, FileCheckpoint(checkpoint_path(self.run_dir, trial)).load()
+
+    def save(self, trial: Trial, generation: int, data: bytes) -> str | None:
+        """None once written; else why not (a full disk's one line, or SUPERSEDED)."""
+        if generation != self.generations.get(trial.key):
+            return self.SUPERSEDED
+        try:
+            FileCheckpoint(checkpoint_path(self.run_dir, trial)).save(data)
+        except OutputError as exc:
+            return str(exc)
+        return None
+
+
+class _SinkCheckpoint:
+    """A trial's checkpoint kept by the run's CheckpointSink (training.CheckpointStore)."""
+
+    def __init__(self, sink, trial: Trial) -> None:
+        self.sink, self.trial, self.generation = sink, trial, 0
+
+    def load(self) -> bytes | None:
+        import ray
+
+        self.generation, data = ray.get(self.sink.load.remote(self.trial))
+        return data
+
+    def save(self, data: bytes) -> None:
+        import ray
+
+        problem = ray.get(self.sink.save.remote(self.trial, self.generation, data))
+        if problem == CheckpointSink.SUPERSEDED:
+            raise RuntimeError(f"{self.trial.key}: a newer attempt of this trial runs elsewhere")
+        if problem:
+            raise OutputError(problem)
+
+
+def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions, run_dir: str,
+               sink) -> tuple[TrialResult, dict]:
+    """A Ray task: train one trial where Ray placed it, checkpointing into the run folder when it
+    reaches it (this run's id is there), else through the run's sink.
 
     data_refs: [the data set's object ref], in a list so that Ray hands over the ref, not a copy
     of the data set for every task."""
-    path = Path(checkpoint)
-    usable = path.parent.is_dir() and os.access(path.parent, os.W_OK)
+    run = Path(run_dir)
+    if reaches(run, run_id):
+        store = FileCheckpoint(checkpoint_path(run, trial))
+    else:
+        store = _SinkCheckpoint(sink, trial)
     splits = _ray_worker_splits(data_refs[0], options)
-    return execute_trial(trial, run_id, splits, options, path if usable else None)
+    return execute_trial(trial, run_id, splits, options, store)
 
 
 def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,
-            workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone) -> None:
-    """Run trials as Ray tasks on the cluster at address, or on a local Ray instance."""
+            workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone,
+            retries: int = DEFAULT_RAY_RETRIES) -> None:
+    """Run trials as Ray tasks on the cluster at address, or on a local Ray instance; a task
+    whose worker or host dies runs again, up to retries times."""
     check_engine("ray")
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -245,15 +316,22 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise SpecError(f"--engine ray: cannot start or reach Ray"
                             f"{' at ' + address if address else ''} ({detail})") from None
+    run_dir = Path(run_dir).resolve()  # the same folder for the sink and any task that reaches it
+    sink = None
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        files.write_text(token_path(run_dir), run_id)
+        # On this host (it holds the run folder), with no CPU: it only writes files.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        sink = ray.remote(num_cpus=0, scheduling_strategy=here)(CheckpointSink).remote(str(run_dir))
         data_ref = ray.put(data)  # shipped to the object store once, shared by every task
-        task = ray.remote(num_cpus=options.threads, max_retries=0)(_ray_trial)
+        # A dead worker or host: retried (it resumes from its last checkpoint). An exception
+        # of the trial itself: failed at once.
+        task = ray.remote(num_cpus=options.threads, max_retries=retries, retry_exceptions=False)(_ray_trial)
         futures = {}
         for trial in trials:
             result_path(run_dir, trial).unlink(missing_ok=True)
-            checkpoint = str(checkpoint_path(run_dir, trial))
-            futures[task.remote(trial, run_id, [data_ref], options, checkpoint)] = trial
+            futures[task.remote(trial, run_id, [data_ref], options, str(run_dir), sink)] = trial
         # Ray runs about `workers` tasks at once; count those as running, the rest as queued.
         for trial in trials[:workers]:
             on_start(trial)
@@ -274,5 +352,11 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
                 result = record_trial(run_dir, *outcome, data.checksums)
             on_done(result)
     finally:
+        token_path(run_dir).unlink(missing_ok=True)
+        if sink is not None:
+            try:
+                ray.kill(sink)
+            except Exception:  # the cluster is gone: so is the actor; keep the first error
+                pass
         if started_here:
             ray.shutdown()

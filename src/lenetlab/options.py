@@ -12,6 +12,7 @@ import os
 import re
 
 from .data import TRAIN_SIZE
+from .engines import DEFAULT_RAY_RETRIES, MAX_RAY_RETRIES
 from .errors import SpecError
 from .recipes import FIELDS, check_field
 from .records import RunOptions
@@ -144,6 +145,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--workers", type=number(int, 1, 1024),
                    help="trials at a time, 1 to 1024 (default: one per usable core)")
+    p.add_argument("--ray-retries", type=number(int, 0, MAX_RAY_RETRIES), default=DEFAULT_RAY_RETRIES,
+                   help=f"with --engine ray: times a trial whose worker or host died runs again (from its "
+                   f"last checkpoint), 0 to {MAX_RAY_RETRIES} (default {DEFAULT_RAY_RETRIES}); an error "
+                   f"of the trial itself is never retried")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

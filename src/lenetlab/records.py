@@ -64,6 +64,40 @@ class Diverged(Exception):
 
 
 @dataclass(frozen=True)
+class TrainedOn:
+    """Where a trial was trained, as the process that trained it saw it: its host and CPU, and
+    the build of the step (a native build's vector width and compiler), which decide the
+    rounding of its numbers. Recorded where the trial runs, not where its result is written."""
+
+    host: str
+    cpu: str
+    kernels: str  # native or torch
+    vector_bytes: int | None = None  # the native library's vector width (native.ln_vector_bytes)
+    compiler: str | None = None  # the compiler that built the native library
+    flags: str = ""  # its extra flags ($LENETLAB_NATIVE_CFLAGS_EXTRA), if any
+    platform: str = ""
+    cpu_count: int | None = None
+    gpu: str | None = None
+
+    @property
+    def build(self) -> str:
+        """The build that trained it, in words: trials of one build on one kind of CPU give
+        the same numbers for the same seed."""
+        if self.kernels != "native":
+            return self.kernels
+        extra = f", {self.flags}" if self.flags else ""
+        return f"native, {self.vector_bytes}-byte vectors, {self.compiler}{extra}"
+
+    def machine(self, device: str) -> dict:
+        """The sidecar's machine: provenance.machine_info's fields, as the trainer saw them."""
+        info = {"host": self.host, "platform": self.platform, "cpu": self.cpu,
+                "cpu_count": self.cpu_count, "device": device}
+        if self.gpu:
+            info["gpu"] = self.gpu
+        return info
+
+
+@dataclass(frozen=True)
 class TrialResult:
     """A finished or failed trial, as recorded in trials/<key>.json."""
 
@@ -83,6 +117,8 @@ class TrialResult:
     # The torch threads of each epoch its last process trained, in order: the last
     # len(epoch_threads) epochs of history (a resumed trial's earlier ones are not in it).
     epoch_threads: list[int] = field(default_factory=list)
+    # Where its last process trained it (None in results written before lenetlab recorded it).
+    trained_on: TrainedOn | None = None
 
     @property
     def done(self) -> bool:
@@ -119,4 +155,5 @@ class TrialResult:
             options=RunOptions(**options) if options else None, kernels=record.get("kernels"),
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),
             epoch_threads=record.get("epoch_threads", []),
+            trained_on=TrainedOn(**record["trained_on"]) if record.get("trained_on") else None,
         )

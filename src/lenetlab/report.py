@@ -313,6 +313,11 @@ def _provenance_section(summary: dict) -> list[str]:
     kernels = sorted({k for c in summary["configs"] for k in c["kernels"]})
     lines += [f"Trained with the {' and '.join(kernels) or 'no'} kernels (native: lenetlab's own "
               "CPU training step; torch: PyTorch's).", ""]
+    mixed = [c for c in summary["configs"] if len(c.get("builds", [])) > 1]
+    if mixed:  # its seeds differ by where they ran, not only by seed
+        lines += ["**Mixed builds:** " + "; ".join(
+            f"{c['name']}'s seeds were trained by different builds ({' | '.join(c['builds'])})"
+            for c in mixed) + ": their spread includes the builds' rounding, not only the seeds'.", ""]
     data = summary["data"]
     lines += ["### Data", "", f"Folder: `{data['folder']}`", "",
               _table_row(["File", "SHA-256"]), _table_row(["---", "---"])]

@@ -3,6 +3,7 @@
     runs/NAME/
       run.json                      the plan: configurations, seeds, options (resume works from it)
       .lock                         held (flock) by the one process running the plan
+      .run-id                       a running Ray run's id: how a Ray worker knows it reaches the folder
       trials/<config>__seed<k>.json a finished or failed trial
       checkpoints/<key>.pt          the state after a running trial's last finished epoch
       models/seed<k>/<file>.pth     each trial's weights + <file>.json sidecar
@@ -146,6 +147,22 @@ def hold(run_dir: Path) -> Iterator[None]:
 
 def result_path(run_dir: Path, trial: Trial) -> Path:
     return Path(run_dir) / "trials" / f"{trial.key}.json"
+
+
+def token_path(run_dir: Path) -> Path:
+    """The file holding the running run's id: a worker that reads this run's id there reaches the
+    run folder itself (the same folder, not one of the same name on another host)."""
+    return Path(run_dir) / ".run-id"
+
+
+def reaches(run_dir: Path, run_id: str) -> bool:
+    """Whether this process reaches the run folder of run run_id and can write its checkpoints."""
+    try:
+        found = token_path(run_dir).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    folder = Path(run_dir) / "checkpoints"
+    return found == run_id and folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def checkpoint_path(run_dir: Path, trial: Trial) -> Path:

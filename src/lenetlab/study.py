@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .data import FashionMNIST
-from .engines import default_workers, run_local, run_ray, usable_cores
+from .engines import DEFAULT_RAY_RETRIES, default_workers, run_local, run_ray, usable_cores
 from .errors import RunDirError
 from .recipes import Recipe, get_recipe, scale_epochs
 from .records import RunOptions, Trial, TrialResult
@@ -55,24 +55,25 @@ def new_plan(kind: str, name: str, configs: list[tuple[str, Recipe]], seeds: lis
 
 
 def start(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | None = None,
-          display: Display | None = None) -> dict:
+          display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> dict:
     """Create the run folder's plan and run it. data: loaded and checked by the caller."""
     with hold(run_dir):
         if plan_path(run_dir).exists():
             raise RunDirError(f"{run_dir}: already holds a run (resume it with: lenetlab resume "
                               f"{shlex.quote(str(run_dir))}, or choose another --name)")
         write_plan(run_dir, plan)
-        return execute(run_dir, plan, data, address, plan.workers, display)
+        return execute(run_dir, plan, data, address, plan.workers, display, ray_retries)
 
 
 def resume(run_dir: Path, data: FashionMNIST, engine: str | None = None, address: str | None = None,
-           workers: int | None = None, display: Display | None = None) -> dict:
+           workers: int | None = None, display: Display | None = None,
+           ray_retries: int = DEFAULT_RAY_RETRIES) -> dict:
     """Finish an interrupted run as planned: skip the trials that finished, rerun the others."""
     with hold(run_dir):
         plan = read_plan(run_dir)
         if engine:
             plan.engine = engine
-        return execute(run_dir, plan, data, address, workers or plan.workers, display)
+        return execute(run_dir, plan, data, address, workers or plan.workers, display, ray_retries)
 
 
 def read_results(run_dir: Path, plan: RunPlan) -> dict[str, TrialResult]:
@@ -86,7 +87,7 @@ def read_results(run_dir: Path, plan: RunPlan) -> dict[str, TrialResult]:
 
 
 def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | None, workers: int,
-            display: Display | None = None) -> dict:
+            display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> dict:
     """Run every trial of the plan that has not finished, then finalize the run folder."""
     finished = {key for key, r in read_results(run_dir, plan).items() if r.done}
     # Longest trials first, so that the last worker to finish is not left with a 20-epoch trial.
@@ -111,7 +112,8 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
             display.done(result)
 
     if plan.engine == "ray":
-        run_ray(todo, plan.run_id, run_dir, plan.options, address, workers, data, start_one, done)
+        run_ray(todo, plan.run_id, run_dir, plan.options, address, workers, data, start_one, done,
+                ray_retries)
     else:
         run_local(todo, plan.run_id, run_dir, plan.options, data, workers, start_one, done)
     record_elapsed()

@@ -57,6 +57,8 @@ def summarize_configs(plan: RunPlan, results: dict[str, TrialResult]) -> list[di
                    "seeds": plan.seeds, "completed_seeds": [r.trial.seed for r in done],
                    "final": None, "best_seed": None, "per_class_test_accuracy": {},
                    "confusion_matrix": {}, "kernels": sorted({r.kernels for r in done}),
+                   # the builds that trained its seeds, as each trainer saw it (older results: none)
+                   "builds": sorted({r.trained_on.build for r in done if r.trained_on}),
                    "failed": [{"seed": r.trial.seed, "error": r.error} for r in mine if not r.done]}
         if done:
             summary["final"] = {

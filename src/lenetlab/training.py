@@ -14,6 +14,7 @@ the same streams on both paths. The learning rate is a function of the step alon
 from __future__ import annotations
 
 import copy
+import io
 import math
 import sys
 from collections.abc import Callable
@@ -174,11 +175,39 @@ class TrialOutput:
 
 # ---- checkpoints: the state after every epoch, saved atomically, resumed when it matches ----
 
-def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict | None:
-    if not path.is_file():
+class CheckpointStore(Protocol):
+    """Where one trial's checkpoint lives: a file (FileCheckpoint), or, for a Ray worker that does
+    not reach the run folder, the run's checkpoint sink on the driver's host (engines.py)."""
+
+    def load(self) -> bytes | None:
+        """The last checkpoint saved, or None."""
+
+    def save(self, data: bytes) -> None:
+        """Replace the checkpoint with data, atomically (OutputError when it cannot be written)."""
+
+
+class FileCheckpoint:
+    """A checkpoint file, written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except OSError:  # none yet, or unreadable: train from the first epoch
+            return None
+
+    def save(self, data: bytes) -> None:
+        files.atomic_write(self.path, data)
+
+
+def _load_checkpoint(store: CheckpointStore, recipe: Recipe, seed: int) -> dict | None:
+    data = store.load()
+    if data is None:
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:
         return None  # a damaged checkpoint only costs the epochs since the last good one: restart
     if not isinstance(state, dict) or state.get("seed") != seed or not isinstance(state.get("recipe"), dict):
@@ -191,11 +220,13 @@ def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict | None:
     return state
 
 
-def _save_checkpoint(path: Path, model: LeNet5V1, optimizer: torch.optim.Optimizer, kept: Kept,
+def _save_checkpoint(store: CheckpointStore, model: LeNet5V1, optimizer: torch.optim.Optimizer, kept: Kept,
                      epoch: int, history: list[EpochMetrics], recipe: Recipe, seed: int) -> None:
-    files.torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **kept.state(),
-                      "epoch": epoch, "history": [asdict(r) for r in history],
-                      "recipe": asdict(recipe), "seed": seed}, path)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **kept.state(),
+                "epoch": epoch, "history": [asdict(r) for r in history],
+                "recipe": asdict(recipe), "seed": seed}, buffer)
+    store.save(buffer.getvalue())
 
 
 # ---- the step implementations, behind one interface ----
@@ -371,7 +402,7 @@ def train_trial(
     recipe: Recipe,
     seed: int,
     splits: Splits,
-    checkpoint: Path | None = None,
+    checkpoint: Path | CheckpointStore | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     stop_after_epoch: int | None = None,
@@ -380,9 +411,9 @@ def train_trial(
 ) -> TrialOutput:
     """Train one recipe from one seed; evaluate train/val/test every epoch.
 
-    With checkpoint set, the state after every epoch is saved there (atomically) and a
-    matching checkpoint found there is resumed from. stop_after_epoch ends early (tests
-    use it to simulate an interruption). threads, if given, is asked at the start of every
+    With checkpoint set (a file, or a CheckpointStore), the state after every epoch is saved
+    there (atomically) and a matching checkpoint found there is resumed from. stop_after_epoch
+    ends early (tests use it to simulate an interruption). threads, if given, is asked at the start of every
     epoch how many threads to train with (torch.set_num_threads; the native step follows it).
     Raises Diverged at the first non-finite loss. The kept model: see Kept.
     """
@@ -394,7 +425,9 @@ def train_trial(
     run = _Run(recipe, seed, splits, model, choose_kernels(kernels, recipe, device), Kept(model, recipe),
                progress)
     history: list[EpochMetrics] = []
-    saved = _load_checkpoint(checkpoint, recipe, seed) if checkpoint else None
+    if isinstance(checkpoint, (str, Path)):
+        checkpoint = FileCheckpoint(Path(checkpoint))
+    saved = _load_checkpoint(checkpoint, recipe, seed) if checkpoint is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         run.kept.restore(saved)

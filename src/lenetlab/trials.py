@@ -21,15 +21,15 @@ from . import files
 from .data import Splits
 from .errors import RunDirError
 from .kernels import choose as choose_kernels
-from .provenance import library_versions, machine_info
+from .provenance import library_versions, machine_info, trained_on
 from .recipes import architecture
 from .records import Diverged, RunOptions, Trial, TrialResult
 from .rundir import checkpoint_path, result_path, weights_path
-from .training import train_trial
+from .training import CheckpointStore, train_trial
 
 
 def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions,
-                  checkpoint: Path | None, progress: bool = False,
+                  checkpoint: Path | CheckpointStore | None, progress: bool = False,
                   log: Callable[[str], None] | None = None,
                   threads: Callable[[], int] | None = None) -> tuple[TrialResult, dict]:
     """Train and evaluate one trial: its result (failed if it diverged) and its weights (CPU tensors).
@@ -61,7 +61,8 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
     result = TrialResult(trial, run_id, "done", history=output.history, test=output.test,
                          kept_epoch=output.kept_epoch, test_flip=output.test_flip,
                          wall_time_s=time.perf_counter() - started, options=options,
-                         kernels=output.kernels, epoch_threads=used)
+                         kernels=output.kernels, epoch_threads=used,
+                         trained_on=trained_on(output.kernels, options.device))
     return result, {k: v.detach().cpu() for k, v in output.model.state_dict().items()}
 
 
@@ -87,7 +88,11 @@ def save_weights(path: Path, result: TrialResult, state_dict: dict, checksums: d
         "kept_epoch": result.kept_epoch, "test_accuracy": result.test.accuracy,
         "test_accuracy_flip_averaged": result.test_flip, "wall_time_s": result.wall_time_s,
         "data_sha256": checksums, "versions": library_versions(),
-        "machine": machine_info(result.options.device), "threads": result.options.threads,
+        # The trainer's host and build where the result says (a Ray worker's), else this one's.
+        "machine": (result.trained_on.machine(result.options.device) if result.trained_on
+                    else machine_info(result.options.device)),
+        "build": result.trained_on.build if result.trained_on else result.kernels,
+        "threads": result.options.threads,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }).encode("utf-8"))
     return files.sha256_file(path)
