@@ -21,11 +21,13 @@ shape alone is drawn on the data set's black background unless it says otherwise
 
     python benchmarks/predict_agreement.py --images 10000   # trains the baseline first (about a minute)
     python benchmarks/predict_agreement.py --weights W.pth --images 2000
+    python benchmarks/predict_agreement.py --weights W.pth --resampling nearest --tolerance 25 --sharpen 50
 
 Without --weights, `lenetlab train baseline` (12 epochs, seed 0) trains the network first.
 Per shape it prints the share that agrees, how many pictures were inverted (none of a dark
 background, all of a light one), and the mean |difference| in grey levels between the image
-the network saw and the original.
+the network saw and the original. --resampling, --tolerance and --sharpen replace
+conversion's choices for one run: they are how those choices were measured.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from lenetlab import predict
 from lenetlab.data import load_fashion_mnist, normalise
@@ -96,6 +98,27 @@ def make_picture(shape: str, pixels: np.ndarray, rng: np.random.Generator, stem:
     return stem.with_suffix(".png")
 
 
+def override(resampling: str | None, tolerance: float | None, sharpen: int) -> str:
+    """Replace conversion's resampling, tolerance or sharpening for this run; what was used."""
+    from lenetlab import conversion
+
+    if resampling:
+        conversion.RESAMPLING = getattr(FILTERS, resampling.upper())
+    if tolerance is not None:
+        conversion.TOLERANCE = tolerance
+    if sharpen:
+        fit = conversion.fit
+
+        def sharpened(grey):  # Pillow's unsharp mask, radius 1 as in the paper's Gaussian operator
+            small = Image.fromarray(fit(grey)).filter(ImageFilter.UnsharpMask(1, sharpen, 0))
+            return np.asarray(small, dtype=np.uint8)
+        conversion.fit = sharpened
+    names = {v: k.lower() for k, v in vars(FILTERS).items() if k.isupper()}
+    sharpening = f"unsharp mask radius 1, {sharpen}%" if sharpen else "none"
+    return (f"resampling {names.get(conversion.RESAMPLING, conversion.RESAMPLING)}, tolerance "
+            f"{conversion.TOLERANCE:g}, sharpening {sharpening}")
+
+
 def train_baseline(data_dir: Path, folder: Path) -> Path:
     command = [sys.executable, "-m", "lenetlab", "train", "baseline", "--out", str(folder),
                "--data-dir", str(data_dir), "--quiet"]
@@ -115,6 +138,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="draws the images and every picture's shape")
     parser.add_argument("--shapes", help="a comma-separated subset of the shapes (default: all)")
     parser.add_argument("--keep", type=Path, help="write the pictures here instead of a temporary folder")
+    parser.add_argument("--resampling", choices=("nearest", "box", "bilinear", "bicubic", "lanczos"))
+    parser.add_argument("--tolerance", type=float, help="the trim's tolerance, of 255")
+    parser.add_argument("--sharpen", type=int, default=0, help="unsharp-mask percent after the resize")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "LENETLAB_DATA", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")),
         help="folder with the Fashion-MNIST IDX files (default: $LENETLAB_DATA)")
@@ -130,12 +156,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         weights = args.weights or train_baseline(args.data_dir, Path(scratch) / "models")
         model = load_weights(weights)
+        chosen = override(args.resampling, args.tolerance, args.sharpen) if (
+            args.resampling or args.tolerance is not None or args.sharpen) else None
         test = data.test_images.numpy()
         indices = np.random.default_rng(args.seed).choice(len(test), args.images, replace=False)
         with torch.inference_mode():
             reference = fast_forward(model.eval(), normalise(data.test_images[indices])).argmax(1).numpy()
         root = args.keep or Path(scratch) / "pictures"
-        print(f"{args.images} test images (seed {args.seed}), {weights}")
+        print(f"{args.images} test images (seed {args.seed}), {weights}"
+              + (f"; {chosen}" if chosen else ""))
         print(f"{'shape':20} {'agree':>7} {'inverted':>9} {'mean |pixel diff|':>18} {'seconds':>8}")
         below = []
         for shape in shapes:

@@ -354,10 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files with a weights file", description=(
         "Classify pictures as Fashion-MNIST does. Each becomes a 28x28 grey image of a light garment on "
-        "black: first frame (GIF, WebP), EXIF orientation, transparency laid on white, grey; inverted "
-        "when its border is lighter than its centre (--invert auto); longer side fitted into 28 pixels, "
-        "keeping the aspect ratio; padded with black to 28x28; normalised as in training. Crop photos "
-        "close to the garment. Every file is checked before any is predicted: a missing, empty, "
+        "black the way the data set's own images were made: first frame (GIF, WebP), EXIF orientation, "
+        "transparency laid on white; the edges of the background's colour (the corners') trimmed; grey; "
+        "inverted when that background is light (--invert auto); the background made black; the longer "
+        "side resized to 28 pixels, keeping the aspect ratio; centred on black; normalised as in "
+        "training. A 28x28 picture is used as it is (inverted if its background is light). "
+        "Every file is checked before any is predicted: a missing, empty, "
         "truncated or corrupt file, one that is not an image, or one with a side of 0 or 100,000+ pixels "
         "stops the call (one line naming it, exit 2) and nothing is printed for the others. In a folder, "
         "files that are not images are skipped and counted on stderr."))
@@ -370,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line and file, with all ten "
                    "probabilities (instead of the top K)")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
-                   help="invert the grey picture: auto (default) when its border is lighter than its "
-                   "centre, yes always, no never")
+                   help="invert the grey picture: auto (default) when its background (the median of its "
+                   "four corners) is light, yes always, no never")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a weights file as ONNX, checked against PyTorch", description=(

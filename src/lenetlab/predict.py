@@ -1,13 +1,11 @@
-"""Classify image files with trained weights: find, load and preprocess them like Fashion-MNIST, predict.
+"""Classify image files with trained weights: find, load and check them, predict.
 
-A Fashion-MNIST image is a light garment on a black background, 28x28 grey pixels. A
-picture becomes one in these steps: the first frame (GIF, WebP), the EXIF orientation
-applied, transparent pixels laid on white, grey (ITU-R 601 luma); inverted when its border
-is lighter than its centre (a dark garment on a light background, as in product photos);
-the longer side fitted into 28 pixels keeping the aspect ratio, then padded with black to
-28x28, centred; normalised with the training data's mean and standard deviation, exactly as
-training and `evaluate` do. Every input is loaded and checked before any is predicted: one
-bad file stops the call with an ImageError naming it, and nothing is printed for the others.
+Every input is loaded and checked before any is predicted: one bad file stops the call with
+an ImageError naming it, and nothing is printed for the others. A picture is read as its
+first frame (GIF, WebP), turned as its EXIF orientation says, transparent pixels laid on
+white, 16-bit and float scaled to 8 bits; conversion.prepare then makes it a Fashion-MNIST
+image the way the data set's own were made, and it is normalised exactly as training and
+`evaluate` do.
 """
 
 from __future__ import annotations
@@ -20,14 +18,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .conversion import prepare
 from .data import CLASS_NAMES, normalise
 from .errors import ImageError
 from .model import LeNet5V1, fast_forward
 
-SIZE = 28
 MAX_SIDE = 100_000  # a side of this many pixels or more is refused as a decompression bomb
-INVERT_CHOICES = ("auto", "yes", "no")
-LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow 9.1 moved it
 
 
 @dataclass
@@ -122,7 +118,7 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
                 _check_size(path, size)
                 im.seek(0)  # the first frame of a GIF or an animated WebP
                 im.load()
-                grey = _to_grey(_upright(im))
+                picture = _to_pixels(_upright(im))
         except ImageError:
             raise
         except UnidentifiedImageError:
@@ -132,7 +128,7 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError ... for damaged files
             text = str(exc).splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
             raise ImageError(f"{path}: a truncated or corrupt image ({text})") from None
-    pixels, inverted = prepare(grey, invert)
+    pixels, inverted = prepare(picture, invert)
     return PreparedImage(path, pixels, inverted, size)
 
 
@@ -154,8 +150,10 @@ def _upright(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_grey(im: Image.Image) -> np.ndarray:
-    """uint8 (height, width) luma; transparent pixels laid on white; 16-bit and float scaled to 8 bits."""
+def _to_pixels(im: Image.Image) -> np.ndarray:
+    """uint8 pixels, (height, width) for a grey picture and (height, width, 3) RGB for any other
+    (palette, CMYK, ...): the trim compares colours. Transparent pixels are laid on white;
+    16-bit and float grey are scaled to 8 bits."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(im, dtype=np.float64)
         if im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) > 255):
@@ -167,39 +165,9 @@ def _to_grey(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("L"), dtype=np.uint8)
-
-
-def border_is_lighter(grey: np.ndarray) -> bool:
-    """Whether the mean of the outer band (1/20 of the shorter side, at least a pixel) is
-    lighter than the mean of the central half: a dark object on a light background."""
-    height, width = grey.shape
-    band = max(1, min(height, width) // 20)
-    inner = np.zeros_like(grey, dtype=bool)
-    inner[band:height - band, band:width - band] = True
-    border = grey[~inner]
-    centre = grey[height // 4: height - height // 4, width // 4: width - width // 4]
-    if border.size == 0 or centre.size == 0:
-        return False
-    return float(border.mean()) > float(centre.mean())
-
-
-def prepare(grey: np.ndarray, invert: str = "auto") -> tuple[np.ndarray, bool]:
-    """A grey picture of any size -> 28x28 uint8 like Fashion-MNIST, and whether it was inverted."""
-    if invert not in INVERT_CHOICES:
-        raise ValueError(f"invert must be one of {INVERT_CHOICES}, not {invert!r}")
-    inverted = invert == "yes" or (invert == "auto" and border_is_lighter(grey))
-    if inverted:
-        grey = 255 - grey
-    height, width = grey.shape
-    if (width, height) != (SIZE, SIZE):
-        scale = SIZE / max(width, height)
-        new = (max(1, min(SIZE, round(width * scale))), max(1, min(SIZE, round(height * scale))))
-        grey = np.asarray(Image.fromarray(grey).resize(new, LANCZOS), dtype=np.uint8)
-    out = np.zeros((SIZE, SIZE), dtype=np.uint8)  # black: the background after inversion
-    top, left = (SIZE - grey.shape[0]) // 2, (SIZE - grey.shape[1]) // 2
-    out[top:top + grey.shape[0], left:left + grey.shape[1]] = grey
-    return out, inverted
+    if im.mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 @torch.inference_mode()

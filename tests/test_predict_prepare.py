@@ -1,0 +1,188 @@
+"""The conversion `predict` makes a picture with, step by step, on pictures made from the test set
+in the shapes users have."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenetlab.conversion import TOLERANCE, background, centre, fit, is_light, prepare, stretch, to_grey, trim
+
+NEAREST = getattr(Image, "Resampling", Image).NEAREST
+
+
+@pytest.fixture(scope="module")
+def test_images(dataset) -> np.ndarray:
+    return dataset.test_images.numpy()
+
+
+@pytest.fixture(scope="module")
+def samples(dataset) -> list[int]:
+    """The first three test images of each class."""
+    labels = dataset.test_labels.numpy()
+    return [int(i) for c in range(10) for i in np.flatnonzero(labels == c)[:3]]
+
+
+def enlarged(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Each pixel a factor x factor block: the garment's box is known to the pixel."""
+    return np.asarray(Image.fromarray(pixels).resize((28 * factor, 28 * factor), NEAREST))
+
+
+def on_canvas(garment: np.ndarray, size: tuple[int, int], at: tuple[int, int], fill) -> np.ndarray:
+    """garment (grey or RGB) at (x, y) on a canvas (width, height) of colour fill."""
+    canvas = np.empty((size[1], size[0]) + garment.shape[2:], np.uint8)
+    canvas[...] = fill
+    canvas[at[1]:at[1] + garment.shape[0], at[0]:at[0] + garment.shape[1]] = garment
+    return canvas
+
+
+def tinted(grey: np.ndarray, factors=(1.0, 0.9, 0.8)) -> np.ndarray:
+    return np.clip(np.rint(grey[..., None] * np.array(factors)), 0, 255).astype(np.uint8)
+
+
+def box(pixels: np.ndarray, above: float) -> tuple[slice, slice]:
+    rows, cols = np.flatnonzero((pixels > above).any(axis=1)), np.flatnonzero((pixels > above).any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+# ----------------------------------------------------------------------------- each step
+
+
+def test_background_is_the_colour_of_the_corners(test_images, samples):
+    garment = 255 - enlarged(test_images[samples[0]], 3)  # a dark T-shirt on white, then tinted
+    photo = tinted(on_canvas(garment, (120, 100), (20, 10), 255))
+    assert background(photo).tolist() == [255.0, 230.0, 204.0]
+    photo[-1, -1] = (0, 0, 0)  # a garment reaching a corner: the other three still show the canvas
+    assert background(photo).tolist() == [255.0, 230.0, 204.0]
+    assert background(test_images[samples[0]]) == 0  # grey: one value
+
+
+def test_trim_cuts_the_margins_to_the_garment(test_images, samples):
+    for index in samples:
+        pixels = test_images[index]
+        garment = enlarged(pixels, 3)
+        photo = on_canvas(garment, (140, 100), (17, 9), 0)  # margins of 17, 9, 39 and 7 pixels
+        expected = garment[box(garment, TOLERANCE)]
+        assert np.array_equal(trim(photo, background(photo)), expected), index
+        light = tinted(255 - photo)  # the same as a tinted photograph: a dark garment on a light canvas
+        assert np.array_equal(trim(light, background(light)), tinted(255 - garment)[box(garment, TOLERANCE)])
+
+
+def test_trim_tolerance_is_on_the_channel_that_differs_most():
+    picture = np.full((40, 60, 3), 200, np.uint8)
+    picture[10, 20] = (200, 200, 200 - TOLERANCE)  # within the tolerance: background
+    assert trim(picture, background(picture)).shape == (40, 60, 3)  # one colour: kept whole
+    picture[30, 45] = (200, 200 + TOLERANCE + 1, 200)
+    picture[5, 12] = (200 - TOLERANCE - 1, 200, 200)
+    assert trim(picture, background(picture)).shape == (26, 34, 3)  # rows 5-30, columns 12-45
+
+
+def test_to_grey_is_pillows_luma(test_images, samples):
+    photo = tinted(255 - enlarged(test_images[samples[10]], 2), (0.95, 0.85, 1.0))
+    assert np.array_equal(to_grey(photo), np.asarray(Image.fromarray(photo).convert("L")))
+    grey = test_images[samples[10]]
+    assert to_grey(grey) is grey
+    assert np.array_equal(to_grey(np.repeat(grey[..., None], 3, axis=2)), grey)
+
+
+def test_no_genuine_test_image_is_inverted_and_each_keeps_its_pixels(test_images):
+    decided = [is_light(background(pixels)) for pixels in test_images]
+    assert not any(decided)
+    # the ten the border's mean inverted (a dress, bags, sandals): their border is lighter than their centre
+    inner = np.zeros((28, 28), bool)
+    inner[1:27, 1:27] = True
+    lighter = [i for i, p in enumerate(test_images) if p[~inner].mean() > p[7:21, 7:21].mean()]
+    assert len(lighter) == 10
+    for original in test_images:
+        pixels, inverted = prepare(original)
+        assert not inverted and np.array_equal(pixels, original)
+    for index in lighter:
+        pixels, inverted = prepare(255 - test_images[index])  # negated: a dark garment on white
+        assert inverted and np.array_equal(pixels, test_images[index])
+
+
+def test_every_negated_test_image_is_inverted(test_images):
+    assert all(is_light(background(255 - pixels)) for pixels in test_images)
+
+
+def test_stretch_makes_the_background_black_and_the_brightest_white():
+    grey = np.array([[30, 31, 100], [255, 0, 142]], np.uint8)
+    assert stretch(grey, 0) is grey  # black already black, white already white
+    assert stretch(grey, 30).tolist() == [[0, 1, 79], [255, 0, 127]]  # (v - 30) * 255 / 225, rounded
+    dim = np.array([[20, 200, 110, 21]], np.uint8)  # a tinted garment on a grey background
+    assert stretch(dim, 20).tolist() == [[0, 255, 128, 1]]  # (v - 20) * 255 / 180
+    assert stretch(np.full((3, 4), 50, np.uint8), 50).tolist() == [[0] * 4] * 3  # nothing but background
+
+
+def test_fit_makes_the_longest_edge_28():
+    for (height, width), expected in (((112, 60), (28, 15)), ((60, 112), (15, 28)), ((30, 60), (14, 28)),
+                                      ((1000, 3), (28, 1)), ((58, 116), (14, 28)), ((20, 13), (28, 18))):
+        assert fit(np.full((height, width), 90, np.uint8)).shape == expected
+        assert set(fit(np.full((height, width), 90, np.uint8)).flatten()) == {90}
+    narrow = np.arange(28 * 12, dtype=np.uint8).reshape(28, 12)
+    assert fit(narrow) is narrow  # the longest edge is 28 already: not resampled
+
+
+def centroid(pixels: np.ndarray) -> np.ndarray:
+    rows, cols = np.mgrid[:pixels.shape[0], :pixels.shape[1]]
+    weights = pixels.astype(np.float64)
+    return np.array([(weights * rows).sum(), (weights * cols).sum()]) / weights.sum()
+
+
+def test_fit_of_an_enlarged_test_image_gives_it_back_unshifted(test_images, samples):
+    differences = []
+    for index in samples:
+        pixels = test_images[index]
+        back = fit(enlarged(pixels, 4))
+        assert back.shape == (28, 28)
+        assert np.abs(centroid(back) - centroid(pixels)).max() < 0.05, index  # a shift of a pixel costs 8%
+        differences.append(np.abs(back.astype(int) - pixels).mean())
+    assert np.median(differences) < 5, differences  # Lanczos smooths a little
+
+
+def test_centre_puts_the_odd_pixel_left_and_top():
+    picture = np.full((28, 15), 200, np.uint8)
+    out = centre(picture)
+    columns = np.flatnonzero(out.max(axis=0))
+    assert (columns[0], columns[-1]) == (7, 21)  # 7 columns of black on the left, 6 on the right
+    out = centre(np.full((13, 28), 9, np.uint8))
+    assert np.flatnonzero(out.max(axis=1)).tolist() == list(range(8, 21))
+    assert out.sum() == 13 * 28 * 9
+
+
+def test_a_28x28_picture_is_used_as_it_is(test_images, samples):
+    pixels = test_images[samples[5]].copy()
+    pixels[:3, :3] = 120  # something in a corner: a trim would cut it, a 28x28 picture is not trimmed
+    out, inverted = prepare(pixels)
+    assert not inverted and np.array_equal(out, pixels)
+    out, inverted = prepare(tinted(255 - pixels, (1, 1, 1)))
+    assert inverted and np.array_equal(out, pixels)
+
+
+def test_a_photograph_becomes_close_to_the_test_image(test_images, samples):
+    differences = []
+    for index in samples:
+        pixels = test_images[index]
+        photo = tinted(on_canvas(255 - enlarged(pixels, 5), (200, 180), (30, 12), 255))
+        out, inverted = prepare(photo)
+        assert inverted and out.shape == (28, 28) and out[0, 0] == 0
+        differences.append(np.abs(out.astype(int) - pixels).mean())
+    assert np.median(differences) < 8, differences
+
+
+def test_invert_no_leaves_a_light_background_light(test_images, samples):
+    photo = on_canvas(255 - enlarged(test_images[samples[3]], 2), (70, 60), (7, 2), 255)
+    out, inverted = prepare(photo, "no")
+    assert not inverted and out[14, 14] > 0 and out[:, :3].max() == 0  # padding stays black
+    with pytest.raises(ValueError, match="invert must be one of"):
+        prepare(photo, "maybe")
+
+
+def test_the_steps_in_order_are_prepare(test_images, samples):
+    pixels = test_images[samples[20]]
+    photo = tinted(on_canvas(255 - enlarged(pixels, 3), (120, 90), (11, 4), 250))
+    colour = background(photo)
+    grey = 255 - to_grey(trim(photo, colour))
+    expected = centre(fit(stretch(grey, 255 - float(np.dot(colour, (0.299, 0.587, 0.114))))))
+    assert np.array_equal(prepare(photo)[0], expected)
