@@ -1,13 +1,21 @@
 """The conversion `predict` makes a picture with, step by step, on pictures made from the test set
-in the shapes users have."""
+in the shapes users have; and the formats users have."""
 
 from __future__ import annotations
 
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from conftest import assert_one_line_error, run_cli
+from PIL import Image, features
+from test_predict import quick_model
 
 from lenetlab.conversion import TOLERANCE, background, centre, fit, is_light, prepare, stretch, to_grey, trim
+from lenetlab.predict import load_image
 
 NEAREST = getattr(Image, "Resampling", Image).NEAREST
 
@@ -22,6 +30,13 @@ def samples(dataset) -> list[int]:
     """The first three test images of each class."""
     labels = dataset.test_labels.numpy()
     return [int(i) for c in range(10) for i in np.flatnonzero(labels == c)[:3]]
+
+
+@pytest.fixture(scope="module")
+def weights(dataset, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prepare") / "quick.pth"
+    torch.save(quick_model(dataset).state_dict(), path)
+    return path
 
 
 def enlarged(pixels: np.ndarray, factor: int) -> np.ndarray:
@@ -186,3 +201,122 @@ def test_the_steps_in_order_are_prepare(test_images, samples):
     grey = 255 - to_grey(trim(photo, colour))
     expected = centre(fit(stretch(grey, 255 - float(np.dot(colour, (0.299, 0.587, 0.114))))))
     assert np.array_equal(prepare(photo)[0], expected)
+
+
+# ----------------------------------------------------------------------------- files people have
+
+
+def png_16bit_rgb(path: Path, rgb16: np.ndarray) -> Path:
+    """A 16-bit-per-channel RGB PNG (Pillow writes 16 bits for grey only)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    height, width = rgb16.shape[:2]
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def formats(test_images, samples, tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
+    """One photograph-shaped picture (a dark garment on white, enlarged 3 times, with margins)
+    written in each format: the folder, the file names, and the 8-bit grey picture each holds."""
+    folder = tmp_path_factory.mktemp("formats")
+    grey = on_canvas(255 - enlarged(test_images[samples[12]], 3), (110, 96), (9, 6), 255)
+    deep = grey.astype(np.uint16) * 257
+    Image.fromarray(grey).save(folder / "grey.png")
+    Image.fromarray(deep).save(folder / "grey16.png")
+    png_16bit_rgb(folder / "rgb16.png", np.repeat(deep[..., None], 3, axis=2))
+    Image.fromarray(grey).convert("P").save(folder / "palette.png")
+    Image.fromarray(grey).save(folder / "grey.tif")
+    Image.fromarray(grey).convert("RGB").save(folder / "rgb-lzw.tif", compression="tiff_lzw")
+    Image.fromarray(deep).save(folder / "grey16.tif")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, grey.shape, dtype=np.uint8))
+    Image.fromarray(grey).save(folder / "animated.gif", save_all=True, append_images=[noise], duration=100)
+    # a black garment whose opacity is the pixel value: laid on white, the same dark garment on white
+    clear = np.zeros(grey.shape + (4,), np.uint8)
+    clear[..., 3] = 255 - grey
+    Image.fromarray(clear, "RGBA").save(folder / "alpha.png")
+    if features.check("webp"):
+        Image.fromarray(clear, "RGBA").save(folder / "alpha.webp", lossless=True)
+    Image.fromarray(grey).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    Image.fromarray(grey).convert("RGB").save(folder / "rgb.jpg", quality=95)
+    return folder, sorted(p.name for p in folder.iterdir()), grey
+
+
+def test_every_format_becomes_the_same_grey_picture(formats):
+    folder, names, grey = formats
+    modes = {name: Image.open(folder / name).mode for name in names}  # each file is what its name says
+    assert (modes["cmyk.jpg"], modes["palette.png"], modes["grey16.png"], modes["rgb16.png"]) == \
+        ("CMYK", "P", "I;16", "RGB")
+    assert Image.open(folder / "animated.gif").n_frames == 2 and modes["alpha.png"] == "RGBA"
+    reference = prepare(grey)[0]
+    for name in names:
+        image = load_image(folder / name)
+        assert image.size == (110, 96) and image.inverted, name
+        if name.endswith(".jpg"):  # lossy: close to it, not equal
+            assert np.abs(image.pixels.astype(int) - reference).mean() < 3, name
+        else:
+            assert np.array_equal(image.pixels, reference), name
+
+
+def test_every_format_is_predicted_with_one_line(formats, weights):
+    folder, names, _ = formats
+    result = run_cli("predict", weights, folder, "--top-k", "1")
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(folder / name) for name in names]
+    assert len({line.split(": ")[1].split()[0] for line in lines}) == 1  # every format, the same class
+    assert all(line.endswith("(inverted)") for line in lines)
+
+
+def bad_copy(kind: str, source: Path, folder: Path) -> Path:
+    data = source.read_bytes()
+    path = folder / f"{kind}-{source.name}"
+    if kind == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "corrupt":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(64) + data[middle + 64:])
+    return path
+
+
+@pytest.mark.parametrize("name", ["rgb.jpg", "cmyk.jpg", "grey.tif", "rgb-lzw.tif", "palette.png",
+                                  "animated.gif", "alpha.webp"])
+def test_a_damaged_file_of_each_format_is_predicted_or_refused_in_one_line(formats, weights, tmp_path, capfd,
+                                                                            name):
+    folder, names, _ = formats
+    if name not in names:
+        pytest.skip("this Pillow has no WebP")
+    good = folder / "grey.png"
+    for kind in ("truncated", "corrupt"):
+        bad = bad_copy(kind, folder / name, tmp_path)
+        try:
+            load_image(bad)
+        except Exception as exc:  # refused: one line through the command, and nothing for the good file
+            assert type(exc).__name__ == "ImageError", exc
+            result = run_cli("predict", weights, good, bad)
+            assert_one_line_error(result, str(bad))
+            assert result.stdout == ""
+        else:  # Pillow decoded what was there (JPEG and GIF are forgiving): predicted, one line
+            result = run_cli("predict", weights, bad)
+            assert result.returncode == 0 and len(result.stdout.splitlines()) == 1, result.stderr
+        # nor anything from a C library: libtiff writes "LZWDecode: Not enough data ..." itself
+        assert capfd.readouterr().err == "", (kind, name)
+
+
+def test_a_bomb_in_a_tiff_header_is_refused(tmp_path, weights):
+    path = tmp_path / "bomb.tif"
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    # ImageWidth and ImageLength (tags 256, 257) claim 30,000 x 30,000 pixels
+    for tag in (256, 257):
+        at = data.find(struct.pack("<HH", tag, 3))
+        if at < 0:
+            at = data.find(struct.pack("<HH", tag, 4))
+            data[at + 2:at + 12] = struct.pack("<HII", 4, 1, 30_000)
+        else:
+            data[at + 8:at + 10] = struct.pack("<H", 30_000)
+    path.write_bytes(bytes(data))
+    assert_one_line_error(run_cli("predict", weights, path), str(path), "decompression bomb")

@@ -10,6 +10,10 @@ image the way the data set's own were made, and it is normalised exactly as trai
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +93,7 @@ def collect(paths: list[str | Path]) -> Inputs:
 def _is_image(path: Path) -> bool:
     """Whether Pillow recognises the file's format (its header only; a damaged image still counts)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")  # a bomb, damaged metadata: load_image decides, with one line
         try:
             with Image.open(path):
                 return True
@@ -110,7 +114,10 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
         handle = open(path, "rb")
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    with handle, warnings.catch_warnings():
+    said: list[str] = []
+    failure: Exception | None = None
+    with handle, warnings.catch_warnings(), _decoder_messages(said):
+        warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata (EXIF): not a second line
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(handle) as im:
@@ -126,10 +133,36 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError ... for damaged files
-            text = str(exc).splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
-            raise ImageError(f"{path}: a truncated or corrupt image ({text})") from None
+            failure = exc
+    if failure is not None:  # out here, said holds what the decoder wrote
+        own = str(failure).strip().splitlines()
+        text = said[0] if said else own[0] if own else type(failure).__name__
+        raise ImageError(f"{path}: a truncated or corrupt image ({text[:100]})")
     pixels, inverted = prepare(picture, invert)
     return PreparedImage(path, pixels, inverted, size)
+
+
+@contextlib.contextmanager
+def _decoder_messages(said: list[str]):
+    """While a picture is decoded, what C libraries write to the process's stderr (libtiff's
+    "LZWDecode: Not enough data ...") goes into said, line by line, instead of becoming a second
+    line beside lenetlab's own."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to guard
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines()
+            said += [line.strip() for line in lines if line.strip()]
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:
