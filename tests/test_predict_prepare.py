@@ -1,8 +1,9 @@
 """The conversion `predict` makes a picture with, step by step, on pictures made from the test set
-in the shapes users have; and the formats users have."""
+in the shapes users have; the formats users have; and --explain."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image, features
 from test_predict import quick_model
 
 from lenetlab.conversion import TOLERANCE, background, centre, fit, is_light, prepare, stretch, to_grey, trim
-from lenetlab.predict import load_image
+from lenetlab.predict import load_image, predict, predict_files
 
 NEAREST = getattr(Image, "Resampling", Image).NEAREST
 
@@ -320,3 +321,62 @@ def test_a_bomb_in_a_tiff_header_is_refused(tmp_path, weights):
             data[at + 8:at + 10] = struct.pack("<H", 30_000)
     path.write_bytes(bytes(data))
     assert_one_line_error(run_cli("predict", weights, path), str(path), "decompression bomb")
+
+
+# ----------------------------------------------------------------------------- --explain
+
+
+def test_explain_writes_what_the_network_saw(formats, weights, tmp_path):
+    folder, _, _ = formats
+    seen = tmp_path / "seen"
+    result = run_cli("predict", weights, folder / "grey.png", folder / "rgb.jpg", "--json", "--explain", seen)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["explained"] for r in rows] == [str(seen / "grey.png.png"), str(seen / "rgb.jpg.png")]
+    assert sorted(p.name for p in seen.iterdir()) == ["grey.png.png", "rgb.jpg.png"]
+    for row, name in zip(rows, ("grey.png", "rgb.jpg")):
+        written = np.asarray(Image.open(row["explained"]))
+        assert np.array_equal(written, load_image(folder / name).pixels)
+    # the image written, given back to predict, is used as it is: the same answer to the digit
+    again = run_cli("predict", weights, *(r["explained"] for r in rows), "--json")
+    assert [json.loads(line)["probabilities"] for line in again.stdout.splitlines()] == \
+        [r["probabilities"] for r in rows]
+
+
+def test_explain_names_a_repeated_file_name_apart(formats, weights, tmp_path):
+    folder, _, _ = formats
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "grey.png").write_bytes((folder / "grey.png").read_bytes())
+    seen = tmp_path / "seen"
+    result = run_cli("predict", weights, folder / "grey.png", other / "grey.png", "--explain", seen)
+    assert result.returncode == 0
+    assert sorted(p.name for p in seen.iterdir()) == ["grey.png-2.png", "grey.png.png"]
+
+
+def test_explain_refuses_a_file_in_the_way_and_an_input(formats, weights, tmp_path):
+    folder, _, _ = formats
+    in_the_way = tmp_path / "seen"
+    in_the_way.write_text("a file\n")
+    assert_one_line_error(run_cli("predict", weights, folder / "grey.png", "--explain", in_the_way),
+                          str(in_the_way), "a file is in the way")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("a.png", "a.png.png"):
+        (inputs / name).write_bytes((folder / "grey.png").read_bytes())
+    result = run_cli("predict", weights, inputs, "--explain", inputs)
+    assert_one_line_error(result, str(inputs / "a.png.png"), "an input, not overwritten")
+    assert sorted(p.name for p in inputs.iterdir()) == ["a.png", "a.png.png"] and result.stdout == ""
+
+
+def test_the_python_api_returns_the_image_too(formats, weights):
+    from lenetlab.model import load_weights
+
+    folder, _, _ = formats
+    model = load_weights(weights)
+    predictions, skipped = predict_files(model, [folder / "grey.png"])
+    assert not skipped and np.array_equal(predictions[0].pixels, load_image(folder / "grey.png").pixels)
+    assert predictions[0].pixels.shape == (28, 28) and predictions[0].pixels.dtype == np.uint8
+    assert np.array_equal(predict(model, [load_image(folder / "rgb.jpg")])[0].pixels,
+                          load_image(folder / "rgb.jpg").pixels)
+

@@ -247,12 +247,16 @@ def cmd_resume(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.explain is not None:
+        files.writable_dir(args.explain)  # before the weights and the images, not after them
     model = load_weights(args.weights)
     predictions, skipped = predict.predict_files(model, args.images, args.invert)
+    explained = (predict.write_explained(predictions, args.explain) if args.explain is not None
+                 else [None] * len(predictions))
     if skipped:
         print(predict.skipped_note(skipped), file=sys.stderr)
-    for prediction in predictions:
-        print(json.dumps(predict.as_json(prediction), allow_nan=False) if args.json
+    for prediction, seen in zip(predictions, explained):
+        print(json.dumps(predict.as_json(prediction, seen), allow_nan=False) if args.json
               else predict.as_line(prediction, args.top_k))
     return 0
 
@@ -374,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="invert the grey picture: auto (default) when its background (the median of its "
                    "four corners) is light, yes always, no never")
+    p.add_argument("--explain", type=Path, metavar="DIR",
+                   help="write the 28x28 image the network saw for each input into DIR (created if "
+                   "needed), named after the input with .png added; --json adds its path as 'explained'")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a weights file as ONNX, checked against PyTorch", description=(

@@ -1,4 +1,4 @@
-"""Classify image files with trained weights: find, load and check them, predict.
+"""Classify image files with trained weights: find, load and check them, predict, show what was seen.
 
 Every input is loaded and checked before any is predicted: one bad file stops the call with
 an ImageError naming it, and nothing is printed for the others. A picture is read as its
@@ -11,6 +11,7 @@ image the way the data set's own were made, and it is normalised exactly as trai
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import files
 from .conversion import prepare
 from .data import CLASS_NAMES, normalise
 from .errors import ImageError
@@ -50,11 +52,13 @@ class PreparedImage:
 
 @dataclass
 class Prediction:
-    """The ten class probabilities of one image, in CLASS_NAMES order."""
+    """The ten class probabilities of one image, in CLASS_NAMES order, and the 28x28 uint8
+    image they were computed from (light garment on black)."""
 
     path: Path
     probabilities: list[float]
     inverted: bool
+    pixels: np.ndarray
 
     def top(self, k: int) -> list[tuple[str, float]]:
         order = sorted(range(len(CLASS_NAMES)), key=lambda i: -self.probabilities[i])
@@ -212,7 +216,7 @@ def predict(model: LeNet5V1, images: list[PreparedImage], batch_size: int = 500)
         chunk = images[start:start + batch_size]
         x = normalise(torch.from_numpy(np.stack([image.pixels for image in chunk])))
         probabilities = torch.softmax(fast_forward(model, x).double(), dim=1)
-        predictions += [Prediction(image.path, [float(p) for p in row], image.inverted)
+        predictions += [Prediction(image.path, [float(p) for p in row], image.inverted, image.pixels)
                         for image, row in zip(chunk, probabilities.tolist())]
     return predictions
 
@@ -225,12 +229,42 @@ def predict_files(model: LeNet5V1, paths: list[str | Path], invert: str = "auto"
     return predict(model, images), inputs.skipped
 
 
-def as_json(prediction: Prediction) -> dict:
-    """One JSON-ready object: the file, the most likely class and all ten probabilities."""
+def explained_names(paths: list[Path]) -> list[str]:
+    """The file name, in the --explain folder, of each input's 28x28 image: its own name with
+    .png added (shirt.jpg -> shirt.jpg.png, so it never replaces a PNG it came from); a name
+    met again (the same file name in two folders) gets -2, -3, ... before the .png."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen[path.name] = seen.get(path.name, 0) + 1
+        names.append(f"{path.name}.png" if count == 1 else f"{path.name}-{count}.png")
+    return names
+
+
+def write_explained(predictions: list[Prediction], folder: Path) -> list[Path]:
+    """Write the 28x28 image the network saw for each prediction into folder, as PNG."""
+    targets = [Path(folder) / name for name in explained_names([p.path for p in predictions])]
+    inputs = {prediction.path.resolve() for prediction in predictions}
+    for target in targets:  # all checked before any is written
+        if target.resolve() in inputs:
+            raise ImageError(f"{target}: an input, not overwritten (give --explain another folder)")
+    for prediction, target in zip(predictions, targets):
+        buffer = io.BytesIO()
+        Image.fromarray(prediction.pixels).save(buffer, "PNG")
+        files.atomic_write(target, buffer.getvalue())
+    return targets
+
+
+def as_json(prediction: Prediction, explained: Path | None = None) -> dict:
+    """One JSON-ready object: the file, the most likely class and all ten probabilities (and
+    the image the network saw, with --explain)."""
     (best, probability), = prediction.top(1)
-    return {"file": str(prediction.path), "class": best, "probability": round(probability, 6),
-            "inverted": prediction.inverted,
-            "probabilities": {name: round(p, 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)}}
+    row = {"file": str(prediction.path), "class": best, "probability": round(probability, 6),
+           "inverted": prediction.inverted,
+           "probabilities": {name: round(p, 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)}}
+    if explained is not None:
+        row["explained"] = str(explained)
+    return row
 
 
 def as_line(prediction: Prediction, k: int) -> str:
