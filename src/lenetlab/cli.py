@@ -252,12 +252,16 @@ def cmd_resume(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.explain is not None:
+        files.writable_dir(args.explain)  # before the weights and the images, not after them
     model = load_weights(args.weights)
     predictions, skipped = predict.predict_files(model, args.images, args.invert)
+    explained = (predict.write_explained(predictions, args.explain) if args.explain is not None
+                 else [None] * len(predictions))
     if skipped:
         print(predict.skipped_note(skipped), file=sys.stderr)
-    for prediction in predictions:
-        print(json.dumps(predict.as_json(prediction), allow_nan=False) if args.json
+    for prediction, seen in zip(predictions, explained):
+        print(json.dumps(predict.as_json(prediction, seen), allow_nan=False) if args.json
               else predict.as_line(prediction, args.top_k))
     return 0
 
@@ -368,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files with a weights file", description=(
         "Classify pictures as Fashion-MNIST does. Each becomes a 28x28 grey image of a light garment on "
-        "black: first frame (GIF, WebP), EXIF orientation, transparency laid on white, grey; inverted "
-        "when its border is lighter than its centre (--invert auto); longer side fitted into 28 pixels, "
-        "keeping the aspect ratio; padded with black to 28x28; normalised as in training. Crop photos "
-        "close to the garment. Every file is checked before any is predicted: a missing, empty, "
+        "black the way the data set's own images were made: first frame (GIF, WebP), EXIF orientation, "
+        "transparency laid on white; the edges of the background's colour (the corners') trimmed; grey; "
+        "inverted when that background is light (--invert auto); the background made black; the longer "
+        "side resized to 28 pixels, keeping the aspect ratio; centred on black; normalised as in "
+        "training. A 28x28 picture is used as it is (inverted if its background is light). "
+        "Every file is checked before any is predicted: a missing, empty, "
         "truncated or corrupt file, one that is not an image, or one with a side of 0 or 100,000+ pixels "
         "stops the call (one line naming it, exit 2) and nothing is printed for the others. In a folder, "
         "files that are not images are skipped and counted on stderr."))
@@ -384,8 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line and file, with all ten "
                    "probabilities (instead of the top K)")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
-                   help="invert the grey picture: auto (default) when its border is lighter than its "
-                   "centre, yes always, no never")
+                   help="invert the grey picture: auto (default) when its background (the median of its "
+                   "four corners) is light, yes always, no never")
+    p.add_argument("--explain", type=Path, metavar="DIR",
+                   help="write the 28x28 image the network saw for each input into DIR (created if "
+                   "needed), named after the input with .png added; --json adds its path as 'explained'")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a weights file as ONNX, checked against PyTorch", description=(

@@ -1,17 +1,20 @@
-"""Classify image files with trained weights: find, load and preprocess them like Fashion-MNIST, predict.
+"""Classify image files with trained weights: find, load and check them, predict, show what was seen.
 
-A Fashion-MNIST image is a light garment on a black background, 28x28 grey pixels. A
-picture becomes one in these steps: the first frame (GIF, WebP), the EXIF orientation
-applied, transparent pixels laid on white, grey (ITU-R 601 luma); inverted when its border
-is lighter than its centre (a dark garment on a light background, as in product photos);
-the longer side fitted into 28 pixels keeping the aspect ratio, then padded with black to
-28x28, centred; normalised with the training data's mean and standard deviation, exactly as
-training and `evaluate` do. Every input is loaded and checked before any is predicted: one
-bad file stops the call with an ImageError naming it, and nothing is printed for the others.
+Every input is loaded and checked before any is predicted: one bad file stops the call with
+an ImageError naming it, and nothing is printed for the others. A picture is read as its
+first frame (GIF, WebP), turned as its EXIF orientation says, transparent pixels laid on
+white, 16-bit and float scaled to 8 bits; conversion.prepare then makes it a Fashion-MNIST
+image the way the data set's own were made, and it is normalised exactly as training and
+`evaluate` do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +23,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import files
+from .conversion import prepare
 from .data import CLASS_NAMES, normalise
 from .errors import ImageError
 from .model import LeNet5V1, fast_forward
 
-SIZE = 28
 MAX_SIDE = 100_000  # a side of this many pixels or more is refused as a decompression bomb
-INVERT_CHOICES = ("auto", "yes", "no")
-LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow 9.1 moved it
 
 
 @dataclass
@@ -50,11 +52,13 @@ class PreparedImage:
 
 @dataclass
 class Prediction:
-    """The ten class probabilities of one image, in CLASS_NAMES order."""
+    """The ten class probabilities of one image, in CLASS_NAMES order, and the 28x28 uint8
+    image they were computed from (light garment on black)."""
 
     path: Path
     probabilities: list[float]
     inverted: bool
+    pixels: np.ndarray
 
     def top(self, k: int) -> list[tuple[str, float]]:
         order = sorted(range(len(CLASS_NAMES)), key=lambda i: -self.probabilities[i])
@@ -93,7 +97,7 @@ def collect(paths: list[str | Path]) -> Inputs:
 def _is_image(path: Path) -> bool:
     """Whether Pillow recognises the file's format (its header only; a damaged image still counts)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")  # a bomb, damaged metadata: load_image decides, with one line
         try:
             with Image.open(path):
                 return True
@@ -114,7 +118,10 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
         handle = open(path, "rb")
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    with handle, warnings.catch_warnings():
+    said: list[str] = []
+    failure: Exception | None = None
+    with handle, warnings.catch_warnings(), _decoder_messages(said):
+        warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata (EXIF): not a second line
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(handle) as im:
@@ -122,7 +129,7 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
                 _check_size(path, size)
                 im.seek(0)  # the first frame of a GIF or an animated WebP
                 im.load()
-                grey = _to_grey(_upright(im))
+                picture = _to_pixels(_upright(im))
         except ImageError:
             raise
         except UnidentifiedImageError:
@@ -130,10 +137,36 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError ... for damaged files
-            text = str(exc).splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
-            raise ImageError(f"{path}: a truncated or corrupt image ({text})") from None
-    pixels, inverted = prepare(grey, invert)
+            failure = exc
+    if failure is not None:  # out here, said holds what the decoder wrote
+        own = str(failure).strip().splitlines()
+        text = said[0] if said else own[0] if own else type(failure).__name__
+        raise ImageError(f"{path}: a truncated or corrupt image ({text[:100]})")
+    pixels, inverted = prepare(picture, invert)
     return PreparedImage(path, pixels, inverted, size)
+
+
+@contextlib.contextmanager
+def _decoder_messages(said: list[str]):
+    """While a picture is decoded, what C libraries write to the process's stderr (libtiff's
+    "LZWDecode: Not enough data ...") goes into said, line by line, instead of becoming a second
+    line beside lenetlab's own."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to guard
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines()
+            said += [line.strip() for line in lines if line.strip()]
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:
@@ -154,8 +187,10 @@ def _upright(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_grey(im: Image.Image) -> np.ndarray:
-    """uint8 (height, width) luma; transparent pixels laid on white; 16-bit and float scaled to 8 bits."""
+def _to_pixels(im: Image.Image) -> np.ndarray:
+    """uint8 pixels, (height, width) for a grey picture and (height, width, 3) RGB for any other
+    (palette, CMYK, ...): the trim compares colours. Transparent pixels are laid on white;
+    16-bit and float grey are scaled to 8 bits."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(im, dtype=np.float64)
         if im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) > 255):
@@ -167,39 +202,9 @@ def _to_grey(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("L"), dtype=np.uint8)
-
-
-def border_is_lighter(grey: np.ndarray) -> bool:
-    """Whether the mean of the outer band (1/20 of the shorter side, at least a pixel) is
-    lighter than the mean of the central half: a dark object on a light background."""
-    height, width = grey.shape
-    band = max(1, min(height, width) // 20)
-    inner = np.zeros_like(grey, dtype=bool)
-    inner[band:height - band, band:width - band] = True
-    border = grey[~inner]
-    centre = grey[height // 4: height - height // 4, width // 4: width - width // 4]
-    if border.size == 0 or centre.size == 0:
-        return False
-    return float(border.mean()) > float(centre.mean())
-
-
-def prepare(grey: np.ndarray, invert: str = "auto") -> tuple[np.ndarray, bool]:
-    """A grey picture of any size -> 28x28 uint8 like Fashion-MNIST, and whether it was inverted."""
-    if invert not in INVERT_CHOICES:
-        raise ValueError(f"invert must be one of {INVERT_CHOICES}, not {invert!r}")
-    inverted = invert == "yes" or (invert == "auto" and border_is_lighter(grey))
-    if inverted:
-        grey = 255 - grey
-    height, width = grey.shape
-    if (width, height) != (SIZE, SIZE):
-        scale = SIZE / max(width, height)
-        new = (max(1, min(SIZE, round(width * scale))), max(1, min(SIZE, round(height * scale))))
-        grey = np.asarray(Image.fromarray(grey).resize(new, LANCZOS), dtype=np.uint8)
-    out = np.zeros((SIZE, SIZE), dtype=np.uint8)  # black: the background after inversion
-    top, left = (SIZE - grey.shape[0]) // 2, (SIZE - grey.shape[1]) // 2
-    out[top:top + grey.shape[0], left:left + grey.shape[1]] = grey
-    return out, inverted
+    if im.mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 @torch.inference_mode()
@@ -211,7 +216,7 @@ def predict(model: LeNet5V1, images: list[PreparedImage], batch_size: int = 500)
         chunk = images[start:start + batch_size]
         x = normalise(torch.from_numpy(np.stack([image.pixels for image in chunk])))
         probabilities = torch.softmax(fast_forward(model, x).double(), dim=1)
-        predictions += [Prediction(image.path, [float(p) for p in row], image.inverted)
+        predictions += [Prediction(image.path, [float(p) for p in row], image.inverted, image.pixels)
                         for image, row in zip(chunk, probabilities.tolist())]
     return predictions
 
@@ -224,12 +229,42 @@ def predict_files(model: LeNet5V1, paths: list[str | Path], invert: str = "auto"
     return predict(model, images), inputs.skipped
 
 
-def as_json(prediction: Prediction) -> dict:
-    """One JSON-ready object: the file, the most likely class and all ten probabilities."""
+def explained_names(paths: list[Path]) -> list[str]:
+    """The file name, in the --explain folder, of each input's 28x28 image: its own name with
+    .png added (shirt.jpg -> shirt.jpg.png, so it never replaces a PNG it came from); a name
+    met again (the same file name in two folders) gets -2, -3, ... before the .png."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen[path.name] = seen.get(path.name, 0) + 1
+        names.append(f"{path.name}.png" if count == 1 else f"{path.name}-{count}.png")
+    return names
+
+
+def write_explained(predictions: list[Prediction], folder: Path) -> list[Path]:
+    """Write the 28x28 image the network saw for each prediction into folder, as PNG."""
+    targets = [Path(folder) / name for name in explained_names([p.path for p in predictions])]
+    inputs = {prediction.path.resolve() for prediction in predictions}
+    for target in targets:  # all checked before any is written
+        if target.resolve() in inputs:
+            raise ImageError(f"{target}: an input, not overwritten (give --explain another folder)")
+    for prediction, target in zip(predictions, targets):
+        buffer = io.BytesIO()
+        Image.fromarray(prediction.pixels).save(buffer, "PNG")
+        files.atomic_write(target, buffer.getvalue())
+    return targets
+
+
+def as_json(prediction: Prediction, explained: Path | None = None) -> dict:
+    """One JSON-ready object: the file, the most likely class and all ten probabilities (and
+    the image the network saw, with --explain)."""
     (best, probability), = prediction.top(1)
-    return {"file": str(prediction.path), "class": best, "probability": round(probability, 6),
-            "inverted": prediction.inverted,
-            "probabilities": {name: round(p, 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)}}
+    row = {"file": str(prediction.path), "class": best, "probability": round(probability, 6),
+           "inverted": prediction.inverted,
+           "probabilities": {name: round(p, 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)}}
+    if explained is not None:
+        row["explained"] = str(explained)
+    return row
 
 
 def as_line(prediction: Prediction, k: int) -> str:
