@@ -42,18 +42,6 @@ def gamma(n: int) -> float:
     return LAMBDA * math.sqrt(n) * U
 
 
-def conv2d(x, w, b, padding: int = 0):
-    """F.conv2d in float64 through the FFT (differentiable): 2-3 times faster than torch's
-    float64 convolution here, and within 1e-14 of it relative to the output's size, seven orders
-    below float32 rounding."""
-    if padding:
-        x = F.pad(x, (padding,) * 4)
-    size, k = x.shape[-2:], w.shape[-1]
-    spectrum = torch.einsum("bchw,ochw->bohw", torch.fft.rfft2(x), torch.fft.rfft2(w, s=size).conj())
-    out = torch.fft.irfft2(spectrum, s=size)[..., :size[0] - k + 1, :size[1] - k + 1]
-    return out + b.view(1, -1, 1, 1)
-
-
 def _rss(t):
     """sqrt of a sum of squared bounds: errors of different terms are independent (see above)."""
     return t.sqrt()
@@ -254,7 +242,7 @@ class _Pass:
         for conv, bn, pad in ((L.conv1, L.bn1, 2), (L.conv2, L.bn2, 0)):
             w, b = self._p(conv.weight), self._p(conv.bias)
             e_z = _conv_bounds(h, e_h, w.detach(), b.detach(), pad)
-            z = _keep(conv2d(h, w, b, padding=pad))
+            z = _keep(F.conv2d(h, w, b, padding=pad))
             norm = None
             if bn is not None:
                 norm = _BatchNorm(bn, z.detach(), e_z, training)
@@ -440,15 +428,15 @@ def _update(model, optimizer, grads: Gradients) -> dict:
 
 
 def forward64(model: LeNet5V1, x, scale=None):
-    """fast_forward's arithmetic in float64 (the convolutions through the FFT, see conv2d), on
-    a float64 model: training mode updates the batch norms' running statistics, as it does."""
+    """fast_forward's arithmetic in float64 (torch's own float64 kernels) on a float64 model:
+    training mode updates the batch norms' running statistics, as it does."""
     L = _layers(model)
     relu = model.activation == "relu"
     act = torch.relu if relu else torch.tanh
     pool = (lambda t: F.max_pool2d(t, 2)) if model.pool == "max" else (lambda t: F.avg_pool2d(t, 2))
     h = x.to(D)
     for conv, bn, pad in ((L.conv1, L.bn1, 2), (L.conv2, L.bn2, 0)):
-        h = conv2d(h, conv.weight, conv.bias, padding=pad)
+        h = F.conv2d(h, conv.weight, conv.bias, padding=pad)
         if bn is not None:
             h = _batch_norm(h, bn, model.training)
         h = pool(act(h))
