@@ -5,13 +5,28 @@ optimiser. Each float32 implementation of it, torch's own as much as the native 
 within a bound of that reference derived from float32 rounding alone, element by element, so
 that the bound holds for every vector width, summation order, FMA contraction and compiler.
 
-The bound is a running error analysis. Stage by stage, e(out) = |d out / d in| e(in) (what the
-error already in the inputs can do through the stage) plus the stage's own rounding: a few units
-of float32 rounding U of each element-wise result, and for a sum of n terms, in any order,
-gamma(n) = LAMBDA sqrt(n) U times the sum of the terms' magnitudes (Higham & Mary, "A new
-approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019: exceeded with
-probability below 2 exp(-LAMBDA^2 / 2), 3e-8 for LAMBDA = 6, per element; the deterministic
-(n - 1) U is sqrt(n) times looser, 224 times for conv1's weight gradient).
+The bound is a running error analysis: stage by stage, what the error already in the inputs can
+do through the stage, plus the stage's own rounding.
+
+- Own rounding: a few units of float32 rounding U of each element-wise result, and for a sum of
+  n terms, in any order, gamma(n) = LAMBDA sqrt(n) U times the sum of the terms' magnitudes
+  (Higham & Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci.
+  Comput. 41, 2019: exceeded with probability below 2 exp(-LAMBDA^2 / 2), 3e-8 for LAMBDA = 6,
+  per element, rounding errors being independent and as likely up as down; the deterministic
+  (n - 1) U is sqrt(n) times looser, 224 times for conv1's weight gradient).
+- Errors carried in: through an element-wise function f, |f'| e; through a sum of w_k x_k,
+  sqrt(sum w_k^2 e(x_k)^2), under the same model: the inputs' errors come from different
+  roundings, so they add as a random walk, not in line (in line, each layer would multiply the
+  bound by its weights' absolute row sums, 6 to 20 here, and the logits' bound would reach 1).
+  Errors shared by a whole channel add in line instead. In the backward, batch norm's means of
+  dh and dh xhat (and k = w istd) are one value per channel: their bounds are carried as a
+  second, shared part of each bound, in line through every sum after them (a ReLU gate flipped
+  at one pixel moves those means, hence every pixel's dz, the same way: summed over 6400
+  pixels by conv2's weight gradient, far more than a random walk). In the forward, the
+  statistics' own error is followed in line where it meets a sum over its channel (it cancels
+  in the variance, whose deviations sum to 0; it moves the backward's sums by its size times
+  theirs) and carried like any other error after that: its bound, that of a float32 sum of the
+  whole batch in any order, is hundreds of times what either path's float64 accumulation makes.
 
 Where rounding can flip a decision (a ReLU input within its bound of 0, another value of a max
 pooling block within the bounds of the block's maximum), the bound adds the whole gradient the
@@ -79,14 +94,17 @@ class _Act:
             # tanh' <= 1, and each path's own float32 tanh is within TANH_ERR
             self.e = (1 - self.a ** 2) * e_h + TANH_ERR
 
-    def backward(self, da, e_da):
-        """The bound of dh = da act'(a)."""
+    def backward(self, da, e_da, shared=None):
+        """The bounds of dh = da act'(a): (its own, the shared part: see _Errors)."""
         if self.relu:
+            gate = (self.h > 0).to(D)
             flip = ((self.h.abs() <= self.e_h) & (self.e_h > 0)).to(D)
             # a gate rounding may flip passes all of da or none of it
-            return (self.h > 0).to(D) * e_da + flip * da.abs()
+            own = gate * e_da + flip * da.abs()
+            return own, None if shared is None else gate * shared
         # 1 - a^2 from the output a: its error 2|a| e(a), and two roundings
-        return (1 - self.a ** 2) * e_da + da.abs() * (2 * self.a.abs() * self.e + 2 * U)
+        own = (1 - self.a ** 2) * e_da + da.abs() * (2 * self.a.abs() * self.e + 2 * U)
+        return own, None if shared is None else (1 - self.a ** 2) * shared
 
 
 class _Pool:
@@ -112,12 +130,15 @@ class _Pool:
         contested = _up(F.max_pool2d(near.to(D), 2)) > 0
         self.moved = (near | (winner & contested)).to(D)
 
-    def backward(self, dp, e_dp):
-        """The bound of da = the pooling's gradient of dp."""
-        if not self.max:
-            return _up(e_dp) / 4  # a quarter of each to its 4 pixels: exact
+    def backward(self, dp, e_dp, shared=None):
+        """The bounds of da = the pooling's gradient of dp: (its own, the shared part)."""
+        if not self.max:  # a quarter of each to its 4 pixels: exact
+            return _up(e_dp) / 4, None if shared is None else _up(shared) / 4
         routed = F.max_unpool2d(e_dp, self.idx, 2, output_size=self.shape[2:])
-        return routed + self.moved * _up(dp.abs())  # a contested block's gradient may go to any of them
+        own = routed + self.moved * _up(dp.abs())  # a contested block's gradient may go to any of them
+        if shared is not None:
+            shared = F.max_unpool2d(shared, self.idx, 2, output_size=self.shape[2:])
+        return own, shared
 
 
 class _BatchNorm:
@@ -162,25 +183,30 @@ class _BatchNorm:
         e_rv = m * r * self.e_var + 3 * U * ((1 - m) * rv + m * r * self.var)
         return (1 - m) * rm + m * self.mu, e_rm, (1 - m) * rv + m * r * self.var, e_rv
 
-    def backward(self, dh, e_dh):
-        """(the bound of dz = w istd (dh - mean dh - xhat mean(dh xhat)), of the weight's
-        gradient sum(dh xhat), of the bias's sum(dh))."""
-        n, xhat = self.n, self.xhat
-        e_sdy = _rss(_per_channel(e_dh ** 2)) + gamma(n) * _per_channel(dh.abs())  # a sum of n
-        # a sum of n products; the statistics' error is common to the channel: it moves the sum
-        # by its shift times sum(dh) and its scale times sum(dh c)
+    def backward(self, dh, e_dh, shared):
+        """The bounds of dz = k (dh - mean(dh) - xhat mean(dh xhat)), k = w istd: (its own, the
+        shared part), and those of the weight's gradient sum(dh xhat) and the bias's sum(dh)."""
+        n, xhat, k = self.n, self.xhat, _spread(self.w * self.istd, dh)
+        # sums of n: the independent errors as a random walk, the shared ones in line
+        e_sdy = (_rss(_per_channel(e_dh ** 2)) + _per_channel(shared)
+                 + gamma(n) * _per_channel(dh.abs()))
+        # the statistics' error moves every xhat of the channel alike: this sum by its shift
+        # times sum(dh) and its scale times sum(dh c)
         e_sdyx = (_rss(_per_channel((e_dh * xhat) ** 2 + (dh * self.e_xhat_own) ** 2))
+                  + _per_channel(shared * xhat.abs())
                   + self.istd * self.e_mu * _per_channel(dh).abs()
                   + self.e_istd * _per_channel(dh * self.c).abs()
                   + gamma(n) * _per_channel((dh * xhat).abs()))
         mdy, mdyx = _spread(_per_channel(dh) / n, dh), _spread(_per_channel(dh * xhat) / n, dh)
         e_mdy, e_mdyx = _spread(e_sdy / n, dh) + U * mdy.abs(), _spread(e_sdyx / n, dh) + U * mdyx.abs()
         inner = dh - mdy - xhat * mdyx
-        e_inner = (e_dh + e_mdy + xhat.abs() * e_mdyx + self.e_xhat * mdyx.abs()
-                   + 3 * U * (dh.abs() + mdy.abs() + (xhat * mdyx).abs()))  # three roundings
-        k = _spread(self.w * self.istd, dh)
+        own = k.abs() * (e_dh + self.e_xhat_own * mdyx.abs()
+                         + 3 * U * (dh.abs() + mdy.abs() + (xhat * mdyx).abs())) + U * (k * inner).abs()
+        # the channel's means and k are one value for all its pixels: their errors are shared
         e_k = _spread(self.w.abs() * self.e_istd, dh) + U * k.abs()
-        return k.abs() * e_inner + e_k * inner.abs() + U * (k * inner).abs(), e_sdyx, e_sdy
+        common = k.abs() * (shared + e_mdy + xhat.abs() * e_mdyx
+                            + (self.e_xhat - self.e_xhat_own) * mdyx.abs()) + e_k * inner.abs()
+        return own, common, e_sdyx, e_sdy
 
 
 def _f32(fn, *tensors, **kwargs):
@@ -195,23 +221,26 @@ def _conv_bounds(x, e_x, w, b, pad: int):
     return e if e_x is None else e + _rss(_f32(F.conv2d, e_x ** 2, w ** 2, padding=pad))
 
 
-def _conv_backward(dz, e_dz, x, e_x, w, pad: int, input_grad: bool):
-    """The bounds of a 5x5 convolution's weight, bias and (input_grad) input gradients."""
+def _conv_backward(dz, e_dz, shared, x, e_x, w, pad: int, input_grad: bool):
+    """The bounds of a 5x5 convolution's weight and bias gradients and (input_grad) its input
+    gradient's (own, shared), from dz's (own e_dz, shared)."""
     n = dz.shape[0] * dz.shape[2] * dz.shape[3]  # a weight's gradient sums over images and pixels
+
     def wgrad(a, g):
         return _f32(torch.nn.grad.conv2d_weight, a, torch.Size(w.shape), g, padding=pad)
 
     prop = wgrad(x ** 2, e_dz ** 2)
     if e_x is not None:
         prop = prop + wgrad(e_x ** 2, dz ** 2)
-    e_w = _rss(prop) + gamma(n) * wgrad(x.abs(), dz.abs())
-    e_b = _rss(_per_channel(e_dz ** 2)) + gamma(n) * _per_channel(dz.abs())
+    # each sum: the independent errors as a random walk, the shared ones in line, its own rounding
+    e_w = _rss(prop) + wgrad(x.abs(), shared) + gamma(n) * wgrad(x.abs(), dz.abs())
+    e_b = _rss(_per_channel(e_dz ** 2)) + _per_channel(shared) + gamma(n) * _per_channel(dz.abs())
     if not input_grad:
-        return e_w, e_b, None
+        return e_w, e_b, (None, None)
     # an input pixel's gradient sums over output channels x 25 taps
-    e_in = (_rss(_f32(F.conv_transpose2d, e_dz ** 2, w ** 2, padding=pad))
-            + gamma(w.shape[0] * 25) * _f32(F.conv_transpose2d, dz.abs(), w.abs(), padding=pad))
-    return e_w, e_b, e_in
+    own = (_rss(_f32(F.conv_transpose2d, e_dz ** 2, w ** 2, padding=pad))
+           + gamma(w.shape[0] * 25) * _f32(F.conv_transpose2d, dz.abs(), w.abs(), padding=pad))
+    return e_w, e_b, (own, _f32(F.conv_transpose2d, shared, w.abs(), padding=pad))
 
 
 def _linear_backward(dout, e_dout, x, e_x, w):
@@ -328,7 +357,7 @@ def gradients(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0) -> Grad
         e_d = e_p / batch + 3 * U * (p + target) / batch  # (p - target) / B: three roundings
         for stage in reversed(s.dense):
             if stage["act"] is not None:  # e_d is the bound at act(out): through the activation
-                e_d = stage["act"].backward(stage["a"].grad, e_d)
+                e_d, _ = stage["act"].backward(stage["a"].grad, e_d)
                 if stage["drop"] is not None:
                     e_d = e_d * stage["drop"]  # exact
             fc, d_out = stage["fc"], stage["out"].grad
@@ -336,17 +365,21 @@ def gradients(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0) -> Grad
                 d_out = d_out * stage["drop"]  # the gradient at fc1's output, before the dropout scale
             e_grad[fc.weight], e_grad[fc.bias], e_d = _linear_backward(
                 d_out, e_d, stage["input"].detach(), stage["e_input"], fc.weight.detach().to(D))
+        # the feature maps: each bound in two parts, its own (independent of other elements') and
+        # the part shared by a whole channel (errors of batch norm's per-channel backward sums)
         e_d = e_d.view(s.stages[1]["p"].shape)
+        shared = torch.zeros_like(e_d)
         for stage in reversed(s.stages):
-            e_da = stage["pool"].backward(stage["p"].grad, e_d)
-            e_dz = stage["act"].backward(stage["a"].grad, e_da)
+            e_da, shared = stage["pool"].backward(stage["p"].grad, e_d, shared)
+            e_dz, shared = stage["act"].backward(stage["a"].grad, e_da, shared)
             bn = stage["bn"]
             if bn is not None:
-                e_dz, e_grad[bn.weight], e_grad[bn.bias] = stage["norm"].backward(stage["pre"].grad, e_dz)
+                e_dz, shared, e_grad[bn.weight], e_grad[bn.bias] = stage["norm"].backward(
+                    stage["pre"].grad, e_dz, shared)
             conv, first = stage["conv"], stage is s.stages[0]
-            e_grad[conv.weight], e_grad[conv.bias], e_d = _conv_backward(
-                stage["z"].grad, e_dz, stage["input"].detach(), stage["e_input"], conv.weight.detach().to(D),
-                stage["pad"], not first)
+            e_grad[conv.weight], e_grad[conv.bias], (e_d, shared) = _conv_backward(
+                stage["z"].grad, e_dz, shared, stage["input"].detach(), stage["e_input"],
+                conv.weight.detach().to(D), stage["pad"], not first)
         buffers = {}
         for stage in s.stages:
             if stage["bn"] is not None:
