@@ -18,15 +18,17 @@ do through the stage, plus the stage's own rounding.
   sqrt(sum w_k^2 e(x_k)^2), under the same model: the inputs' errors come from different
   roundings, so they add as a random walk, not in line (in line, each layer would multiply the
   bound by its weights' absolute row sums, 6 to 20 here, and the logits' bound would reach 1).
-  Errors shared by a whole channel add in line instead. In the backward, batch norm's means of
+  Errors shared by many elements add in line instead. In the backward, batch norm's means of
   dh and dh xhat (and k = w istd) are one value per channel: their bounds are carried as a
   second, shared part of each bound, in line through every sum after them (a ReLU gate flipped
   at one pixel moves those means, hence every pixel's dz, the same way: summed over 6400
-  pixels by conv2's weight gradient, far more than a random walk). In the forward, the
-  statistics' own error is followed in line where it meets a sum over its channel (it cancels
-  in the variance, whose deviations sum to 0; it moves the backward's sums by its size times
-  theirs) and carried like any other error after that: its bound, that of a float32 sum of the
-  whole batch in any order, is hundreds of times what either path's float64 accumulation makes.
+  pixels by conv2's weight gradient, far more than a random walk), and so is a max-pooling
+  block's gradient that rounding may route to another of its pixels (it leaves one and arrives
+  at the other). In the forward, the statistics' own error is followed in line where it meets
+  a sum over its channel (it cancels in the variance, whose deviations sum to 0; it moves the
+  backward's sums by its size times theirs) and carried like any other error after that: its
+  bound, that of a float32 sum of the whole batch in any order, is hundreds of times what
+  either path's float64 accumulation makes.
 
 Where rounding can flip a decision (a ReLU input within its bound of 0, another value of a max
 pooling block within the bounds of the block's maximum), the bound adds the whole gradient the
@@ -99,9 +101,9 @@ class _Act:
         if self.relu:
             gate = (self.h > 0).to(D)
             flip = ((self.h.abs() <= self.e_h) & (self.e_h > 0)).to(D)
-            # a gate rounding may flip passes all of da or none of it
-            own = gate * e_da + flip * da.abs()
-            return own, None if shared is None else gate * shared
+            # a gate rounding may flip passes all of da (with its error) or none of it
+            own = torch.maximum(gate, flip) * e_da + flip * da.abs()
+            return own, None if shared is None else torch.maximum(gate, flip) * shared
         # 1 - a^2 from the output a: its error 2|a| e(a), and two roundings
         own = (1 - self.a ** 2) * e_da + da.abs() * (2 * self.a.abs() * self.e + 2 * U)
         return own, None if shared is None else (1 - self.a ** 2) * shared
@@ -134,11 +136,12 @@ class _Pool:
         """The bounds of da = the pooling's gradient of dp: (its own, the shared part)."""
         if not self.max:  # a quarter of each to its 4 pixels: exact
             return _up(e_dp) / 4, None if shared is None else _up(shared) / 4
-        routed = F.max_unpool2d(e_dp, self.idx, 2, output_size=self.shape[2:])
-        own = routed + self.moved * _up(dp.abs())  # a contested block's gradient may go to any of them
-        if shared is not None:
-            shared = F.max_unpool2d(shared, self.idx, 2, output_size=self.shape[2:])
-        return own, shared
+        own = F.max_unpool2d(e_dp, self.idx, 2, output_size=self.shape[2:])
+        # a contested block's gradient may go to any of its contenders, leaving the one it goes
+        # to in float64: one error on two pixels, so it is carried in line (shared)
+        shared = torch.zeros_like(dp) if shared is None else shared
+        moved = self.moved * _up(dp.abs() + e_dp + shared)
+        return own, moved + F.max_unpool2d(shared, self.idx, 2, output_size=self.shape[2:])
 
 
 class _BatchNorm:
@@ -519,3 +522,4 @@ def nudge(model: torch.nn.Module, seed: int = 11) -> torch.nn.Module:
             p.copy_(torch.where(up, torch.nextafter(p, torch.tensor(torch.inf, dtype=p.dtype)),
                                 torch.nextafter(p, torch.tensor(-torch.inf, dtype=p.dtype))))
     return model
+
