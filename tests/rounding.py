@@ -523,3 +523,25 @@ def nudge(model: torch.nn.Module, seed: int = 11) -> torch.nn.Module:
                                 torch.nextafter(p, torch.tensor(-torch.inf, dtype=p.dtype))))
     return model
 
+
+def loss(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0):
+    """The training-mode forward's summed cross-entropy in float64 and the bound of a float32
+    path's (each image's loss lse(z) - sum t z moves by at most 2 max e(z) for its logits'
+    bounds e, plus the roundings of exp, log and the sum of 10), and its number of correct
+    argmax predictions with how many of them rounding may change (a top-2 gap within their
+    logits' bounds)."""
+    with torch.no_grad():
+        s = _Pass(model, x, scale, training=True)
+        z, e = s.logits, s.e_logits
+        target = F.one_hot(y, 10).to(D) * (1 - smoothing) + smoothing / 10
+        lse = torch.logsumexp(z, 1)
+        each = lse - (target * z).sum(1)
+        bound = 2 * e.max(1).values + (gamma(10) + 4 * U) * (lse.abs() + z.abs().max(1).values)
+        top2 = z.topk(2, 1)
+        e_top = e.gather(1, top2.indices)
+        close = (top2.values[:, 0] - top2.values[:, 1]) <= e_top.sum(1)
+        correct = int((z.argmax(1) == y).sum())
+    # the batch's sum: its terms' bounds in line, and its own rounding as a float32 sum (torch's
+    # mean reduction; the native step sums in float64)
+    total = bound.sum().item() + (gamma(len(y)) + U) * each.abs().sum().item()
+    return each.sum().item(), total, correct, int(close.sum())
