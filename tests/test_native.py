@@ -16,8 +16,9 @@ rounding (tests/rounding.py: each sum's bound is relative to its terms' magnitud
 with their number, stage by stage), and torch's own float32 step is held to the same bound, so
 the bound is known to admit a correct float32 implementation. Longer runs compare trajectories,
 whose differences grow with every step: those are calibrated in the run itself, against how
-far torch's float32 trajectory ends from its float64 one (see _check_trajectory). ReLU and max
-pooling are not smooth, so their long runs are checked step by step (test_200_steps_in_lockstep).
+far torch's float32 trajectory ends from its float64 one and the native one from itself started
+one rounding away (_check_trajectory). ReLU and max pooling are not smooth, so their long runs
+are checked step by step, each checked step within the derived bound (test_200_steps_in_lockstep).
 
 Every parity check runs on each build of the C source this machine can run (the `build`
 fixture): the default one (BASE_FLAGS and LENETLAB_NATIVE_CFLAGS_EXTRA), and that with
