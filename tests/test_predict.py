@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rounding  # tests/rounding.py: float64 references and float32 rounding bounds
 import torch
 import torch.nn.functional as F
 from PIL import Image, features
@@ -22,11 +23,15 @@ PER_CLASS = 3
 
 
 def quick_model(dataset, steps: int = 100) -> LeNet5V1:
-    """A LeNet-5 trained for a few seconds (about 75% test accuracy): enough to have opinions."""
+    """A LeNet-5 trained for a few seconds (about 75% test accuracy): enough to have opinions.
+
+    Trained in float64, then rounded to float32: the same weights on every CPU (float32
+    training would follow the host's kernels, whose rounding 100 steps amplify into other
+    weights, and other predictions of the images the tests below count)."""
     torch.manual_seed(0)
-    model = LeNet5V1()
+    model = LeNet5V1().double()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = normalise(dataset.train_images[:steps * 64]), dataset.train_labels[:steps * 64]
+    x, y = normalise(dataset.train_images[:steps * 64]).double(), dataset.train_labels[:steps * 64]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small steps: one thread is faster, and much faster on a busy machine
     try:
@@ -37,7 +42,7 @@ def quick_model(dataset, steps: int = 100) -> LeNet5V1:
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    return model.eval()
+    return model.float().eval()
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +84,29 @@ def json_lines(out: str) -> list[dict]:
     return [json.loads(line, parse_constant=refuse) for line in out.splitlines()]
 
 
-def test_png_predictions_are_evaluates_exactly(setup, capsys):
+def test_png_predictions_are_evaluates_exactly(setup, capsys, dataset):
+    """PNGs hold the test images' pixels exactly: predict gives evaluate's classes, and its
+    probabilities are within float32 rounding of the float64 forward's (tests/rounding.py: the
+    logits' bound e moves a softmax output p by at most p (exp(2 max e) - 1)), printed to 6 decimals."""
     weights, folders, reference = setup
     code, out, err = run(capsys, weights, folders["png"], "--json")
     assert code == 0 and err == ""
     rows = json_lines(out)
     assert [Path(r["file"]).name for r in rows] == sorted(f"{i:05d}.png" for i in reference)
-    for row in rows:
-        expected = reference[int(Path(row["file"]).stem)]
+    model = LeNet5V1()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    indices = [int(Path(row["file"]).stem) for row in rows]
+    logits, bound = rounding.forward(model.eval(), normalise(dataset.test_images[indices]))
+    exact = torch.softmax(logits, 1)
+    within = exact * torch.expm1(2 * bound.max(1, keepdim=True).values) + 5e-7
+    for row, index, p, e in zip(rows, indices, exact, within):
+        expected = reference[index]
         assert list(row["probabilities"]) == list(CLASS_NAMES)
         assert row["class"] == CLASS_NAMES[int(np.argmax(expected))]
         assert row["inverted"] is False
-        assert np.allclose(list(row["probabilities"].values()), expected, atol=2e-6)
+        got = torch.tensor(list(row["probabilities"].values()), dtype=torch.float64)
+        assert ((got - p).abs() <= e).all(), (index, got, p, e)
+        assert ((torch.tensor(expected) - p).abs() <= e).all(), (index, expected, p, e)  # evaluate's own
         assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4)
 
 

@@ -1,0 +1,111 @@
+"""Do test_native's rounding bounds still catch real bugs? Runs it against mutants of native_step.c.
+
+    python tests/mutants.py                      # every mutant, all of test_native.py each
+    python tests/mutants.py dropout-unscaled     # one (or a few) by name
+    python tests/mutants.py -k one_step          # only the tests pytest -k selects
+
+Each mutant is one text substitution in native_step.c, a bug of the kind the parity tests exist
+for. The package is copied to a temporary folder with the mutant source and test_native.py runs
+on it (PYTHONPATH; the build cache keys builds by their source, so mutants never mix with the
+real one). A mutant must fail at least one test; the script prints, per mutant, each test
+function that failed, how many of its cases, and the first one's assertion (the tensor, |diff|
+and bound); it exits 1 if any mutant passes every test. About a minute per mutant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "src" / "lenetlab" / "native_step.c"
+
+# name: (text in native_step.c, its replacement, the bug)
+MUTANTS = {
+    "conv1-channel-sign": (
+        "    conv_wgrad_finish(ws->pw1, ws->grad + goff(P_C1W), C1 * 25);\n",
+        "    conv_wgrad_finish(ws->pw1, ws->grad + goff(P_C1W), C1 * 25);\n"
+        "    for (int i = 25; i < 50; i++)\n"
+        "        ws->grad[goff(P_C1W) + i] = -ws->grad[goff(P_C1W) + i];\n",
+        "the weight gradient of conv1's output channel 1 with its sign flipped"),
+    "bn-mean-padded-lanes": (
+        "const vf d = (LD(z + ((size_t)y * H * NV + j) * VW) - m) * LD(ch[k].mask + (j % NV) * VW);",
+        "const vf d = (LD(z + ((size_t)y * H * NV + j) * VW) - m)\n"
+        "                                     * (pass ? LD(ch[k].mask + (j % NV) * VW) : splat(1.f));",
+        "batch norm's mean summed over the padding lanes of a short batch too (the variance still masked)"),
+    "adam-bias-correction-step": (
+        "const double bc1 = 1.0 - pow(b1, *step), bc2_sqrt = sqrt(1.0 - pow(b2, *step));",
+        "const double bc1 = 1.0 - pow(b1, *step + 1), bc2_sqrt = sqrt(1.0 - pow(b2, *step + 1));",
+        "Adam's bias corrections computed for the step after this one"),
+    "dropout-unscaled": (
+        "c->drop[o * BATCH + b] = b < c->n ? drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;",
+        "c->drop[o * BATCH + b] = b < c->n ? (float)(drop[((int64_t)k * BATCH + b) * F1 + o] != 0.f) : 0.f;",
+        "dropout's mask applied without the 1 / (1 - p) scale, forward and backward"),
+}
+
+
+def mutant_source(name: str) -> str:
+    old, new, _ = MUTANTS[name]
+    text = SOURCE.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(f"{name}: the text to mutate occurs {text.count(old)} times in {SOURCE} "
+                         "(native_step.c changed: update MUTANTS)")
+    return text.replace(old, new)
+
+
+def run(name: str, select: str | None) -> tuple[int, dict[str, list[str]], str]:
+    """test_native.py on the mutant: (pytest's exit status, {test function: its failures, each
+    "[id] message"}, pytest's closing line)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        package = Path(tmp) / "src" / "lenetlab"
+        shutil.copytree(SOURCE.parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+        (package / SOURCE.name).write_text(mutant_source(name))
+        env = {**os.environ, "PYTHONPATH": str(package.parent), "COLUMNS": "400"}  # uncropped summaries
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=no",
+                   str(REPO / "tests" / "test_native.py")]
+        if select:
+            command += ["-k", select]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    failed: dict[str, list[str]] = {}
+    for line in lines:  # -rf: "FAILED tests/test_native.py::test_name[id] - AssertionError: message"
+        match = re.match(r"FAILED \S+::(\w+)(\[[^\]]*\])?(?: - (.*))?", line)
+        if match:
+            failed.setdefault(match[1], []).append(f"{match[2] or ''} {match[3] or ''}".strip())
+    counts = [line.strip("= ") for line in lines if re.search(r"\d+ (passed|failed|error)", line)]
+    closing = counts[-1] if counts else (done.stdout + done.stderr).strip()[-300:]
+    return done.returncode, failed, closing
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", metavar="MUTANT",
+                    help=f"mutants to run (default: all): {', '.join(MUTANTS)}")
+    ap.add_argument("-k", dest="select", help="pytest -k expression: only these tests")
+    args = ap.parse_args()
+    unknown = set(args.names) - set(MUTANTS)
+    if unknown:
+        ap.error(f"no mutant {', '.join(sorted(unknown))} (there are {', '.join(MUTANTS)})")
+    survivors = []
+    for name in args.names or MUTANTS:
+        code, failed, closing = run(name, args.select)
+        caught = code == 1 and bool(failed)  # 1: tests failed (not a crash, nor no tests collected)
+        verdict = "caught" if caught else f"NOT CAUGHT (exit {code})"
+        print(f"{name}: {MUTANTS[name][2]}\n  {verdict}: {closing}")
+        for test, failures in failed.items():
+            print(f"  {test}: {len(failures)} failed, first {failures[0][:300]}")
+        if not caught:
+            survivors.append(name)
+    if survivors:
+        print(f"survived: {', '.join(survivors)}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
