@@ -8,6 +8,11 @@ checkpoints move freely between the native and PyTorch paths; forward() gives ev
 logits. load_build() builds with other flags, for tests and benchmarks that compare builds in
 one process (passed as lib= to NativeTrainer, supports and forward).
 
+The cache holds each library with its SHA-256 beside it, written by the build: a library is
+loaded only if it still has that checksum, and anything else (a truncated, damaged or replaced
+file, or one without a checksum) is rebuilt, never handed to ctypes. Builds of one library take
+a lock in the cache folder, so concurrent builders wait for one build instead of racing.
+
 Environment: CC picks the compiler; LENETLAB_NATIVE_CFLAGS_EXTRA is appended to the flags
 (for example -mno-avx512f for the 256-bit build, -DLN_WIDE_TILES for the 512-bit blocking at
 any width, -DLN_PROFILE for per-stage times from ln_profile); LENETLAB_NATIVE_CACHE overrides
@@ -24,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -85,9 +91,55 @@ def extra_flags() -> tuple[str, ...]:
 
 def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> Path:
     """The path of source_text compiled into the cache folder, under a hash of the source, the
-    compiler's path and version, the flags and the CPU (a change to any builds afresh). Built in
-    a temp folder, then renamed into place: concurrent builders never load a half-written file.
-    Raises NativeBuildError."""
+    compiler's path and version, the flags and the CPU (a change to any builds afresh), with its
+    SHA-256 beside it. A cached library whose checksum does not match is rebuilt. Raises
+    NativeBuildError."""
+    return _build(source_text, name, flags)[0]
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _verified(library: Path) -> str | None:
+    """The library's SHA-256 if it is the one the build wrote (the checksum beside it), else None."""
+    try:
+        want = _checksum_path(library).read_text().strip()
+        got = hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return got if got == want else None
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock (flock) on path while one library is built: a second builder of it
+    waits, then finds it built. Without fcntl, or past the build timeout (a stuck holder), the
+    builders go on unlocked: each renames a complete file into place, so none loads a partial one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        deadline = time.monotonic() + BUILD_TIMEOUT_S + 30
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        yield  # closing f releases the lock
+
+
+def _build(source_text: str, name: str, flags: tuple[str, ...] | None = None,
+           stale: str | None = None) -> tuple[Path, str]:
+    """build(), returning the library's checksum too; a library whose checksum is stale (it was
+    loaded and refused) is rebuilt unless another process has rebuilt it meanwhile. The build
+    runs in a temp folder under the lock; the checksum and then the library are renamed into
+    place, so that a reader sees a matching pair or rebuilds."""
     cc, folder = compiler(), cache_dir()
     if cc is None:
         raise NativeBuildError("no C compiler (set CC, or install cc/gcc)")
@@ -98,21 +150,30 @@ def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> 
         key = hashlib.sha256("\0".join([source_text, cc, *version, *flags, _cpu_identity()])
                              .encode()).hexdigest()[:20]
         target = folder / f"{name}-{key}.so"
-        if target.is_file():
-            return target
+        digest = _verified(target)
+        if digest is not None and digest != stale:
+            return target, digest
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as tmp:
-            source, library = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-            source.write_text(source_text)
-            done = subprocess.run([cc, *flags, "-o", str(library), str(source), "-lm"], capture_output=True,
-                                  text=True, timeout=BUILD_TIMEOUT_S)
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-                raise NativeBuildError(f"{cc} failed ({' '.join(flags)}): " + " | ".join(tail))
-            os.replace(library, target)
+        with _build_lock(folder / f"{name}-{key}.lock"):
+            digest = _verified(target)
+            if digest is not None and digest != stale:  # built by another process while this one waited
+                return target, digest
+            with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as tmp:
+                source, library = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                source.write_text(source_text)
+                done = subprocess.run([cc, *flags, "-o", str(library), str(source), "-lm"],
+                                      capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+                if done.returncode != 0:
+                    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                    raise NativeBuildError(f"{cc} failed ({' '.join(flags)}): " + " | ".join(tail))
+                digest = hashlib.sha256(library.read_bytes()).hexdigest()
+                checksum = Path(tmp) / "checksum"
+                checksum.write_text(digest + "\n")
+                os.replace(checksum, _checksum_path(target))
+                os.replace(library, target)
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"building in {folder} with {cc} failed: {exc}") from None
-    return target
+    return target, digest
 
 
 def _declare(lib: ctypes.CDLL) -> None:
