@@ -1,10 +1,10 @@
 """The native library's cache: a library is loaded only if it is what the build wrote.
 
 Each case puts something into a fresh cache folder where the library belongs (a truncated or
-garbage file, another valid shared object) and loads in a subprocess: the process must not
-crash, must end on the native library, and the file must then be a fresh build of this
-source. The builds here use -O0 (quick to compile; nothing here runs a step), from a pristine
-build copied into each folder.
+garbage file, another valid shared object, a library from another version of the argument
+record) and loads in a subprocess: the process must not crash, must end on the native library,
+and the file must then be a fresh build of this source. The builds here use -O0 (quick to
+compile; nothing here runs a step), from a pristine build copied into each folder.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 EXTRA = "-O0"  # LENETLAB_NATIVE_CFLAGS_EXTRA of every build here
 FLAGS = (*native.BASE_FLAGS, EXTRA)
 
-# load() in a fresh process: what it loaded (or why not)
+# load() in a fresh process: what it loaded (or why not) and the stamp of what it loaded
 LOAD = textwrap.dedent("""
     import json
     from lenetlab import native
     lib = native.load()
     print(json.dumps({"loaded": lib is not None, "reason": native.unavailable_reason(),
+                      "abi": lib.ln_abi() if lib is not None else None,
                       "vector_bytes": lib.ln_vector_bytes() if lib is not None else None}))
 """)
 
@@ -93,8 +94,12 @@ def _assert_rebuilt(path: Path, before: bytes) -> None:
     assert native._verified(path) is not None, "the library in the cache is not the one its build wrote"
 
 
-def _put(path: Path, data: bytes) -> None:
+def _put(path: Path, data: bytes, checksum_too: bool = False) -> None:
     path.write_bytes(data)
+    if checksum_too:  # as if the build had written it: only the stamp can tell
+        import hashlib
+
+        native._checksum_path(path).write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no checksum"])
@@ -111,21 +116,54 @@ def test_a_damaged_library_is_rebuilt_not_loaded(cache, damage):
         native._checksum_path(path).unlink()
     before = path.read_bytes()
     got = _load_in_subprocess(cache)
-    assert got["loaded"], got
+    assert got["loaded"] and got["abi"] == native.ABI, got
     if damage == "no checksum":
         assert native._verified(path) is not None
     else:
         _assert_rebuilt(path, before)
 
 
-def test_another_valid_library_in_its_place_is_rebuilt(cache):
-    """Another shared object under the library's name is refused by its checksum and rebuilt."""
+@pytest.mark.parametrize("checksum_too", [False, True], ids=["checksum-stale", "checksum-matching"])
+def test_another_valid_library_in_its_place_is_rebuilt(cache, checksum_too):
+    """Another shared object under the library's name: refused by its checksum, or (when its
+    checksum was rewritten to match) by its missing stamp, closed uncalled, and rebuilt."""
     path = _library(cache)
     impostor = _other_build("int ln_vector_bytes(void) { return 3; }\n", "impostor").read_bytes()
-    _put(path, impostor)
+    _put(path, impostor, checksum_too)
     got = _load_in_subprocess(cache)
-    assert got["loaded"] and got["vector_bytes"] != 3, got
+    assert got["loaded"] and got["abi"] == native.ABI and got["vector_bytes"] != 3, got
     _assert_rebuilt(path, impostor)
+
+
+@pytest.mark.parametrize("change", ["abi", "fields swapped"])
+def test_a_library_of_another_record_is_rebuilt(cache, change):
+    """A library from another version of the argument record (with a checksum that matches:
+    only the stamp tells) is refused at load, closed uncalled, and rebuilt from this source."""
+    src = native.SOURCE.read_text()
+    if change == "abi":
+        other = src.replace("#define LN_ABI 1\n", "#define LN_ABI 999\n")
+    else:  # two fields of one type swapped: the same size, another layout
+        swaps = [("X(double, lr)", "X(double, swapped)"), ("X(double, beta1)", "X(double, lr)"),
+                 ("X(double, swapped)", "X(double, beta1)")]
+        other = src
+        for old, new in swaps:
+            other = other.replace(old, new)
+    assert other != src
+    path = _library(cache)
+    stale = _other_build(other, "stale").read_bytes()
+    _put(path, stale, checksum_too=True)
+    got = _load_in_subprocess(cache)
+    assert got["loaded"] and got["abi"] == native.ABI, got
+    _assert_rebuilt(path, stale)
+
+
+def test_the_stamp_check_names_what_differs(cache):
+    """The refusal says what differs; a rebuilt library that still differs is reported, not called."""
+    code = LOAD.replace("from lenetlab import native\n",
+                        "from lenetlab import native\nnative.ABI = 999  # as if Python and C disagreed\n")
+    got = _load_in_subprocess(cache, code)
+    assert not got["loaded"]
+    assert "rebuilt and still cannot be used" in got["reason"] and "version 1" in got["reason"], got
 
 
 def test_two_processes_building_at_once_both_end_native(tmp_path):
@@ -155,6 +193,6 @@ def test_two_processes_building_at_once_both_end_native(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
         got = json.loads(out.strip().splitlines()[-1])
-        assert got["loaded"], got
+        assert got["loaded"] and got["abi"] == native.ABI, got
     assert log.read_text().count("x") == 1, "both processes compiled: the second did not wait for the first"
     assert native._verified(_library(cache)) is not None
