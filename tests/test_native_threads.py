@@ -174,3 +174,18 @@ def test_bad_thread_counts_are_refused():
             native.forward(model, torch.zeros(2, 1, 28, 28), threads=bad)
     trainer = native.NativeTrainer(model, opt, threads=1000)  # more than native.MAX_THREADS: that many
     trainer.train_step(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
+
+
+def test_forward_from_several_python_threads_at_once():
+    """forward() keeps one workspace per library; a call while another Python thread is in it
+    takes a workspace of its own (ctypes releases the GIL: both run at once)."""
+    import concurrent.futures
+
+    torch.manual_seed(6)
+    models = [LeNet5V1(False, bn, activation=a).eval() for bn, a in ((False, "tanh"), (True, "relu"))]
+    x = torch.randn(700, 1, 28, 28)
+    want = [native.forward(m, x, threads=1) for m in models]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = [pool.submit(native.forward, models[i % 2], x, threads=1 + i % 3) for i in range(12)]
+        for i, job in enumerate(jobs):
+            assert torch.equal(job.result(), want[i % 2])

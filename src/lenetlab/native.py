@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -241,8 +242,9 @@ def _unload(lib: ctypes.CDLL) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, i64, args = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(StepArgs)
     signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
-                  "ln_train_step": (i, [p, args]), "ln_forward": (i, [args]), "ln_tanh": (None, [p, p, i64]),
-                  "ln_profile": (i, [p]), "ln_profile_names": (ctypes.c_char_p, [])}
+                  "ln_train_step": (i, [p, args]), "ln_forward": (i, [p, args]),
+                  "ln_tanh": (None, [p, p, i64]), "ln_profile": (i, [p]),
+                  "ln_profile_names": (ctypes.c_char_p, [])}
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
@@ -276,7 +278,7 @@ class _Legacy:
             a.bn_eps, a.bn_momentum, a.optimizer, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.momentum,
             a.totals, a.relu, a.maxpool, a.smoothing, a.move, a.pad, a.erase_rows, a.erase_cols, a.background)
 
-    def ln_forward(self, a: StepArgs) -> int:
+    def ln_forward(self, ws, a: StepArgs) -> int:
         return self._lib.ln_forward(a.params, a.run, a.bn_eps, a.x, a.rows, a.out, a.relu, a.maxpool)
 
 
@@ -601,6 +603,23 @@ def _augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
     return move, draws.aug.translate, rows, cols, draws.background
 
 
+_forward_workspaces: dict[int, tuple] = {}  # id(lib) -> (lib, its workspace, the workspace's lock)
+
+
+def _forward_workspace(lib) -> tuple[int, threading.Lock]:
+    """The library's workspace for forward(), made once and freed at exit: its buffers and
+    threads stay for the next call (evaluation calls forward per 500 images). The entry holds
+    lib, so that its id is never another library's."""
+    key = id(lib)
+    if key not in _forward_workspaces:
+        ws = lib.ln_ws_new()
+        if not ws:
+            raise MemoryError("native workspace")
+        _forward_workspaces[key] = (lib, ws, threading.Lock())
+        weakref.finalize(lib, lib.ln_ws_free, ws)  # at exit: lib lives as long as the entry
+    return _forward_workspaces[key][1:]
+
+
 def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None,
             threads: int | None = None) -> torch.Tensor:
     """Eval-mode logits (N, 10) of x (N, 1, 28, 28): the model's activation and pooling, batch
@@ -621,8 +640,15 @@ def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None,
     a = StepArgs(params=ctypes.addressof(params), run=ctypes.addressof(run), x=x.data_ptr(), rows=len(x),
                  out=out.data_ptr(), bn_eps=bn.eps if bn is not None else 0.0, relu=relu, maxpool=maxpool,
                  threads=count)
+    ws, lock = _forward_workspace(lib)
     with torch.no_grad():
-        rc = lib.ln_forward(a)
+        if lock.acquire(blocking=False):  # another Python thread in a forward: a workspace of its own
+            try:
+                rc = lib.ln_forward(ws, a)
+            finally:
+                lock.release()
+        else:
+            rc = lib.ln_forward(None, a)
     if rc != 0:
         raise MemoryError("native forward: out of memory")
     return out

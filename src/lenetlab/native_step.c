@@ -1828,8 +1828,10 @@ static void forward_job(void *arg, int t, int T)
 /* Eval-mode logits of a->rows images (a->x: (rows, 784)) into a->out (rows, 10): batch norm
  * with the running statistics (a->run, a->bn_eps), no dropout, a->relu and a->maxpool as for
  * the step, a->threads threads each on its own run of 64-image chunks (a row's logits do not
- * depend on the chunking). Returns 0, or -3 out of memory. */
-int ln_forward(const ln_args *a)
+ * depend on the chunking), in workspace ws (its buffers and threads kept for the next call:
+ * evaluation calls this per 500 images), or in a temporary one where ws is NULL. Returns 0, or
+ * -3 out of memory. */
+int ln_forward(ln_ws *ws, const ln_args *a)
 {
     const int64_t chunks = (a->rows + BATCH - 1) / BATCH;
     if (chunks < 1)
@@ -1837,9 +1839,11 @@ int ln_forward(const ln_args *a)
     int threads = a->threads < 1 ? 1 : a->threads > LN_MAX_THREADS ? LN_MAX_THREADS : a->threads;
     if (threads > chunks)
         threads = (int)chunks;
-    ln_ws *ws = ln_ws_new();
+    ln_ws *own = ws ? NULL : ln_ws_new();
+    if (!ws)
+        ws = own;
     if (!ws || ws_reserve(ws, threads)) {
-        ln_ws_free(ws);
+        ln_ws_free(own);
         return -3;
     }
     float *const *P = a->params;
@@ -1857,6 +1861,6 @@ int ln_forward(const ln_args *a)
         X = (forward_ctx){ws, a, m1, s1, P[P_BN1W], P[P_BN1B], m2, s2, P[P_BN2W], P[P_BN2B]};
     }
     pool_run(&ws->pool, threads, forward_job, &X);
-    ln_ws_free(ws);
+    ln_ws_free(own);
     return 0;
 }
