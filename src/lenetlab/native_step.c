@@ -51,6 +51,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -751,6 +752,12 @@ static void bn_bwd(float *restrict dz, const float *restrict xhat, int c0, int c
 #ifndef LN_IDLE_SPIN_US
 #define LN_IDLE_SPIN_US 1000
 #endif
+/* Past this much of its spin a waiting thread yields the CPU at each poll: on an idle machine
+ * sched_yield returns at once, and on a busy one the thread it would otherwise spin against
+ * (often the one that will open the barrier, placed on the same CPU) runs. */
+#ifndef LN_PAUSE_US
+#define LN_PAUSE_US 20
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
 #elif defined(__aarch64__) || defined(__arm__)
@@ -810,17 +817,17 @@ static void barrier_wait_spin(barrier_t *b, int n, double spin_us)
         }
         return;
     }
-    double until = 0.0;
-    for (unsigned i = 1;; i++) {
+    const double start = now_us();
+    for (unsigned i = 1, yielding = 0;; i++) {
         if (atomic_load_explicit(&b->round, memory_order_acquire) != r)
             return;
-        CPU_RELAX();
-        if (i % 64 == 0) { /* the clock every 64 pauses: a few us */
-            const double t = now_us();
-            if (until == 0.0)
-                until = t + spin_us;
-            else if (t > until)
+        if (yielding) {
+            sched_yield();
+            if (now_us() - start > spin_us)
                 break;
+        } else {
+            CPU_RELAX();
+            yielding = i % 64 == 0 && now_us() - start > LN_PAUSE_US; /* the clock every 64 pauses */
         }
     }
     pthread_mutex_lock(&b->mu);
