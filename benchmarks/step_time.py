@@ -14,9 +14,12 @@ image forward and backward).
     python benchmarks/step_time.py --threads 1,2 --no-torch   # the native step on 1 and 2 threads
 
 Then a per-stage breakdown (microseconds per step, as thread 0 sees it: a stage's time on
-several threads includes its wait for the slowest) from builds with -DLN_PROFILE, the versions
-and thread counts again interleaved block by block. A baseline from before the argument record
-(e056921 and older) runs through its old positional interface, on one thread.
+several threads includes its wait for the slowest; for several threads also the busiest
+thread's own work in the stage, its waits left out) from builds with -DLN_PROFILE, the
+versions and thread counts again interleaved block by block. On a busy machine
+--profile-stat min shows what each stage takes when nothing interrupts it. A baseline from
+before the argument record (e056921 and older) runs through its old positional interface, on
+one thread.
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--threads", default="1", help="native thread counts to compare, e.g. 1,2 (default 1)")
+    ap.add_argument("--profile-stat", choices=["median", "min"], default="median",
+                    help="the per-stage statistic over blocks (default median)")
     ap.add_argument("--variant", default="baseline", choices=["baseline", "dropout", "batch_norm", "both"])
     ap.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
     ap.add_argument("--batch", type=int, default=64)
@@ -167,8 +172,9 @@ def main() -> None:
     def label(name: str, threads: int) -> str:
         return name if len(counts) == 1 or name == "baseline" else f"{name} x{threads}"
 
-    versions = {label(name, n): (name, n) for name in libs for n in (counts if name == "native" else [1])}
-    paths = {key: native_path(libs[name], n) for key, (name, n) in versions.items()}
+    versions = {label(name, count): (name, count) for name in libs
+                for count in (counts if name == "native" else [1])}
+    paths = {key: native_path(libs[name], count) for key, (name, count) in versions.items()}
     if not args.no_torch:
         m_torch = model()
         opt_torch = make(m_torch.parameters())
@@ -198,40 +204,56 @@ def main() -> None:
         names = {key: prof_libs[name].ln_profile_names().decode().split(",")
                  for key, (name, _) in prof_versions.items()}
         stages = list(dict.fromkeys(stage for key in names for stage in names[key]))
-        per_block: dict[str, list[dict[str, float]]] = {key: [] for key in prof_versions}
-        prof_paths = {key: native_path(prof_libs[name], n) for key, (name, n) in prof_versions.items()}
-        out = (ctypes.c_double * 64)()
+        # the columns: each version's stage times, and for several threads its busiest thread's work
+        columns = [*prof_versions, *(f"{key} busy" for key, (name, count) in prof_versions.items()
+                                     if count > 1 and hasattr(prof_libs[name], "ln_profile_busy"))]
+        per_block: dict[str, list[dict[str, float]]] = {key: [] for key in columns}
+        prof_paths = {key: native_path(prof_libs[name], count)
+                      for key, (name, count) in prof_versions.items()}
+        out, busy = (ctypes.c_double * 64)(), (ctypes.c_double * (64 * 64))()
         for _ in range(args.rounds):
             for key, run in prof_paths.items():
-                lib = prof_libs[prof_versions[key][0]]
+                lib, count = prof_libs[prof_versions[key][0]], prof_versions[key][1]
                 lib.ln_profile(out)  # reset
+                if f"{key} busy" in per_block:
+                    lib.ln_profile_busy(busy, count)
                 for s in range(args.block):
                     run(*batch(s))
                 lib.ln_profile(out)
                 per_block[key].append({stage: out[i] / args.block for i, stage in enumerate(names[key])})
+                if f"{key} busy" in per_block:
+                    stride = lib.ln_profile_busy(busy, count)
+                    threads = min(count, 8)  # native_step.c's PROF_THREADS
+                    per_block[f"{key} busy"].append(
+                        {stage: max(busy[t * stride + i] for t in range(threads)) / args.block
+                         for i, stage in enumerate(names[key])})
+        stat = statistics.median if args.profile_stat == "median" else min
         width = max(22, *(len(stage) + 1 for stage in stages))
-        print(f"per stage, us per step (median of {args.rounds} blocks, -DLN_PROFILE builds, "
-              "thread 0's view):")
-        print("  " + f"{'stage':{width}s}" + "".join(f"{key:>12s}" for key in per_block))
-        for stage in [*stages, "total"]:
+        print(f"per stage, us per step ({args.profile_stat} of {args.rounds} blocks, -DLN_PROFILE builds, "
+              "thread 0's view; busy: the busiest thread's own work):")
+        print("  " + f"{'stage':{width}s}" + "".join(f"{key:>16s}" for key in per_block))
+        for stage in [*stages, "total", *(["sum of the stage minima"] if stat is min else [])]:
             row = []
             for blocks in per_block.values():
-                if stage != "total" and stage not in blocks[0]:
+                if stage not in ("total", "sum of the stage minima") and stage not in blocks[0]:
                     row.append("-")
                     continue
+                if stage == "sum of the stage minima":  # what a step takes with no stage interrupted
+                    row.append(f"{sum(min(b[k] for b in blocks) for k in blocks[0]):.1f}")
+                    continue
                 vals = [sum(b.values()) if stage == "total" else b[stage] for b in blocks]
-                row.append(f"{statistics.median(vals):.1f}")
-            print("  " + f"{stage:{width}s}" + "".join(f"{v:>12s}" for v in row))
+                row.append(f"{stat(vals):.1f}")
+            print("  " + f"{stage:{width}s}" + "".join(f"{v:>16s}" for v in row))
 
     x = torch.randn(args.eval_images, 1, 28, 28)
     m_eval = model().eval()
-    ev: dict[str, list[float]] = {**{f"native forward x{n}": [] for n in counts}, "fast_forward": []}
+    ev: dict[str, list[float]] = {**{f"native forward x{count}": [] for count in counts}, "fast_forward": []}
     with torch.inference_mode():
         for _ in range(5):
-            for n in counts:
+            for count in counts:
                 t = time.perf_counter()
-                a = native.forward(m_eval, x, threads=n)
-                ev[f"native forward x{n}"].append(time.perf_counter() - t)
+                a = native.forward(m_eval, x, threads=count)
+                ev[f"native forward x{count}"].append(time.perf_counter() - t)
             t = time.perf_counter()
             b = fast_forward(m_eval, x)
             ev["fast_forward"].append(time.perf_counter() - t)

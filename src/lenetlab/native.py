@@ -245,6 +245,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                   "ln_train_step": (i, [p, args]), "ln_forward": (i, [p, args]),
                   "ln_tanh": (None, [p, p, i64]), "ln_profile": (i, [p]),
                   "ln_profile_names": (ctypes.c_char_p, [])}
+    if hasattr(lib, "ln_profile_busy"):  # per-thread profile: not in every source of this record
+        signatures["ln_profile_busy"] = (i, [p, i])
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes

@@ -1463,20 +1463,39 @@ int ln_args_offsets(int64_t *out, int cap)
     "conv2_bwd_input+act1_bwd+conv2_wgrad", "bn1_bwd", "conv1_wgrad", "update"
 enum { S_PACK, S_CONV1, S_BN1, S_CONV2, S_BN2, S_CLSF, S_CLSB, S_ACT2B, S_BN2B, S_BACK2, S_BN1B, S_WG1,
        S_UPD, NSTAGE };
+/* Each thread's busy time per stage too (from the stage's start to its arrival at each
+ * barrier, its waits left out), for the first PROF_THREADS threads: ln_profile_busy. */
+#define PROF_THREADS 8
 #ifdef LN_PROFILE
 static double prof_us[NSTAGE], prof_t;
-#define PROF_START(t) ((t) == 0 ? (void)(prof_t = now_us()) : (void)0)
+static double prof_busy[PROF_THREADS][NSTAGE], prof_seg[PROF_THREADS], prof_acc[PROF_THREADS];
+#define PROF_START(t)                                                                             \
+    do {                                                                                          \
+        const double t_ = now_us();                                                               \
+        if ((t) == 0)                                                                             \
+            prof_t = t_;                                                                          \
+        if ((t) < PROF_THREADS)                                                                   \
+            prof_seg[t] = t_, prof_acc[t] = 0.0;                                                  \
+    } while (0)
 #define PROF(t, k)                                                                                \
     do {                                                                                          \
+        const double t_ = now_us();                                                               \
         if ((t) == 0) {                                                                           \
-            const double t_ = now_us();                                                           \
             prof_us[k] += t_ - prof_t;                                                            \
             prof_t = t_;                                                                          \
         }                                                                                         \
+        if ((t) < PROF_THREADS) {                                                                 \
+            prof_busy[t][k] += prof_acc[t];                                                       \
+            prof_acc[t] = 0.0;                                                                    \
+        }                                                                                         \
     } while (0)
+#define PROF_ARRIVE(t) ((t) < PROF_THREADS ? (void)(prof_acc[t] += now_us() - prof_seg[t]) : (void)0)
+#define PROF_LEAVE(t) ((t) < PROF_THREADS ? (void)(prof_seg[t] = now_us()) : (void)0)
 #else
 #define PROF_START(t) ((void)0)
 #define PROF(t, k) ((void)0)
+#define PROF_ARRIVE(t) ((void)0)
+#define PROF_LEAVE(t) ((void)0)
 #endif
 
 /* Stage names, comma-separated, in the order ln_profile reports them. */
@@ -1505,6 +1524,24 @@ int ln_profile(double *out)
     return NSTAGE;
 #else
     (void)out;
+    return 0;
+#endif
+}
+
+/* Copies thread t's busy microseconds per stage into out[t * NSTAGE + stage] for t < threads
+ * (at most PROF_THREADS) and resets them; returns NSTAGE, or 0 without -DLN_PROFILE. */
+int ln_profile_busy(double *out, int threads)
+{
+#ifdef LN_PROFILE
+    for (int t = 0; t < threads && t < PROF_THREADS; t++)
+        for (int i = 0; i < NSTAGE; i++) {
+            out[t * NSTAGE + i] = prof_busy[t][i];
+            prof_busy[t][i] = 0.0;
+        }
+    return NSTAGE;
+#else
+    (void)out;
+    (void)threads;
     return 0;
 #endif
 }
@@ -1546,7 +1583,7 @@ static void step_job(void *arg, int t, int T)
     const int64_t *idx = A->idx;
     barrier_t *bar = &ws->pool.bar;
     int lo, hi;
-#define SYNC() barrier_wait(bar, T)
+#define SYNC() (PROF_ARRIVE(t), barrier_wait(bar, T), PROF_LEAVE(t))
     PROF_START(t);
 
     /* The gradients zeroed, the images packed by 16-lane groups, the dropout scales
@@ -1756,6 +1793,7 @@ static void step_job(void *arg, int t, int T)
             adam_update(P[s] + i0, grad + off + i0, A->s1[s] + i0, A->s2[s] + i0, i1 - i0, *A->steps[s],
                         A->optimizer == OPT_ADAMW, A->lr, A->beta1, A->beta2, A->eps, A->weight_decay);
     }
+    PROF_ARRIVE(t); /* the update's end: the pool's barrier */
     PROF(t, S_UPD);
 #undef SYNC
 }
