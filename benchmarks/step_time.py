@@ -1,7 +1,8 @@
 """Per-step time of the native training step against the PyTorch step, and of the eval forward.
 
-One process, one thread, A/B interleaved (blocks of steps alternate between the two paths,
-so a noisy neighbour slows both alike); medians over the blocks. Also measures this core's
+One process, A/B interleaved (blocks of steps alternate between the paths, so a noisy
+neighbour slows all alike); medians over the blocks. The PyTorch step runs on one thread, the
+native step on each thread count of --threads (default 1). Also measures this core's
 FMA peak with a register-only loop built by the same helper and flags as the native step,
 and the share of it the native step sustains (145 MFLOP per batch-64 step: 2.26 MFLOP per
 image forward and backward).
@@ -10,9 +11,15 @@ image forward and backward).
     python benchmarks/step_time.py --no-avx512     # the 256-bit build (-mno-avx512f)
     python benchmarks/step_time.py --variant batch_norm --optimizer sgd
     python benchmarks/step_time.py --baseline old_native_step.c --no-torch   # A/B two versions
+    python benchmarks/step_time.py --threads 1,2 --no-torch   # the native step on 1 and 2 threads
 
-Then a per-stage breakdown (microseconds per step) from builds with -DLN_PROFILE, the
-versions again interleaved block by block.
+Then a per-stage breakdown (microseconds per step, as thread 0 sees it: a stage's time on
+several threads includes its wait for the slowest; for several threads also the busiest
+thread's own work in the stage, its waits left out) from builds with -DLN_PROFILE, the
+versions and thread counts again interleaved block by block. On a busy machine
+--profile-stat min shows what each stage takes when nothing interrupts it. A baseline from
+before the argument record (e056921 and older) runs through its old positional interface, on
+one thread.
 """
 
 from __future__ import annotations
@@ -109,6 +116,9 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="SOURCE.c", help="also time this version of native_step.c (A/B)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-stage breakdown")
+    ap.add_argument("--threads", default="1", help="native thread counts to compare, e.g. 1,2 (default 1)")
+    ap.add_argument("--profile-stat", choices=["median", "min"], default="median",
+                    help="the per-stage statistic over blocks (default median)")
     ap.add_argument("--variant", default="baseline", choices=["baseline", "dropout", "batch_norm", "both"])
     ap.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
     ap.add_argument("--batch", type=int, default=64)
@@ -126,7 +136,8 @@ def main() -> None:
     if args.baseline:
         sources["baseline"] = Path(args.baseline).read_text()
     t = time.perf_counter()
-    libs = {name: native.load_build(flags, src) for name, src in sources.items()}
+    libs = {name: native.load_build(flags, src, legacy=name == "baseline") for name, src in sources.items()}
+    counts = [int(n) for n in args.threads.split(",")]
     print(f"native library: {libs['native'].ln_vector_bytes() * 8}-bit vectors, loaded/built in "
           f"{time.perf_counter() - t:.2f} s, flags {' '.join(flags)}")
 
@@ -150,15 +161,20 @@ def main() -> None:
         torch.manual_seed(0)
         return LeNet5V1(dropout, bn)
 
-    def native_path(lib):
+    def native_path(lib, threads=1):
         m = model()
-        trainer = native.NativeTrainer(m, make(m.parameters()), lib=lib)
+        trainer = native.NativeTrainer(m, make(m.parameters()), lib=lib, threads=threads)
 
         def run(idx, keep):
             trainer.train_step_indexed(data_x, data_y, idx, keep / 0.5 if keep is not None else None)
         return run
 
-    paths = {name: native_path(lib) for name, lib in libs.items()}
+    def label(name: str, threads: int) -> str:
+        return name if len(counts) == 1 or name == "baseline" else f"{name} x{threads}"
+
+    versions = {label(name, count): (name, count) for name in libs
+                for count in (counts if name == "native" else [1])}
+    paths = {key: native_path(libs[name], count) for key, (name, count) in versions.items()}
     if not args.no_torch:
         m_torch = model()
         opt_torch = make(m_torch.parameters())
@@ -171,49 +187,79 @@ def main() -> None:
     for name, ms in times.items():
         share = FLOP_PER_STEP * args.batch / 64 / (statistics.median(ms) / 1e3) / 1e9 / peak
         print(f"  {name:10s} {statistics.median(ms):7.3f} ms  (min {min(ms):.3f})  {share:6.1%} of FMA peak")
-    mine = statistics.median(times["native"])
+    ref = label("native", counts[0])
+    median = {name: statistics.median(ms) for name, ms in times.items()}
     for name in times:
-        if name != "native":
-            print(f"  speed-up native/{name}: {statistics.median(times[name]) / mine:.2f}x")
+        if name.startswith("native x") and name != ref:  # another thread count: its gain over the first
+            print(f"  speed-up {name} over {ref}: {median[ref] / median[name]:.2f}x")
+        elif name != ref:
+            print(f"  speed-up {ref} over {name}: {median[name] / median[ref]:.2f}x")
 
     if not args.no_profile:
-        prof_libs = {name: native.load_build((*flags, "-DLN_PROFILE"), src, f"{name}_prof")
-                     for name, src in sources.items()}
+        prof_libs = {name: native.load_build((*flags, "-DLN_PROFILE"), src, f"{name}_prof",
+                                             legacy=name == "baseline") for name, src in sources.items()}
         prof_libs = {name: lib for name, lib in prof_libs.items() if hasattr(lib, "ln_profile")}
-        stages = prof_libs["native"].ln_profile_names().decode().split(",")
-        per_block: dict[str, list[list[float]]] = {name: [] for name in prof_libs}
-        prof_paths = {name: native_path(lib) for name, lib in prof_libs.items()}
-        out = (ctypes.c_double * len(stages))()
+        prof_versions = {key: v for key, v in versions.items() if v[0] in prof_libs}
+        # each version's own stage names (a baseline's may differ): rows by name, "-" where absent
+        names = {key: prof_libs[name].ln_profile_names().decode().split(",")
+                 for key, (name, _) in prof_versions.items()}
+        stages = list(dict.fromkeys(stage for key in names for stage in names[key]))
+        # the columns: each version's stage times, and for several threads its busiest thread's work
+        columns = [*prof_versions, *(f"{key} busy" for key, (name, count) in prof_versions.items()
+                                     if count > 1 and hasattr(prof_libs[name], "ln_profile_busy"))]
+        per_block: dict[str, list[dict[str, float]]] = {key: [] for key in columns}
+        prof_paths = {key: native_path(prof_libs[name], count)
+                      for key, (name, count) in prof_versions.items()}
+        out, busy = (ctypes.c_double * 64)(), (ctypes.c_double * (64 * 64))()
         for _ in range(args.rounds):
-            for name, run in prof_paths.items():
-                prof_libs[name].ln_profile(out)  # reset
+            for key, run in prof_paths.items():
+                lib, count = prof_libs[prof_versions[key][0]], prof_versions[key][1]
+                lib.ln_profile(out)  # reset
+                if f"{key} busy" in per_block:
+                    lib.ln_profile_busy(busy, count)
                 for s in range(args.block):
                     run(*batch(s))
-                prof_libs[name].ln_profile(out)
-                per_block[name].append([v / args.block for v in out])
-        print(f"per stage, us per step (median of {args.rounds} blocks, -DLN_PROFILE builds):")
-        print("  " + f"{'stage':22s}" + "".join(f"{name:>10s}" for name in per_block))
-        for i, stage in enumerate([*stages, "total"]):
+                lib.ln_profile(out)
+                per_block[key].append({stage: out[i] / args.block for i, stage in enumerate(names[key])})
+                if f"{key} busy" in per_block:
+                    stride = lib.ln_profile_busy(busy, count)
+                    threads = min(count, 8)  # native_step.c's PROF_THREADS
+                    per_block[f"{key} busy"].append(
+                        {stage: max(busy[t * stride + i] for t in range(threads)) / args.block
+                         for i, stage in enumerate(names[key])})
+        stat = statistics.median if args.profile_stat == "median" else min
+        width = max(22, *(len(stage) + 1 for stage in stages))
+        print(f"per stage, us per step ({args.profile_stat} of {args.rounds} blocks, -DLN_PROFILE builds, "
+              "thread 0's view; busy: the busiest thread's own work):")
+        print("  " + f"{'stage':{width}s}" + "".join(f"{key:>16s}" for key in per_block))
+        for stage in [*stages, "total", *(["sum of the stage minima"] if stat is min else [])]:
             row = []
             for blocks in per_block.values():
-                vals = [sum(b) if stage == "total" else b[i] for b in blocks]
-                row.append(statistics.median(vals))
-            print("  " + f"{stage:22s}" + "".join(f"{v:10.1f}" for v in row))
+                if stage not in ("total", "sum of the stage minima") and stage not in blocks[0]:
+                    row.append("-")
+                    continue
+                if stage == "sum of the stage minima":  # what a step takes with no stage interrupted
+                    row.append(f"{sum(min(b[k] for b in blocks) for k in blocks[0]):.1f}")
+                    continue
+                vals = [sum(b.values()) if stage == "total" else b[stage] for b in blocks]
+                row.append(f"{stat(vals):.1f}")
+            print("  " + f"{stage:{width}s}" + "".join(f"{v:>16s}" for v in row))
 
     x = torch.randn(args.eval_images, 1, 28, 28)
     m_eval = model().eval()
-    ev: dict[str, list[float]] = {"native forward": [], "fast_forward": []}
+    ev: dict[str, list[float]] = {**{f"native forward x{count}": [] for count in counts}, "fast_forward": []}
     with torch.inference_mode():
         for _ in range(5):
-            t = time.perf_counter()
-            a = native.forward(m_eval, x)
-            ev["native forward"].append(time.perf_counter() - t)
+            for count in counts:
+                t = time.perf_counter()
+                a = native.forward(m_eval, x, threads=count)
+                ev[f"native forward x{count}"].append(time.perf_counter() - t)
             t = time.perf_counter()
             b = fast_forward(m_eval, x)
             ev["fast_forward"].append(time.perf_counter() - t)
     print(f"eval forward of {args.eval_images} images (max |diff| {(a - b).abs().max().item():.2e}):")
     for name, s in ev.items():
-        print(f"  {name:15s} {statistics.median(s) * 1e3:8.1f} ms")
+        print(f"  {name:20s} {statistics.median(s) * 1e3:8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,16 @@ first use into a per-user cache and loads it with ctypes, or returns None where 
 (unavailable_reason() says why). NativeTrainer steps on the model's own parameter tensors and
 the optimiser's own state tensors, so their state_dicts stay what torch would hold and
 checkpoints move freely between the native and PyTorch paths; forward() gives eval-mode
-logits. load_build() builds with other flags, for tests and benchmarks that compare builds in
-one process (passed as lib= to NativeTrainer, supports and forward).
+logits. Both run on torch.get_num_threads() threads unless told otherwise (threads=), with the
+same results for any count. load_build() builds with other flags, for tests and benchmarks that
+compare builds in one process (passed as lib= to NativeTrainer, supports and forward).
+
+Python and C exchange one argument record (StepArgs, native_step.c's ln_args), whose layout
+the library reports and load() checks before any other call. The cache holds each library
+with its SHA-256 beside it, written by the build: a library is loaded only if it still has that
+checksum, and anything else (a truncated or replaced file, one whose record differs) is
+rebuilt, never called. Builds of one library take a lock in the cache folder, so concurrent
+builders wait for one build instead of racing.
 
 Environment: CC picks the compiler; LENETLAB_NATIVE_CFLAGS_EXTRA is appended to the flags
 (for example -mno-avx512f for the 256-bit build, -DLN_WIDE_TILES for the 512-bit blocking at
@@ -24,6 +32,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -39,9 +49,9 @@ SOURCE = Path(__file__).with_name("native_step.c")
 # optimiser loop does not vectorise. -fno-trapping-math: no FP exceptions to preserve.
 # -ffp-contract=fast: a*b+c fused into one FMA under Clang as under GCC. Not -ffast-math: it
 # would let the compiler reassociate the exp range reduction and the sums, which the tanh
-# accuracy bound (1.8e-7) and the parity tests rest on.
+# accuracy bound (1.8e-7) and the parity tests rest on. -pthread: the step's thread pool.
 BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math",
-              "-ffp-contract=fast", "-fPIC", "-shared")
+              "-ffp-contract=fast", "-fPIC", "-shared", "-pthread")
 EXTRA_FLAGS_ENV = "LENETLAB_NATIVE_CFLAGS_EXTRA"
 BUILD_TIMEOUT_S = 180
 
@@ -53,9 +63,31 @@ _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 _loaded: dict[tuple[str, str], tuple[ctypes.CDLL | None, str | None]] = {}
 
+ABI = 1  # native_step.c's LN_ABI: the version of the argument record below
+MAX_THREADS = 64  # native_step.c's LN_MAX_THREADS: more run as this many
+
+_P, _I64, _D, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int32
+
+
+class StepArgs(ctypes.Structure):
+    """native_step.c's ln_args: every argument of ln_train_step and ln_forward in one record.
+
+    The order, names and types of the fields must match LN_ARGS in native_step.c one for one.
+    load_build() compares the names, byte offsets and size with the library's own and refuses
+    (rebuilds, never calls) a library whose record differs."""
+
+    _fields_ = [("params", _P), ("run", _P), ("nbt", _P), ("s1", _P), ("s2", _P), ("steps", _P),
+                ("x", _P), ("y", _P), ("idx", _P), ("drop", _P), ("totals", _P), ("out", _P),
+                ("move", _P), ("erase_rows", _P), ("erase_cols", _P),
+                ("rows", _I64), ("batch", _I64),
+                ("bn_eps", _D), ("bn_momentum", _D), ("lr", _D), ("beta1", _D), ("beta2", _D),
+                ("eps", _D), ("weight_decay", _D), ("momentum", _D), ("smoothing", _D),
+                ("background", _D),
+                ("optimizer", _I32), ("relu", _I32), ("maxpool", _I32), ("pad", _I32), ("threads", _I32)]
+
 
 class NativeBuildError(RuntimeError):
-    """The C compiler is missing or failed."""
+    """The C compiler is missing or failed, or what it built is not usable by this module."""
 
 
 def cache_dir() -> Path:
@@ -85,9 +117,55 @@ def extra_flags() -> tuple[str, ...]:
 
 def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> Path:
     """The path of source_text compiled into the cache folder, under a hash of the source, the
-    compiler's path and version, the flags and the CPU (a change to any builds afresh). Built in
-    a temp folder, then renamed into place: concurrent builders never load a half-written file.
-    Raises NativeBuildError."""
+    compiler's path and version, the flags and the CPU (a change to any builds afresh), with its
+    SHA-256 beside it. A cached library whose checksum does not match is rebuilt. Raises
+    NativeBuildError."""
+    return _build(source_text, name, flags)[0]
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _verified(library: Path) -> str | None:
+    """The library's SHA-256 if it is the one the build wrote (the checksum beside it), else None."""
+    try:
+        want = _checksum_path(library).read_text().strip()
+        got = hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return got if got == want else None
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock (flock) on path while one library is built: a second builder of it
+    waits, then finds it built. Without fcntl, or past the build timeout (a stuck holder), the
+    builders go on unlocked: each renames a complete file into place, so none loads a partial one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        deadline = time.monotonic() + BUILD_TIMEOUT_S + 30
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        yield  # closing f releases the lock
+
+
+def _build(source_text: str, name: str, flags: tuple[str, ...] | None = None,
+           stale: str | None = None) -> tuple[Path, str]:
+    """build(), returning the library's checksum too; a library whose checksum is stale (it was
+    loaded and refused) is rebuilt unless another process has rebuilt it meanwhile. The build
+    runs in a temp folder under the lock; the checksum and then the library are renamed into
+    place, so that a reader sees a matching pair or rebuilds."""
     cc, folder = compiler(), cache_dir()
     if cc is None:
         raise NativeBuildError("no C compiler (set CC, or install cc/gcc)")
@@ -98,45 +176,136 @@ def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> 
         key = hashlib.sha256("\0".join([source_text, cc, *version, *flags, _cpu_identity()])
                              .encode()).hexdigest()[:20]
         target = folder / f"{name}-{key}.so"
-        if target.is_file():
-            return target
+        digest = _verified(target)
+        if digest is not None and digest != stale:
+            return target, digest
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as tmp:
-            source, library = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-            source.write_text(source_text)
-            done = subprocess.run([cc, *flags, "-o", str(library), str(source), "-lm"], capture_output=True,
-                                  text=True, timeout=BUILD_TIMEOUT_S)
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-                raise NativeBuildError(f"{cc} failed ({' '.join(flags)}): " + " | ".join(tail))
-            os.replace(library, target)
+        with _build_lock(folder / f"{name}-{key}.lock"):
+            digest = _verified(target)
+            if digest is not None and digest != stale:  # built by another process while this one waited
+                return target, digest
+            with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as tmp:
+                source, library = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                source.write_text(source_text)
+                done = subprocess.run([cc, *flags, "-o", str(library), str(source), "-lm"],
+                                      capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+                if done.returncode != 0:
+                    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                    raise NativeBuildError(f"{cc} failed ({' '.join(flags)}): " + " | ".join(tail))
+                digest = hashlib.sha256(library.read_bytes()).hexdigest()
+                checksum = Path(tmp) / "checksum"
+                checksum.write_text(digest + "\n")
+                os.replace(checksum, _checksum_path(target))
+                os.replace(library, target)
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"building in {folder} with {cc} failed: {exc}") from None
-    return target
+    return target, digest
+
+
+def _stamp_problem(lib: ctypes.CDLL) -> tuple[str, str] | None:
+    """None if the library's argument record is StepArgs (its ABI, field names and offsets and
+    size), else (kind, what differs): kind "none" for a library without the stamp (a source
+    from before the record), "differs" for another version of it. Calls only the stamp's own
+    functions, which read constants."""
+    try:
+        for fn, restype in (("ln_abi", ctypes.c_int), ("ln_args_size", ctypes.c_int64),
+                            ("ln_args_names", ctypes.c_char_p)):
+            getattr(lib, fn).restype, getattr(lib, fn).argtypes = restype, []
+        offsets_fn = lib.ln_args_offsets
+        offsets_fn.restype, offsets_fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]
+    except AttributeError:
+        return "none", "it has no ABI stamp (built from a source older than the argument record)"
+    if lib.ln_abi() != ABI:
+        return "differs", f"its argument record is version {lib.ln_abi()}, this lenetlab's is {ABI}"
+    offsets = (ctypes.c_int64 * 256)()
+    count = lib.ln_args_offsets(offsets, len(offsets))
+    names = (lib.ln_args_names() or b"").decode().rstrip(",").split(",")
+    theirs = [*zip(names, offsets[:min(count, len(offsets))]), ("sizeof", lib.ln_args_size())]
+    ours = [*((name, getattr(StepArgs, name).offset) for name, _ in StepArgs._fields_),
+            ("sizeof", ctypes.sizeof(StepArgs))]
+    if len(names) != count or theirs != ours:
+        diff = next((f"{a} against {b}" for a, b in zip(theirs, ours) if a != b),
+                    f"{len(theirs) - 1} fields against {len(ours) - 1}")
+        return "differs", f"its argument record differs from StepArgs (name and offset: {diff})"
+    return None
+
+
+def _unload(lib: ctypes.CDLL) -> None:
+    """Close a refused library, so that loading its rebuilt file maps the new one rather than
+    returning this handle again (the loader matches libraries by path)."""
+    with contextlib.suppress(Exception):
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i, d, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int64
-    # the relu, maxpool, smoothing and augmentation arguments come last: an older source (a
-    # benchmark baseline) declared this way ignores them
+    p, i, i64, args = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(StepArgs)
     signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
-                  "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p, i, i, d,
-                                                    p, i, p, p, d]),
-                  "ln_forward": (i, [p, p, d, p, i64, p, i, i]), "ln_tanh": (None, [p, p, i64])}
-    if hasattr(lib, "ln_profile"):  # older sources (benchmark baselines) lack it
-        signatures.update(ln_profile=(i, [p]), ln_profile_names=(ctypes.c_char_p, []))
+                  "ln_train_step": (i, [p, args]), "ln_forward": (i, [p, args]),
+                  "ln_tanh": (None, [p, p, i64]), "ln_profile": (i, [p]),
+                  "ln_profile_names": (ctypes.c_char_p, [])}
+    if hasattr(lib, "ln_profile_busy"):  # per-thread profile: not in every source of this record
+        signatures["ln_profile_busy"] = (i, [p, i])
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
 
 
-def load_build(flags: tuple[str, ...], source_text: str | None = None,
-               name: str = "native_step") -> ctypes.CDLL:
-    """A library built from source_text (default native_step.c) with exactly these flags, loaded
-    and declared, bypassing load()'s cache. Raises NativeBuildError or OSError."""
-    lib = ctypes.CDLL(str(build(SOURCE.read_text() if source_text is None else source_text, name, flags)))
-    _declare(lib)
-    return lib
+class _Legacy:
+    """A library from a source before the argument record (e056921 and older: no ABI stamp),
+    for a benchmark's or a test's baseline only: ln_train_step and ln_forward take a StepArgs
+    and call the old positional interface, declared here and never changed again (older
+    sources ignore the trailing arguments they lack); single-threaded. load() never returns one."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        p, i, d, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int64
+        signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
+                      "ln_train_step": (i, [*[p] * 10, i64, i, p, d, d, i, d, d, d, d, d, d, p, i, i, d,
+                                            p, i, p, p, d]),
+                      "ln_forward": (i, [p, p, d, p, i64, p, i, i]), "ln_tanh": (None, [p, p, i64])}
+        if hasattr(lib, "ln_profile"):
+            signatures.update(ln_profile=(i, [p]), ln_profile_names=(ctypes.c_char_p, []))
+        for name, (restype, argtypes) in signatures.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+        self._lib = lib
+
+    def __getattr__(self, name: str):
+        return getattr(self._lib, name)
+
+    def ln_train_step(self, ws, a: StepArgs) -> int:
+        return self._lib.ln_train_step(
+            ws, a.params, a.run, a.nbt, a.s1, a.s2, a.steps, a.x, a.y, a.idx, a.rows, a.batch, a.drop,
+            a.bn_eps, a.bn_momentum, a.optimizer, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.momentum,
+            a.totals, a.relu, a.maxpool, a.smoothing, a.move, a.pad, a.erase_rows, a.erase_cols, a.background)
+
+    def ln_forward(self, ws, a: StepArgs) -> int:
+        return self._lib.ln_forward(a.params, a.run, a.bn_eps, a.x, a.rows, a.out, a.relu, a.maxpool)
+
+
+def load_build(flags: tuple[str, ...], source_text: str | None = None, name: str = "native_step", *,
+               legacy: bool = False) -> ctypes.CDLL:
+    """A library built from source_text (default native_step.c) with exactly these flags,
+    verified, loaded and declared, bypassing load()'s memo. One whose argument record is not
+    StepArgs is closed uncalled and rebuilt once; if the rebuilt one still differs, this raises
+    NativeBuildError. With legacy=True, a library without the stamp (an old source: a baseline)
+    is driven through its old positional interface instead (_Legacy). Raises NativeBuildError
+    or OSError."""
+    text = SOURCE.read_text() if source_text is None else source_text
+    stale = None
+    for _ in range(2):
+        path, digest = _build(text, name, flags, stale)
+        lib = ctypes.CDLL(str(path))
+        problem = _stamp_problem(lib)
+        if problem is None:
+            _declare(lib)
+            return lib
+        if legacy and problem[0] == "none":
+            return _Legacy(lib)
+        _unload(lib)
+        stale = digest
+    raise NativeBuildError(f"{path} was rebuilt and still cannot be used: {problem[1]}")
 
 
 def _settings() -> tuple[str, str]:
@@ -199,6 +368,15 @@ def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
 
 
+def _threads(threads: int | None) -> int:
+    """The thread count of one call: threads, or torch's own count at this moment when None (so
+    torch.set_num_threads, as each trial calls it, reaches the native step too)."""
+    n = torch.get_num_threads() if threads is None else threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return min(n, MAX_THREADS)
+
+
 def _misaligned(tensors, vector_bytes: int) -> str | None:
     """The first tensor whose storage does not start on a vector_bytes boundary, as a message.
 
@@ -238,10 +416,14 @@ class NativeTrainer:
     optimizer.step() with the hyperparameters read from optimizer.param_groups at each step.
     model.activation, model.pool and self.label_smoothing are read at each step too. Nothing is
     cached between steps except pointers, so sync() has nothing to write back.
+
+    Each step runs on self.threads threads (None: torch.get_num_threads() at that step; it may
+    be reassigned between steps). The results are the same bits for any thread count.
     """
 
     def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, *,
-                 label_smoothing: float = 0.0, lib: ctypes.CDLL | None = None) -> None:
+                 label_smoothing: float = 0.0, lib: ctypes.CDLL | None = None,
+                 threads: int | None = None) -> None:
         if not 0.0 <= label_smoothing <= 1.0:  # F.cross_entropy's range; also refuses NaN
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         lib = _library(lib)
@@ -250,6 +432,8 @@ class NativeTrainer:
             raise ValueError(f"the native step cannot train this: {reason}")
         self._lib, self.model, self.optimizer = lib, model, optimizer
         self.label_smoothing = float(label_smoothing)
+        _threads(threads)  # refused here rather than at the first step
+        self.threads = threads
         self._kind = _OPTIMIZERS[type(optimizer)]
         self._params = _slots(model)
         self._live = [t for t in self._params if t is not None]
@@ -258,6 +442,7 @@ class NativeTrainer:
         # the batch norms' buffer dicts: plain dict reads per step, not nn.Module.__getattr__
         self._bn_buffers = [bn._buffers for bn in (L.bn1, L.bn2) if bn is not None]
         self._totals = (ctypes.c_double * 2)()
+        self._args = StepArgs(totals=ctypes.addressof(self._totals), optimizer=self._kind)
         self._state_dict: dict | None = None  # the optimizer.state last bound (see _bind)
         self._ws = lib.ln_ws_new()
         if not self._ws:
@@ -311,8 +496,8 @@ class NativeTrainer:
                 *[d[k].data_ptr() for d in self._bn_buffers for k in _BN_BUFFERS],
                 *[id(d.get(k)) for d, k in self._entries])
 
-    def _bind(self) -> tuple:
-        """Pointer arrays for the C step; rebuilt whenever a tensor behind them was replaced:
+    def _bind(self) -> None:
+        """The argument record's pointer arrays; rebuilt whenever a tensor behind them was replaced:
         optimizer.load_state_dict swaps the state dict, an entry of it may be assigned a new
         tensor, a buffer may be reassigned (a few us per step to check)."""
         state = self.optimizer.state
@@ -325,15 +510,17 @@ class NativeTrainer:
             if problem is not None:
                 raise ValueError(f"the native step cannot train this: {problem}")
             buffers = _buffers(self.model)
-            self._args = (_pointers(self._params), _pointers(buffers[:4]), _pointers(buffers[4:]),
-                          _pointers(s1), _pointers(s2), _pointers(steps))
+            arrays = (_pointers(self._params), _pointers(buffers[:4]), _pointers(buffers[4:]),
+                      _pointers(s1), _pointers(s2), _pointers(steps))
+            for field, array in zip(("params", "run", "nbt", "s1", "s2", "steps"), arrays):
+                setattr(self._args, field, ctypes.addressof(array))
+            self._arrays = arrays  # held: the record points into them
             # state may have been created just now: the identity after creation is the one to keep
             self._state_dict = state
             self._entries = [(state[p], k) for p in self._live for k, t in state[p].items()
                              if isinstance(t, torch.Tensor)]
             self._bound = self._identity()
             self._keep = (s1, s2, steps)  # held, so that no new tensor takes a bound one's id
-        return self._args
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, dropout_scale: torch.Tensor | None = None) -> None:
         """One step on the batch (x: (B, 1, 28, 28) float32, y: (B,) int64); dropout_scale is
@@ -357,22 +544,26 @@ class NativeTrainer:
             raise ValueError("empty batch")
         if dropout_scale is not None:
             _check(dropout_scale, torch.float32, (batch, 120), "dropout_scale")  # 120: fc1's outputs
-        params, run, nbt, s1, s2, steps = self._bind()
-        relu, maxpool = _variant(self.model)
-        group = self.optimizer.param_groups[0]
-        beta1, beta2 = group.get("betas", (0.0, 0.0))
-        bn_eps, bn_momentum = (self._bn.eps, self._bn.momentum) if self._bn is not None else (0.0, 0.0)
-        rc = self._lib.ln_train_step(
-            self._ws, params, run, nbt, s1, s2, steps,
-            x.data_ptr(), y.data_ptr(), idx.data_ptr() if idx is not None else None, len(x), batch,
-            dropout_scale.data_ptr() if dropout_scale is not None else None, bn_eps, bn_momentum,
-            self._kind, float(group["lr"]), beta1, beta2, group.get("eps", 0.0),
-            group["weight_decay"], group.get("momentum", 0.0), self._totals, relu, maxpool,
-            self.label_smoothing, *_augment_args(draws, start, batch))
+        self._bind()
+        a, group = self._args, self.optimizer.param_groups[0]
+        a.relu, a.maxpool = _variant(self.model)
+        a.threads = _threads(self.threads)
+        a.x, a.y, a.rows, a.batch = x.data_ptr(), y.data_ptr(), len(x), batch
+        a.idx = idx.data_ptr() if idx is not None else None
+        a.drop = dropout_scale.data_ptr() if dropout_scale is not None else None
+        a.bn_eps, a.bn_momentum = (self._bn.eps, self._bn.momentum) if self._bn is not None else (0.0, 0.0)
+        a.lr, (a.beta1, a.beta2) = float(group["lr"]), group.get("betas", (0.0, 0.0))
+        a.eps, a.momentum = group.get("eps", 0.0), group.get("momentum", 0.0)
+        a.weight_decay = group["weight_decay"]
+        a.smoothing = self.label_smoothing
+        a.move, a.pad, a.erase_rows, a.erase_cols, a.background = _augment_args(draws, start, batch)
+        rc = self._lib.ln_train_step(self._ws, a)
         if rc == -1:
             raise IndexError("an index of the batch is out of range")
         if rc == -2:
             raise ValueError("a label is outside 0..9")
+        if rc == -4:
+            raise ValueError(f"the native step refused a batch of {batch}")
         if rc != 0:
             raise MemoryError("native step: out of memory")
 
@@ -393,7 +584,8 @@ def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None
 
 
 def _augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
-    """ln_train_step's last five arguments: the batch's own slice of the epoch's moves (a pointer
+    """The record's augmentation fields (move, pad, erase_rows, erase_cols, background): the
+    batch's own slice of the epoch's moves (a pointer
     to its first element), the largest shift, the slices of the erasing rows and columns, and the
     background value."""
     if draws is None or (draws.move is None and draws.rows is None):
@@ -413,10 +605,31 @@ def _augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
     return move, draws.aug.translate, rows, cols, draws.background
 
 
-def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+_forward_workspaces: dict[int, tuple] = {}  # id(lib) -> (lib, its workspace, the workspace's lock)
+
+
+def _forward_workspace(lib) -> tuple[int, threading.Lock]:
+    """The library's workspace for forward(), made once and freed at exit: its buffers and
+    threads stay for the next call (evaluation calls forward per 500 images). The entry holds
+    lib, so that its id is never another library's."""
+    key = id(lib)
+    if key not in _forward_workspaces:
+        ws = lib.ln_ws_new()
+        if not ws:
+            raise MemoryError("native workspace")
+        _forward_workspaces[key] = (lib, ws, threading.Lock())
+        weakref.finalize(lib, lib.ln_ws_free, ws)  # at exit: lib lives as long as the entry
+    return _forward_workspaces[key][1:]
+
+
+def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None,
+            threads: int | None = None) -> torch.Tensor:
     """Eval-mode logits (N, 10) of x (N, 1, 28, 28): the model's activation and pooling, batch
-    norm on running statistics, no dropout, whatever model.training says."""
+    norm on running statistics, no dropout, whatever model.training says; on threads threads
+    (None: torch.get_num_threads()), each on its own 64-image chunks (the same logits for any
+    count)."""
     lib = _library(lib)
+    count = _threads(threads)
     problem = _model_problem(model, lib)
     if problem is not None:
         raise ValueError(f"the native forward cannot run this: {problem}")
@@ -424,10 +637,20 @@ def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None)
     _check(x, torch.float32, (len(x), 1, 28, 28), "x")
     out = torch.empty((len(x), 10), dtype=torch.float32)
     bn = _layers(model).bn1
+    params, run = _pointers(_slots(model)), _pointers(_buffers(model)[:4])
+    relu, maxpool = _variant(model)
+    a = StepArgs(params=ctypes.addressof(params), run=ctypes.addressof(run), x=x.data_ptr(), rows=len(x),
+                 out=out.data_ptr(), bn_eps=bn.eps if bn is not None else 0.0, relu=relu, maxpool=maxpool,
+                 threads=count)
+    ws, lock = _forward_workspace(lib)
     with torch.no_grad():
-        rc = lib.ln_forward(_pointers(_slots(model)), _pointers(_buffers(model)[:4]),
-                            bn.eps if bn is not None else 0.0, x.data_ptr(), len(x), out.data_ptr(),
-                            *_variant(model))
+        if lock.acquire(blocking=False):  # another Python thread in a forward: a workspace of its own
+            try:
+                rc = lib.ln_forward(ws, a)
+            finally:
+                lock.release()
+        else:
+            rc = lib.ln_forward(None, a)
     if rc != 0:
         raise MemoryError("native forward: out of memory")
     return out

@@ -1,7 +1,7 @@
 /* native_step.c: one concern, the whole LeNet5V1 training step on CPU (forward, cross-entropy
- * with optional label smoothing, backward, optimiser update) and its eval-mode forward,
- * single-threaded, in portable C. Every variant of the model: tanh or ReLU, 2x2 average or max
- * pooling, with or without batch norm and dropout.
+ * with optional label smoothing, backward, optimiser update) and its eval-mode forward, in
+ * portable C, on one or several threads with the same results. Every variant of the model:
+ * tanh or ReLU, 2x2 average or max pooling, with or without batch norm and dropout.
  *
  * Layout: every activation and every activation gradient is stored with the batch innermost,
  * [C][H][W][64]: one pixel of one channel is 64 floats (four 512-bit, eight 256-bit or sixteen
@@ -39,12 +39,27 @@
  * Alignment: every vector load and store is of the workspace (64-byte aligned). The caller's
  * tensors are read by scalar code or memcpy; native.py still requires the bound ones
  * (parameters, buffers, optimiser state) to start on a vector boundary.
+ *
+ * Threads: a step (and the eval forward) runs on a->threads threads of a pool kept in the
+ * workspace. Each stage's outputs are split between them by ownership, whole register tiles
+ * at a time, so every element is computed by one thread with the single-threaded arithmetic;
+ * the results are the same bits for any thread count (see step_job). The eval forward gives
+ * each thread its own run of 64-image chunks.
+ *
+ * Arguments: one record (ln_args, generated from LN_ARGS), which native.py mirrors and checks
+ * against the layout the library reports (ln_abi, ln_args_size, ln_args_names/offsets).
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define BATCH 64
 #if defined(__AVX512F__)
@@ -89,6 +104,7 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LWG_OB 4     /* linear weight gradient: 4 x 4 = 16 */
 #define LWT_OB 4     /* fc1 weight gradient, transposed input: 4 x 5 = 20 */
 #define LWT2_OB 4    /* fc2's (256 bits and below only): 20 */
+#define DA3_ROWS 4   /* fc1's outputs per unit of work in its backward: whole LINI_OB and LWT_OB tiles */
 #else
 #define CONV_VB 2
 #define CONV1_OCB 6  /* 12 */
@@ -103,6 +119,7 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LWG_OB 3     /* 12 */
 #define LWT_OB 2     /* 10 */
 #define LWT2_OB 2    /* 10 */
+#define DA3_ROWS 10
 #endif
 #define LWG_IB 4
 #define LINI84_OB 4  /* fc3's input gradient (84 outputs) */
@@ -134,6 +151,10 @@ _Static_assert(F1 % LIN_OB == 0 && F2 % LIN_OB == 0 && F3 % 5 == 0, "linear forw
 _Static_assert(FEAT % LINI_OB == 0 && F1 % LINI_OB == 0 && F2 % LINI84_OB == 0, "linear input-gradient tiles");
 _Static_assert(FEAT % 8 == 0 && F1 % 8 == 0, "transpose blocks");
 _Static_assert(F2 % LWG_OB == 0 && F1 % LWG_IB == 0 && F3 % 2 == 0 && F2 % LWG_IB == 0, "linear wgrad tiles");
+/* the threads' units of work are whole register tiles (step_job) */
+_Static_assert(F1 % DA3_ROWS == 0 && DA3_ROWS % LINI_OB == 0 && DA3_ROWS % LWT_OB == 0, "fc1 backward units");
+_Static_assert(F2 % 4 == 0 && 4 % LINI84_OB == 0 && 4 % (F1_FITS_VECTORS ? LWT2_OB : LWG_OB) == 0, "fc2 backward units");
+_Static_assert(FEAT % 16 == 0 && FEAT % LINI_OB == 0 && F1 % LIN_OB == 0 && F2 % LIN_OB == 0, "classifier units");
 static const int PSIZE[NPARAM] = {150, 6, 6, 6, 2400, 16, 16, 16, 48000, 120, 10080, 84, 840, 10};
 enum { R_MEAN1, R_VAR1, R_MEAN2, R_VAR2 };
 enum { OPT_ADAM, OPT_ADAMW, OPT_SGD };
@@ -273,15 +294,15 @@ INLINE void vtanh_n(vf *restrict x, int n)
                 ST(out + ((size_t)((o0 + o) * (OH) + y) * (OW) + x) * BATCH + (v0 + v) * VW, acc[o][v]); \
     }                                                                                             \
     static void NAME(const float *restrict in, const float *restrict w, const float *restrict bias, \
-                     float *restrict out)                                                         \
+                     float *restrict out, int y0, int y1, int oc0, int oc1)                       \
     {                                                                                             \
-        for (int y = 0; y < OH; y++) {                                                            \
+        for (int y = y0; y < y1; y++) {                                                           \
             const int k0 = y < (PY) ? (PY) - y : 0;                                               \
             const int k1 = y + 5 - (PY) > (IH) ? (IH) + (PY) - y : 5;                             \
             for (int x = 0; x < OW; x++) {                                                        \
                 const int kx0 = x < (PX) ? (PX) - x : 0;                                          \
                 const int kx1 = x + 5 - (PX) > (IW) ? (IW) + (PX) - x : 5;                        \
-                for (int o0 = 0; o0 < OC; o0 += OCB)                                              \
+                for (int o0 = oc0; o0 < oc1; o0 += OCB)                                           \
                     for (int v0 = 0; v0 < NV; v0 += VB) {                                         \
                         if (kx0 == 0 && kx1 == 5) /* constant bounds: the kx loop unrolls */      \
                             NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, 0, 5);            \
@@ -297,56 +318,66 @@ CONV(conv2_fwd, C1, C2, Q1, Q1, H2, H2, 0, 0, CONV2_OCB, CONV2_VB)
 CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
 
 /* CONV_WGRAD: pw[o][c][ky][kx] += g[o][y][x] * in[c][y + ky][x + kx], summed over y and x,
- * lane by lane (pw holds vectors of per-lane partial sums; conv_wgrad_finish reduces them).
- * g is [OC][OH][GW][64] with the map starting at column GX. */
+ * lane by lane (pw holds vectors of per-lane partial sums; NAME_finish reduces them). g is
+ * [OC][OH][GW][64] with the map starting at column GX. The work is in units u = (c * 5 + ky) *
+ * (OC / OCB) + o0 / OCB, each one register tile's weights: a thread takes units [u0, u1), and
+ * each weight's sum runs over the same y and x in the same order whoever owns it. */
 #define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB)                                      \
-    static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw)           \
+    enum { NAME##_UNITS = (IC) * 5 * ((OC) / (OCB)) };                                            \
+    static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1) \
     {                                                                                             \
         for (int y = 0; y < OH; y++)                                                              \
-            for (int c = 0; c < IC; c++)                                                          \
-                for (int ky = 0; ky < 5; ky++)                                                    \
-                    for (int o0 = 0; o0 < OC; o0 += OCB) {                                        \
-                        vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                             \
-                        vf acc[OCB][5];                                                           \
-                        UNROLL for (int o = 0; o < OCB; o++)                                      \
-                            UNROLL for (int kx = 0; kx < 5; kx++) acc[o][kx] = pp[o * (IC) * 25 + kx]; \
-                        const float *gp = g + ((size_t)(o0 * (OH) + y) * (GW) + (GX)) * BATCH;    \
-                        const float *ip = in + (size_t)(c * (IH) + y + ky) * (IW) * BATCH;        \
-                        for (int j = 0; j < (OW) * NV; j++) {                                     \
-                            vf gv[OCB];                                                           \
-                            UNROLL for (int o = 0; o < OCB; o++)                                  \
-                                gv[o] = LD(gp + (size_t)o * (OH) * (GW) * BATCH + j * VW);        \
-                            UNROLL for (int kx = 0; kx < 5; kx++) {                               \
-                                const vf iv = LD(ip + kx * BATCH + j * VW);                       \
-                                UNROLL for (int o = 0; o < OCB; o++) acc[o][kx] += gv[o] * iv;    \
-                            }                                                                     \
-                        }                                                                         \
-                        UNROLL for (int o = 0; o < OCB; o++)                                      \
-                            UNROLL for (int kx = 0; kx < 5; kx++) pp[o * (IC) * 25 + kx] = acc[o][kx]; \
+            for (int u = u0; u < u1; u++) {                                                       \
+                const int c = u / (5 * ((OC) / (OCB))), ky = u / ((OC) / (OCB)) % 5;              \
+                const int o0 = u % ((OC) / (OCB)) * (OCB);                                        \
+                vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                     \
+                vf acc[OCB][5];                                                                   \
+                UNROLL for (int o = 0; o < OCB; o++)                                              \
+                    UNROLL for (int kx = 0; kx < 5; kx++) acc[o][kx] = pp[o * (IC) * 25 + kx];    \
+                const float *gp = g + ((size_t)(o0 * (OH) + y) * (GW) + (GX)) * BATCH;            \
+                const float *ip = in + (size_t)(c * (IH) + y + ky) * (IW) * BATCH;                \
+                for (int j = 0; j < (OW) * NV; j++) {                                             \
+                    vf gv[OCB];                                                                   \
+                    UNROLL for (int o = 0; o < OCB; o++)                                          \
+                        gv[o] = LD(gp + (size_t)o * (OH) * (GW) * BATCH + j * VW);                \
+                    UNROLL for (int kx = 0; kx < 5; kx++) {                                       \
+                        const vf iv = LD(ip + kx * BATCH + j * VW);                               \
+                        UNROLL for (int o = 0; o < OCB; o++) acc[o][kx] += gv[o] * iv;            \
                     }                                                                             \
+                }                                                                                 \
+                UNROLL for (int o = 0; o < OCB; o++)                                              \
+                    UNROLL for (int kx = 0; kx < 5; kx++) pp[o * (IC) * 25 + kx] = acc[o][kx];    \
+            }                                                                                     \
+    }                                                                                             \
+    /* gw += the lane sums of units [u0, u1)' partials, which are reset to 0 */                  \
+    static void NAME##_finish(vf *restrict pw, float *restrict gw, int u0, int u1)                \
+    {                                                                                             \
+        for (int u = u0; u < u1; u++) {                                                           \
+            const int c = u / (5 * ((OC) / (OCB))), ky = u / ((OC) / (OCB)) % 5;                  \
+            const int o0 = u % ((OC) / (OCB)) * (OCB);                                            \
+            for (int o = o0; o < o0 + (OCB); o++)                                                 \
+                for (int kx = 0; kx < 5; kx++) {                                                  \
+                    const int i = ((o * (IC) + c) * 5 + ky) * 5 + kx;                             \
+                    gw[i] += hsum(pw[i]);                                                         \
+                    pw[i] = splat(0.f);                                                           \
+                }                                                                                 \
+        }                                                                                         \
     }
 
 CONV_WGRAD(conv1_wgrad, 1, C1, XP, XP, H1, H1, H1, 0, WG1_OCB)
 CONV_WGRAD(conv2_wgrad, C1, C2, Q1, Q1, H2, H2, H2, 0, WG2_OCB)
 
-static void conv_wgrad_finish(vf *restrict pw, float *restrict gw, int n)
-{
-    for (int i = 0; i < n; i++) {
-        gw[i] += hsum(pw[i]);
-        pw[i] = splat(0.f);
-    }
-}
-
 /* ------------------------------------------------------------------------------------------
- * Linear layers. LINEAR: out[o][b] = bias[o] + sum over k < K of w[o*so + k*sk] * in[k][b]:
- * the forward with (so, sk) = (K, 1), and with (1, O_fwd) and no bias the input gradient
- * (the transposed weight read in place). LINEAR_WGRAD: dw[o][i] += sum over b of g[o][b] in[i][b].
+ * Linear layers. LINEAR: out[o][b] = bias[o] + sum over k < K of w[o*so + k*sk] * in[k][b]
+ * for the outputs o in [o0, o1) (a thread's share; whole register tiles): the forward with
+ * (so, sk) = (K, 1), and with (1, O_fwd) and no bias the input gradient (the transposed weight
+ * read in place). LINEAR_WGRAD: dw[o][i] += sum over b of g[o][b] in[i][b], rows [o0, o1).
  * ------------------------------------------------------------------------------------------ */
 #define LINEAR(NAME, OB, VB)                                                                      \
     static void NAME(const float *restrict in, const float *restrict w, const float *restrict bias, \
-                     float *restrict out, int O, int K, int so, int sk)                            \
+                     float *restrict out, int o_lo, int o_hi, int K, int so, int sk)               \
     {                                                                                             \
-        for (int o0 = 0; o0 < O; o0 += OB)                                                        \
+        for (int o0 = o_lo; o0 < o_hi; o0 += OB)                                                  \
             for (int v0 = 0; v0 < NV; v0 += VB) {                                                 \
                 const float *wp = w + (size_t)o0 * so;                                            \
                 OPAQUE(wp);                                                                       \
@@ -375,9 +406,10 @@ LINEAR(linear_bwd_input, LINI_OB, LIN_VB)       /* 400 and 120 inputs */
 LINEAR(linear_bwd_input84, LINI84_OB, LIN_VB) /* 84 */
 
 #define LINEAR_WGRAD(NAME, OB, IB)                                                                \
-    static void NAME(const float *restrict g, const float *restrict in, float *restrict dw, int O, int I) \
+    static void NAME(const float *restrict g, const float *restrict in, float *restrict dw, int o_lo, int o_hi, \
+                     int I)                                                                       \
     {                                                                                             \
-        for (int o0 = 0; o0 < O; o0 += OB)                                                        \
+        for (int o0 = o_lo; o0 < o_hi; o0 += OB)                                                  \
             for (int i0 = 0; i0 < I; i0 += IB) {                                                  \
                 vf acc[OB][IB];                                                                   \
                 UNROLL for (int o = 0; o < OB; o++)                                               \
@@ -399,16 +431,18 @@ LINEAR_WGRAD(linear_wgrad, LWG_OB, LWG_IB) /* fc2 (84 x 120) at 512 bits */
 #endif
 LINEAR_WGRAD(linear_wgrad10, 2, LWG_IB)    /* fc3 (10 x 84) */
 
-/* fc1's and fc2's weight gradients, dw[o][i] += sum over b < nb of g[o][b] * inT[b][i], with
+/* fc1's and fc2's weight gradients, dw[o][i] += sum over b < nb of g[o][b] * inT[b][i] (rows
+ * [o_lo, o_hi)), with
  * i along the vectors: no horizontal sums, at the price of transposing the input to [64][I]
  * first (classifier backward 367 -> 247 us on Zen 3 for fc1 against LINEAR_WGRAD's per-weight
  * reductions). IV vectors of i per tile: I must be a multiple of IV * VW (400 floats are 25,
  * 50 or 100 vectors; 120 are 15 or 30, so fc2 keeps LINEAR_WGRAD at 512 bits). */
 #define LINEAR_WGRAD_T(NAME, O, I, OB, IV)                                                        \
-    static void NAME(const float *restrict g, const float *restrict inT, float *restrict dw, int nb) \
+    static void NAME(const float *restrict g, const float *restrict inT, float *restrict dw, int nb, \
+                     int o_lo, int o_hi)                                                          \
     {                                                                                             \
         _Static_assert((O) % (OB) == 0 && (I) % ((IV) * VW) == 0, "tile must divide the layer");  \
-        for (int o0 = 0; o0 < (O); o0 += (OB))                                                    \
+        for (int o0 = o_lo; o0 < o_hi; o0 += (OB))                                                \
             for (int i0 = 0; i0 < (I); i0 += (IV) * VW) {                                        \
                 vf acc[OB][IV];                                                                   \
                 UNROLL for (int o = 0; o < (OB); o++)                                             \
@@ -434,7 +468,7 @@ LINEAR_WGRAD_T(fc1_wgrad, F1, FEAT, LWT_OB, 5)
 LINEAR_WGRAD_T(fc2_wgrad, F2, F1, LWT2_OB, 5)
 #endif
 
-/* in [R][64] -> out [64][R], R a multiple of 8, in 8 x 8 blocks: with 256-bit vectors eight
+/* in [R][64] -> out [64][R] for the rows [r0, r1) (multiples of 8), in 8 x 8 blocks: with 256-bit vectors eight
  * loads, 24 shuffles and eight stores per block (2.5 us for fc1's 400 rows against 18 us for
  * the element-by-element loop), elsewhere element by element within the block (12 us). */
 #if VW == 8
@@ -443,9 +477,9 @@ LINEAR_WGRAD_T(fc2_wgrad, F2, F1, LWT2_OB, 5)
 #else
 #define SHUF8(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
-static void transpose_rows(const float *restrict in, float *restrict out, int R)
+static void transpose_rows(const float *restrict in, float *restrict out, int R, int r0, int r1)
 {
-    for (int i0 = 0; i0 < R; i0 += 8)
+    for (int i0 = r0; i0 < r1; i0 += 8)
         for (int b0 = 0; b0 < BATCH; b0 += 8) {
             vf r[8], s[8], u[8];
             UNROLL for (int i = 0; i < 8; i++) r[i] = LD(in + (i0 + i) * BATCH + b0);
@@ -465,9 +499,9 @@ static void transpose_rows(const float *restrict in, float *restrict out, int R)
         }
 }
 #else
-static void transpose_rows(const float *restrict in, float *restrict out, int R)
+static void transpose_rows(const float *restrict in, float *restrict out, int R, int r0, int r1)
 {
-    for (int i0 = 0; i0 < R; i0 += 8)
+    for (int i0 = r0; i0 < r1; i0 += 8)
         for (int b0 = 0; b0 < BATCH; b0 += 8) {
             float t[8][8];
             UNROLL for (int i = 0; i < 8; i++)
@@ -545,71 +579,76 @@ static void act_bwd(float *restrict d, const float *restrict a, const float *res
  * running max m becomes t only where t > m (vmax(t, m)), so equal values keep the first. */
 static inline vf max4(vf t00, vf t01, vf t10, vf t11) { return vmax(t11, vmax(t10, vmax(t01, t00))); }
 
-/* a = act(((z - mean) * istd) * gamma + beta), p = 2x2 mean or max of a. Without batch norm
- * the caller passes mean 0, istd 1, gamma 1, beta 0, which leave z unchanged bit for bit. With
- * store_xhat the normalised z replaces z (the batch-norm backward needs it); a may be NULL
- * (evaluation). The block is visited in the order of model._AvgPool2x2's sum (hence the
- * column-major offsets); the max takes it in torch's row-major order (max4). */
-INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restrict p, int C, int H,
+/* a = act(((z - mean) * istd) * gamma + beta), p = 2x2 mean or max of a, for the block rows
+ * u = c * (H / 2) + py in [u0, u1) (a thread's share: whole block rows, so its pooled outputs
+ * and the pixels under them are its own). Without batch norm the caller passes mean 0, istd 1,
+ * gamma 1, beta 0, which leave z unchanged bit for bit. With store_xhat the normalised z
+ * replaces z (the batch-norm backward needs it); a may be NULL (evaluation). The block is
+ * visited in the order of model._AvgPool2x2's sum (hence the column-major offsets); the max
+ * takes it in torch's row-major order (max4). */
+INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restrict p, int H,
                               const float *mean, const float *istd, const float *gamma, const float *beta,
-                              int store_xhat, const int relu, const int maxpool)
+                              int store_xhat, int u0, int u1, const int relu, const int maxpool)
 {
     const int Q = H / 2;
-    for (int c = 0; c < C; c++) {
+    for (int u = u0; u < u1; u++) {
+        const int c = u / Q, py = u % Q;
         const vf m = splat(mean[c]), s = splat(istd[c]), g = splat(gamma[c]), b = splat(beta[c]);
-        for (int py = 0; py < Q; py++)
-            for (int px = 0; px < Q; px++)
-                for (int v = 0; v < NV; v++) {
-                    size_t off[4];
-                    vf t[4];
-                    UNROLL for (int j = 0; j < 4; j++) { /* (dy, dx) = (0,0), (1,0), (0,1), (1,1) */
-                        off[j] = ((size_t)(c * H + 2 * py + j % 2) * H + 2 * px + j / 2) * BATCH + v * VW;
-                        const vf xh = (LD(z + off[j]) - m) * s;
-                        if (store_xhat)
-                            ST(z + off[j], xh);
-                        t[j] = xh * g + b;
-                    }
-                    if (relu)
-                        UNROLL for (int j = 0; j < 4; j++) t[j] = vrelu(t[j]);
-                    else
-                        vtanh_n(t, 4);
-                    if (a)
-                        UNROLL for (int j = 0; j < 4; j++) ST(a + off[j], t[j]);
-                    ST(p + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW,
-                       maxpool ? max4(t[0], t[2], t[1], t[3]) : (t[0] + t[1] + t[2] + t[3]) * 0.25f);
+        for (int px = 0; px < Q; px++)
+            for (int v = 0; v < NV; v++) {
+                size_t off[4];
+                vf t[4];
+                UNROLL for (int j = 0; j < 4; j++) { /* (dy, dx) = (0,0), (1,0), (0,1), (1,1) */
+                    off[j] = ((size_t)(c * H + 2 * py + j % 2) * H + 2 * px + j / 2) * BATCH + v * VW;
+                    const vf xh = (LD(z + off[j]) - m) * s;
+                    if (store_xhat)
+                        ST(z + off[j], xh);
+                    t[j] = xh * g + b;
                 }
+                if (relu)
+                    UNROLL for (int j = 0; j < 4; j++) t[j] = vrelu(t[j]);
+                else
+                    vtanh_n(t, 4);
+                if (a)
+                    UNROLL for (int j = 0; j < 4; j++) ST(a + off[j], t[j]);
+                ST(p + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW,
+                   maxpool ? max4(t[0], t[2], t[1], t[3]) : (t[0] + t[1] + t[2] + t[3]) * 0.25f);
+            }
     }
 }
 
-static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p, int C, int H,
+static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p, int H,
                          const float *mean, const float *istd, const float *gamma, const float *beta,
-                         int store_xhat, int relu, int maxpool)
+                         int store_xhat, int u0, int u1, int relu, int maxpool)
 {
     if (relu && maxpool)
-        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 1, 1);
+        act_pool_fwd_body(z, a, p, H, mean, istd, gamma, beta, store_xhat, u0, u1, 1, 1);
     else if (relu)
-        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 1, 0);
+        act_pool_fwd_body(z, a, p, H, mean, istd, gamma, beta, store_xhat, u0, u1, 1, 0);
     else if (maxpool)
-        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 0, 1);
+        act_pool_fwd_body(z, a, p, H, mean, istd, gamma, beta, store_xhat, u0, u1, 0, 1);
     else
-        act_pool_fwd_body(z, a, p, C, H, mean, istd, gamma, beta, store_xhat, 0, 0);
+        act_pool_fwd_body(z, a, p, H, mean, istd, gamma, beta, store_xhat, u0, u1, 0, 0);
 }
 
-/* dz = act'(a) * (the pooling's gradient of dp), dz with rows of DW pixels starting at column
- * DX (dz may be a itself). Average pooling gives each pixel dp[c][y/2][x/2] / 4; max pooling
- * gives all of dp to one pixel of its block, the first maximal one in row-major order (torch's
- * CPU max_pool2d index, ties included: a block of ReLU zeros routes to its top-left), found
- * again from a rather than stored by the forward. Per-channel sums over the batch: s1 += sum dz,
- * and with xhat s2 += sum dz * xhat (the batch-norm backward). Padding lanes have dp = 0, so
- * dz = 0. */
-INLINE void act_pool_bwd_body(const float *restrict dp, const float *a, float *dz, int C, int H, int DW, int DX,
-                              const float *restrict xhat, double *s1, double *s2, const int relu,
-                              const int maxpool)
+/* dz = act'(a) * (the pooling's gradient of dp) for the block rows u = c * (H / 2) + py in
+ * [u0, u1), dz with rows of DW pixels starting at column DX (dz may be a itself). Average
+ * pooling gives each pixel dp[c][y/2][x/2] / 4; max pooling gives all of dp to one pixel of its
+ * block, the first maximal one in row-major order (torch's CPU max_pool2d index, ties included:
+ * a block of ReLU zeros routes to its top-left), found again from a rather than stored by the
+ * forward. Sums over the batch, one per row (average pooling: rs[c * H + y]) or per block row
+ * (max pooling: rs[c * H + py]): rs1 of dz, and with xhat rs2 of dz * xhat; sum_rows adds them
+ * up per channel in the order the single-threaded step did, whichever thread made each.
+ * Padding lanes have dp = 0, so dz = 0. */
+INLINE void act_pool_bwd_body(const float *restrict dp, const float *a, float *dz, int H, int DW, int DX,
+                              const float *restrict xhat, float *rs1, float *rs2, int u0, int u1,
+                              const int relu, const int maxpool)
 {
     const int Q = H / 2;
-    if (!maxpool) {
-        for (int c = 0; c < C; c++)
-            for (int y = 0; y < H; y++) {
+    for (int u = u0; u < u1; u++) {
+        const int c = u / Q, py = u % Q;
+        if (!maxpool) {
+            for (int y = 2 * py; y < 2 * py + 2; y++) {
                 vf r1 = splat(0.f), r2 = splat(0.f);
                 for (int x = 0; x < H; x++)
                     for (int v = 0; v < NV; v++) {
@@ -621,62 +660,62 @@ INLINE void act_pool_bwd_body(const float *restrict dp, const float *a, float *d
                         if (xhat)
                             r2 += d * LD(xhat + off);
                     }
-                s1[c] += hsum(r1);
+                rs1[c * H + y] = hsum(r1);
                 if (xhat)
-                    s2[c] += hsum(r2);
+                    rs2[c * H + y] = hsum(r2);
             }
-        return;
-    }
-    /* block by block: a block's four pixels are all read before any is written (dz may be a) */
-    for (int c = 0; c < C; c++)
-        for (int py = 0; py < Q; py++) {
-            vf r1 = splat(0.f), r2 = splat(0.f);
-            for (int px = 0; px < Q; px++)
-                for (int v = 0; v < NV; v++) {
-                    size_t off[4];
-                    vf t[4];
-                    UNROLL for (int j = 0; j < 4; j++) { /* row-major: (dy, dx) = (0,0), (0,1), (1,0), (1,1) */
-                        off[j] = ((size_t)(c * H + 2 * py + j / 2) * H + 2 * px + j % 2) * BATCH + v * VW;
-                        t[j] = LD(a + off[j]);
-                    }
-                    const vf m = max4(t[0], t[1], t[2], t[3]);
-                    const vf g = LD(dp + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW);
-                    vi open = ~(vi){}; /* lanes whose gradient is still to place */
-                    UNROLL for (int j = 0; j < 4; j++) {
-                        const vi first = open & (t[j] == m);
-                        open &= ~first;
-                        const vf d = act_grad(vsel(first, g, splat(0.f)), t[j], relu);
-                        ST(dz + ((size_t)(c * H + 2 * py + j / 2) * DW + DX + 2 * px + j % 2) * BATCH + v * VW, d);
-                        r1 += d;
-                        if (xhat)
-                            r2 += d * LD(xhat + off[j]);
-                    }
-                }
-            s1[c] += hsum(r1);
-            if (xhat)
-                s2[c] += hsum(r2);
+            continue;
         }
+        /* block by block: a block's four pixels are all read before any is written (dz may be a) */
+        vf r1 = splat(0.f), r2 = splat(0.f);
+        for (int px = 0; px < Q; px++)
+            for (int v = 0; v < NV; v++) {
+                size_t off[4];
+                vf t[4];
+                UNROLL for (int j = 0; j < 4; j++) { /* row-major: (dy, dx) = (0,0), (0,1), (1,0), (1,1) */
+                    off[j] = ((size_t)(c * H + 2 * py + j / 2) * H + 2 * px + j % 2) * BATCH + v * VW;
+                    t[j] = LD(a + off[j]);
+                }
+                const vf m = max4(t[0], t[1], t[2], t[3]);
+                const vf g = LD(dp + ((size_t)(c * Q + py) * Q + px) * BATCH + v * VW);
+                vi open = ~(vi){}; /* lanes whose gradient is still to place */
+                UNROLL for (int j = 0; j < 4; j++) {
+                    const vi first = open & (t[j] == m);
+                    open &= ~first;
+                    const vf d = act_grad(vsel(first, g, splat(0.f)), t[j], relu);
+                    ST(dz + ((size_t)(c * H + 2 * py + j / 2) * DW + DX + 2 * px + j % 2) * BATCH + v * VW, d);
+                    r1 += d;
+                    if (xhat)
+                        r2 += d * LD(xhat + off[j]);
+                }
+            }
+        rs1[c * H + py] = hsum(r1);
+        if (xhat)
+            rs2[c * H + py] = hsum(r2);
+    }
 }
 
-static void act_pool_bwd(const float *restrict dp, const float *a, float *dz, int C, int H, int DW, int DX,
-                         const float *restrict xhat, double *s1, double *s2, int relu, int maxpool)
+static void act_pool_bwd(const float *restrict dp, const float *a, float *dz, int H, int DW, int DX,
+                         const float *restrict xhat, float *rs1, float *rs2, int u0, int u1, int relu,
+                         int maxpool)
 {
     if (relu && maxpool)
-        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 1, 1);
+        act_pool_bwd_body(dp, a, dz, H, DW, DX, xhat, rs1, rs2, u0, u1, 1, 1);
     else if (relu)
-        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 1, 0);
+        act_pool_bwd_body(dp, a, dz, H, DW, DX, xhat, rs1, rs2, u0, u1, 1, 0);
     else if (maxpool)
-        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 0, 1);
+        act_pool_bwd_body(dp, a, dz, H, DW, DX, xhat, rs1, rs2, u0, u1, 0, 1);
     else
-        act_pool_bwd_body(dp, a, dz, C, H, DW, DX, xhat, s1, s2, 0, 0);
+        act_pool_bwd_body(dp, a, dz, H, DW, DX, xhat, rs1, rs2, u0, u1, 0, 0);
 }
 
-/* Batch-norm backward, second pass: dz = k * (dy - mdy - xhat * mdyx) on the batch's lanes,
- * 0 on the padding lanes; db += sum dz (the gradient of the conv bias under the batch norm). */
-static void bn_bwd(float *restrict dz, const float *restrict xhat, int C, int H, int DW, int DX,
+/* Batch-norm backward, second pass, channels [c0, c1): dz = k * (dy - mdy - xhat * mdyx) on the
+ * batch's lanes, 0 on the padding lanes; db += sum dz (the gradient of the conv bias under the
+ * batch norm). */
+static void bn_bwd(float *restrict dz, const float *restrict xhat, int c0, int c1, int H, int DW, int DX,
                    const float *k, const float *mdy, const float *mdyx, const float *mask, float *db)
 {
-    for (int c = 0; c < C; c++) {
+    for (int c = c0; c < c1; c++) {
         const vf kc = splat(k[c]), a = splat(mdy[c]), b = splat(mdyx[c]);
         vf s = splat(0.f);
         for (int y = 0; y < H; y++)
@@ -693,8 +732,249 @@ static void bn_bwd(float *restrict dz, const float *restrict xhat, int C, int H,
 }
 
 /* ------------------------------------------------------------------------------------------
- * Workspace: per-chunk activation buffers, gradients, and the conv weight-gradient partials.
+ * Threads: a small pool kept in the workspace, started on the first call that asks for more
+ * than one thread and joined by ln_ws_free. A call is one job: every thread runs the same
+ * stage code on its own share of each stage's outputs, and the threads meet at a barrier
+ * wherever a stage reads what another thread wrote (see step_job for why the results do not
+ * depend on the thread count). pthreads, not OpenMP: torch ships its own OpenMP runtime, which
+ * a second one in the process would fight, and clang would need libomp.
  * ------------------------------------------------------------------------------------------ */
+#define LN_MAX_THREADS 64
+/* How long a barrier spins before it sleeps: well above a stage's imbalance between two
+ * running threads (a few us), short enough that a thread whose partner was descheduled on a
+ * busy machine soon gives its core back. A worker waiting for the next job spins longer, over
+ * the Python between two steps (~0.1-0.2 ms), so that a step does not start by waking it
+ * (tens of us); between epochs it sleeps. */
+#ifndef LN_SPIN_US
+#define LN_SPIN_US 50
+#endif
+#ifndef LN_IDLE_SPIN_US
+#define LN_IDLE_SPIN_US 1000
+#endif
+/* Past this much of its spin a waiting thread yields the CPU at each poll: on an idle machine
+ * sched_yield returns at once, and on a busy one the thread it would otherwise spin against
+ * (often the one that will open the barrier, placed on the same CPU) runs. */
+#ifndef LN_PAUSE_US
+#define LN_PAUSE_US 20
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define CPU_RELAX() __asm__ volatile("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static double now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec * 1e-3;
+}
+
+/* A reusable barrier: spin, then sleep on a condition variable. The last thread to arrive
+ * opens the round; one that went to sleep registered in sleepers first, and the opener reads
+ * sleepers after advancing round (both sequentially consistent), so either the sleeper sees
+ * the new round before it waits or the opener sees the sleeper and wakes it under the mutex. */
+typedef struct {
+    atomic_int count;     /* threads arrived in this round */
+    atomic_uint round;    /* rounds opened */
+    atomic_int sleepers;  /* threads asleep on cv, or about to be */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} barrier_t;
+
+static void barrier_init(barrier_t *b)
+{
+    atomic_init(&b->count, 0);
+    atomic_init(&b->round, 0);
+    atomic_init(&b->sleepers, 0);
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv, NULL);
+}
+
+static void barrier_destroy(barrier_t *b)
+{
+    pthread_mutex_destroy(&b->mu);
+    pthread_cond_destroy(&b->cv);
+}
+
+/* Returns once all n threads have called it; what any of them wrote before is visible to all
+ * after it. A thread that waits spins for spin_us, then sleeps. */
+static void barrier_wait_spin(barrier_t *b, int n, double spin_us)
+{
+    if (n <= 1)
+        return;
+    const unsigned r = atomic_load(&b->round);
+    if (atomic_fetch_add(&b->count, 1) == n - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->round, r + 1);
+        if (atomic_load(&b->sleepers)) {
+            pthread_mutex_lock(&b->mu);
+            pthread_cond_broadcast(&b->cv);
+            pthread_mutex_unlock(&b->mu);
+        }
+        return;
+    }
+    const double start = now_us();
+    for (unsigned i = 1, yielding = 0;; i++) {
+        if (atomic_load_explicit(&b->round, memory_order_acquire) != r)
+            return;
+        if (yielding) {
+            sched_yield();
+            if (now_us() - start > spin_us)
+                break;
+        } else {
+            CPU_RELAX();
+            yielding = i % 64 == 0 && now_us() - start > LN_PAUSE_US; /* the clock every 64 pauses */
+        }
+    }
+    pthread_mutex_lock(&b->mu);
+    atomic_fetch_add(&b->sleepers, 1);
+    while (atomic_load(&b->round) == r)
+        pthread_cond_wait(&b->cv, &b->mu);
+    atomic_fetch_sub(&b->sleepers, 1);
+    pthread_mutex_unlock(&b->mu);
+}
+
+static void barrier_wait(barrier_t *b, int n) { barrier_wait_spin(b, n, LN_SPIN_US); }
+
+typedef void (*job_fn)(void *arg, int t, int n);
+struct pool;
+typedef struct {
+    struct pool *pool;
+    int t;
+} worker_t;
+typedef struct pool {
+    atomic_int n;   /* threads of a job, the caller's included; 1: no workers */
+    int asked;      /* the thread count last asked for (n is less if a thread could not start) */
+    pid_t pid;      /* the process the workers belong to (a forked child has none of them) */
+    job_fn job;
+    void *arg;
+    int quit;
+    barrier_t bar;  /* the jobs' start and end, and every barrier inside a job */
+    pthread_t th[LN_MAX_THREADS];
+    worker_t w[LN_MAX_THREADS];
+} pool_t;
+
+/* A worker: wait for a job (or the order to quit), run its share, wait for the others. */
+static void *worker_main(void *arg)
+{
+    const worker_t *w = arg;
+    pool_t *p = w->pool;
+    for (;;) {
+        barrier_wait_spin(&p->bar, atomic_load(&p->n), LN_IDLE_SPIN_US);
+        if (p->quit)
+            return NULL;
+        p->job(p->arg, w->t, atomic_load(&p->n));
+        barrier_wait(&p->bar, atomic_load(&p->n));
+    }
+}
+
+static void pool_init(pool_t *p)
+{
+    memset(p, 0, sizeof *p);
+    atomic_init(&p->n, 1);
+    p->asked = 1;
+    barrier_init(&p->bar);
+}
+
+static void pool_stop(pool_t *p)
+{
+    const int n = atomic_load(&p->n);
+    if (n > 1 && p->pid == getpid()) {
+        p->quit = 1;
+        barrier_wait(&p->bar, n);
+        for (int i = 1; i < n; i++)
+            pthread_join(p->th[i], NULL);
+        p->quit = 0;
+    } else if (n > 1) { /* a forked child: the workers stayed in the parent, the barrier may be mid-round */
+        barrier_init(&p->bar);
+    }
+    atomic_store(&p->n, 1);
+}
+
+/* Workers 1..want-1. A worker may already wait at the first barrier, counting on want threads,
+ * when a later one fails to start: it still waits (its arrival is not the last), and the
+ * caller, arriving last with the smaller n, opens the round. Fewer threads give the same
+ * results, only later. Workers take no signals: Python's handlers run on its main thread. */
+static void pool_start(pool_t *p, int want)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    atomic_store(&p->n, want);
+    int made = 1;
+    for (; made < want; made++) {
+        p->w[made] = (worker_t){p, made};
+        if (pthread_create(&p->th[made], NULL, worker_main, &p->w[made]))
+            break;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    atomic_store(&p->n, made);
+    p->pid = getpid();
+}
+
+/* job(arg, t, n) on n threads (want, clamped to 1..LN_MAX_THREADS, or fewer where threads
+ * cannot start), the caller being thread 0; returns when all are done. */
+static void pool_run(pool_t *p, int want, job_fn job, void *arg)
+{
+    want = want < 1 ? 1 : want > LN_MAX_THREADS ? LN_MAX_THREADS : want;
+    if (want != p->asked || (atomic_load(&p->n) > 1 && p->pid != getpid())) {
+        pool_stop(p);
+        if (want > 1)
+            pool_start(p, want);
+        p->asked = want;
+    }
+    const int n = atomic_load(&p->n);
+    if (n == 1) {
+        job(arg, 0, 1);
+        return;
+    }
+    p->job = job;
+    p->arg = arg;
+    barrier_wait(&p->bar, n);
+    job(arg, 0, n);
+    barrier_wait(&p->bar, n);
+}
+
+/* [*lo, *hi): thread t's share of n work units, T contiguous runs whose sizes differ by at
+ * most one. Which thread computes a unit never changes how it is computed. */
+static void share(int n, int t, int T, int *lo, int *hi)
+{
+    *lo = (int)((int64_t)n * t / T);
+    *hi = (int)((int64_t)n * (t + 1) / T);
+}
+
+/* The same, balanced by cost[0..n) instead of by count. */
+static void share_weighted(const int *cost, int n, int t, int T, int *lo, int *hi)
+{
+    int64_t total = 0, sum = 0;
+    for (int i = 0; i < n; i++)
+        total += cost[i];
+    *lo = -1;
+    *hi = n;
+    for (int i = 0; i <= n; i++) {
+        if (*lo < 0 && sum * T >= total * t)
+            *lo = i;
+        if (sum * T >= total * (t + 1)) {
+            *hi = i;
+            break;
+        }
+        if (i < n)
+            sum += cost[i];
+    }
+    if (t == T - 1)
+        *hi = n;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Workspace: per-chunk activation buffers, gradients, the conv weight-gradient partials and
+ * the thread pool.
+ * ------------------------------------------------------------------------------------------ */
+/* A chunk's per-row sums of the activation backward (act_pool_bwd's rs1, rs2), per layer */
+enum { RS1A = 0, RS1B = C1 * H1, RS2A = 2 * C1 * H1, RS2B = 2 * C1 * H1 + C2 * H2,
+       RS_FLOATS = 2 * (C1 * H1 + C2 * H2) };
 typedef struct {
     float *x;          /* [1][32][32][64] padded input */
     float *z1;         /* [6][28][28][64] conv1 output; with batch norm, normalised in place */
@@ -708,23 +988,27 @@ typedef struct {
     float *a4, *da4;   /* [84][64] */
     float *lg, *dlg;   /* [10][64] */
     float *mask;       /* [64]: 1 on lanes in use, 0 on padding */
+    float *stage;      /* [64][784]: the chunk's images, copied before the transpose into x */
+    float *rs;         /* [RS_FLOATS] */
     int n;             /* lanes in use */
 } chunk;
 
-static const size_t CHUNK_FLOATS[] = {
+/* each buffer's floats, in BATCH-float rows */
+static const size_t CHUNK_ROWS[] = {
     XP * XP, C1 * H1 * H1, C1 * H1 * H1, C1 * Q1 * Q1, C1 * Q1 * Q1, C2 * H2 * H2, C2 * H2 * H2,
-    C2 * H2 * H2, FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1};
-#define NBUF (sizeof(CHUNK_FLOATS) / sizeof(CHUNK_FLOATS[0]))
+    C2 * H2 * H2, FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, IMGPIX, (RS_FLOATS + BATCH - 1) / BATCH};
+#define NBUF (sizeof(CHUNK_ROWS) / sizeof(CHUNK_ROWS[0]))
 
 typedef struct {
     int cap;
     chunk *ch;
     float **mem;       /* one allocation per chunk */
-    float *stage;      /* [64][784]: a chunk's rows, copied before the transpose */
     float *grad;       /* gradients, each slot at GOFF */
     vf *pw1, *pw2;     /* conv weight-gradient partials */
     float *w2t;        /* conv2 weights flipped and transposed: [6][16][5][5] */
-    float *featT;      /* [64][400]: fc1's (and fc2's) input transposed, for its weight gradient */
+    float *featT;      /* [64][400]: fc1's input transposed, for its weight gradient */
+    float *a3T;        /* [64][120]: fc2's, where fc2_wgrad takes it transposed */
+    pool_t pool;
 } ln_ws;
 
 static void *zalloc(size_t bytes)
@@ -748,16 +1032,18 @@ void ln_ws_free(ln_ws *ws)
 {
     if (!ws)
         return;
+    pool_stop(&ws->pool);
+    barrier_destroy(&ws->pool.bar);
     for (int i = 0; i < ws->cap; i++)
         free(ws->mem[i]);
     free(ws->mem);
     free(ws->ch);
-    free(ws->stage);
     free(ws->grad);
     free(ws->pw1);
     free(ws->pw2);
     free(ws->w2t);
     free(ws->featT);
+    free(ws->a3T);
     free(ws);
 }
 
@@ -766,13 +1052,14 @@ ln_ws *ln_ws_new(void)
     ln_ws *ws = calloc(1, sizeof *ws);
     if (!ws)
         return NULL;
-    ws->stage = zalloc(sizeof(float) * BATCH * IMGPIX);
+    pool_init(&ws->pool);
     ws->grad = zalloc(sizeof(float) * goff(NPARAM));
     ws->pw1 = zalloc(sizeof(vf) * C1 * 25);
     ws->pw2 = zalloc(sizeof(vf) * C2 * C1 * 25);
     ws->w2t = zalloc(sizeof(float) * C2 * C1 * 25);
     ws->featT = zalloc(sizeof(float) * BATCH * FEAT);
-    if (!ws->stage || !ws->grad || !ws->pw1 || !ws->pw2 || !ws->w2t || !ws->featT) {
+    ws->a3T = zalloc(sizeof(float) * BATCH * F1);
+    if (!ws->grad || !ws->pw1 || !ws->pw2 || !ws->w2t || !ws->featT || !ws->a3T) {
         ln_ws_free(ws);
         return NULL;
     }
@@ -793,7 +1080,7 @@ static int ws_reserve(ln_ws *ws, int chunks)
     ws->mem = mem;
     size_t total = 0;
     for (size_t i = 0; i < NBUF; i++)
-        total += CHUNK_FLOATS[i] * BATCH;
+        total += CHUNK_ROWS[i] * BATCH;
     for (int k = ws->cap; k < chunks; k++) {
         float *m = zalloc(sizeof(float) * total); /* zero: the padding rows and columns stay 0 */
         if (!m)
@@ -801,10 +1088,11 @@ static int ws_reserve(ln_ws *ws, int chunks)
         ws->mem[k] = m;
         float **dst[] = {&ch[k].x, &ch[k].z1, &ch[k].a1, &ch[k].p1, &ch[k].dp1, &ch[k].z2, &ch[k].a2,
                          &ch[k].dz2, &ch[k].p2, &ch[k].dp2, &ch[k].drop, &ch[k].a3, &ch[k].da3,
-                         &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask};
+                         &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask, &ch[k].stage, &ch[k].rs};
+        _Static_assert(sizeof dst / sizeof dst[0] == NBUF, "a row count per chunk buffer");
         for (size_t i = 0; i < NBUF; i++) {
             *dst[i] = m;
-            m += CHUNK_FLOATS[i] * BATCH;
+            m += CHUNK_ROWS[i] * BATCH;
         }
         ws->cap = k + 1;
     }
@@ -877,14 +1165,15 @@ static void augment_image(const augment_t *aug, int64_t i, const float *s, float
     }
 }
 
-/* The chunk's images into the padded [32][32][64] input: the rows are copied first and then
- * transposed (the prototype measured 123 -> 44 us for this order against transposing while
- * gathering). Padding lanes are zero. */
-static void pack_input(chunk *c, float *restrict stage, const float *src, const int64_t *idx, int64_t first,
-                       const augment_t *aug)
+/* Lanes [b0, b1) of the chunk's images into the padded [32][32][64] input: the rows are copied
+ * first and then transposed (the prototype measured 123 -> 44 us for this order against
+ * transposing while gathering). Padding lanes are zero. A thread packs whole 16-lane groups:
+ * one 64-byte line of every pixel. */
+static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t first, const augment_t *aug,
+                       int b0, int b1)
 {
-    for (int b = 0; b < BATCH; b++) {
-        float *d = stage + b * IMGPIX;
+    for (int b = b0; b < b1; b++) {
+        float *d = c->stage + b * IMGPIX;
         if (b >= c->n) {
             memset(d, 0, sizeof(float) * IMGPIX);
             continue;
@@ -896,27 +1185,14 @@ static void pack_input(chunk *c, float *restrict stage, const float *src, const 
             memcpy(d, s, sizeof(float) * IMGPIX);
     }
     for (int y = 0; y < IMG; y++)
-        for (int b = 0; b < BATCH; b++) {
-            const float *s = stage + b * IMGPIX + y * IMG;
+        for (int b = b0; b < b1; b++) {
+            const float *s = c->stage + b * IMGPIX + y * IMG;
             float *d = c->x + ((size_t)(y + 2) * XP + 2) * BATCH + b;
             for (int x = 0; x < IMG; x++)
                 d[x * BATCH] = s[x];
         }
 }
-
-/* Forward from the pooled conv2 maps to the logits; the dropout scale (if any) multiplies the
- * fc1 output before its activation, as in fast_forward. */
-static void classifier_fwd(chunk *c, float *const *P, int dropout, int relu)
-{
-    linear_fwd(c->p2, P[P_F1W], P[P_F1B], c->a3, F1, FEAT, FEAT, 1);
-    if (dropout)
-        for (int i = 0; i < F1 * BATCH; i += VW)
-            ST(c->a3 + i, LD(c->a3 + i) * LD(c->drop + i));
-    act_inplace(c->a3, F1 * BATCH, relu);
-    linear_fwd(c->a3, P[P_F2W], P[P_F2B], c->a4, F2, F1, F1, 1);
-    act_inplace(c->a4, F2 * BATCH, relu);
-    linear_fwd10(c->a4, P[P_F3W], P[P_F3B], c->lg, F3, F2, F2, 1);
-}
+#define LANE_GROUPS (BATCH / 16)
 
 /* Cross-entropy, mean over the whole batch of B: its gradient into dlg (0 on padding lanes),
  * the summed loss (in double) and the number of correct argmax predictions into totals. With
@@ -970,34 +1246,14 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double s
     }
 }
 
-/* Backward through the classifier, down to the gradient w.r.t. the pooled conv2 maps. */
-static void classifier_bwd(chunk *c, float *const *P, float *grad, float *scratch, int dropout, int relu)
-{
-    linear_wgrad10(c->dlg, c->a4, grad + goff(P_F3W), F3, F2);
-    bias_grad(c->dlg, grad + goff(P_F3B), F3);
-    linear_bwd_input84(c->dlg, P[P_F3W], NULL, c->da4, F2, F3, 1, F2);
-    act_bwd(c->da4, c->a4, NULL, F2 * BATCH, relu);
-#if F1_FITS_VECTORS
-    transpose_rows(c->a3, scratch, F1);
-    fc2_wgrad(c->da4, scratch, grad + goff(P_F2W), c->n);
-#else
-    linear_wgrad(c->da4, c->a3, grad + goff(P_F2W), F2, F1);
-#endif
-    bias_grad(c->da4, grad + goff(P_F2B), F2);
-    linear_bwd_input(c->da4, P[P_F2W], NULL, c->da3, F1, F2, 1, F1);
-    act_bwd(c->da3, c->a3, dropout ? c->drop : NULL, F1 * BATCH, relu);
-    transpose_rows(c->p2, scratch, FEAT);
-    fc1_wgrad(c->da3, scratch, grad + goff(P_F1W), c->n);
-    bias_grad(c->da3, grad + goff(P_F1B), F1);
-    linear_bwd_input(c->da3, P[P_F1W], NULL, c->dp2, FEAT, F1, 1, FEAT);
-}
-
-/* Batch statistics of one conv output over all chunks' lanes in use: mean, then the biased
- * variance from the deviations (two passes: no cancellation); row sums in float, totals in double. */
-static void bn_stats(chunk *ch, int nch, int which, int C, int H, double *mean, double *var, int64_t count)
+/* Batch statistics of one conv output, channels [c0, c1), over all chunks' lanes in use: mean,
+ * then the biased variance from the deviations (two passes: no cancellation); row sums in
+ * float, totals in double. */
+static void bn_stats(chunk *ch, int nch, int which, int H, double *mean, double *var, int64_t count,
+                     int c0, int c1)
 {
     for (int pass = 0; pass < 2; pass++)
-        for (int c = 0; c < C; c++) {
+        for (int c = c0; c < c1; c++) {
             double total = 0.0;
             const vf m = splat((float)mean[c]);
             for (int k = 0; k < nch; k++) {
@@ -1018,68 +1274,85 @@ static void bn_stats(chunk *ch, int nch, int which, int C, int H, double *mean, 
         }
 }
 
-/* Training-mode batch norm of one layer: statistics, running-statistics update (momentum, the
- * unbiased variance, as torch), then normalise, activate and pool each chunk. */
-static void bn_layer_fwd(chunk *ch, int nch, int which, int C, int H, float *const *P, float *const *run,
+/* Training-mode batch norm of one layer, channels [c0, c1): statistics, running-statistics
+ * update (momentum, the unbiased variance, as torch; num_batches_tracked by the thread with
+ * count_batch), then normalise, activate and pool each chunk. */
+static void bn_layer_fwd(chunk *ch, int nch, int which, int H, float *const *P, float *const *run,
                          int64_t *nbt, double eps, double momentum, int64_t count, float *istd, int relu,
-                         int maxpool)
+                         int maxpool, int c0, int c1, int count_batch)
 {
     double mean[C2], var[C2];
-    for (int c = 0; c < C; c++)
-        mean[c] = 0.0;
-    bn_stats(ch, nch, which, C, H, mean, var, count);
     float fmean[C2];
+    for (int c = c0; c < c1; c++)
+        mean[c] = 0.0;
+    bn_stats(ch, nch, which, H, mean, var, count, c0, c1);
     float *rm = run[which == 1 ? R_MEAN1 : R_MEAN2], *rv = run[which == 1 ? R_VAR1 : R_VAR2];
-    for (int c = 0; c < C; c++) {
+    for (int c = c0; c < c1; c++) {
         fmean[c] = (float)mean[c];
         istd[c] = (float)(1.0 / sqrt(var[c] + eps));
         rm[c] = (float)((1.0 - momentum) * rm[c] + momentum * mean[c]);
         rv[c] = (float)((1.0 - momentum) * rv[c] + momentum * var[c] * (double)count / (double)(count - 1));
     }
-    *nbt += 1;
+    if (count_batch)
+        *nbt += 1;
     const float *gamma = P[which == 1 ? P_BN1W : P_BN2W], *beta = P[which == 1 ? P_BN1B : P_BN2B];
+    const int Q = H / 2;
     for (int k = 0; k < nch; k++) {
         if (which == 1)
-            act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, C1, H1, fmean, istd, gamma, beta, 1, relu, maxpool);
+            act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, H1, fmean, istd, gamma, beta, 1, c0 * Q, c1 * Q, relu, maxpool);
         else
-            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, C2, H2, fmean, istd, gamma, beta, 1, relu, maxpool);
+            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, H2, fmean, istd, gamma, beta, 1, c0 * Q, c1 * Q, relu, maxpool);
     }
 }
 
 static const float ZEROS[C2] = {0}, ONES[C2] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 
-/* Batch-norm backward of one layer over all chunks, given the per-channel sums of dy and
- * dy * xhat: parameter gradients, then dz in place. */
-static void bn_layer_bwd(chunk *ch, int nch, int which, int C, float *const *P, float *grad,
-                         const float *istd, const double *sdy, const double *sdyx, int64_t count)
+/* Channel c's sum over the batch of act_pool_bwd's per-row sums at rs + off: chunk by chunk,
+ * row by row (R rows), in double, as the single-threaded step accumulated them. */
+static double sum_rows(const chunk *ch, int nch, int off, int c, int H, int R)
 {
+    double s = 0.0;
+    for (int k = 0; k < nch; k++)
+        for (int r = 0; r < R; r++)
+            s += ch[k].rs[off + c * H + r];
+    return s;
+}
+
+/* Batch-norm backward of one layer, channels [c0, c1), over all chunks, from the per-channel
+ * sums of dy and dy * xhat: parameter gradients, then dz in place. */
+static void bn_layer_bwd(chunk *ch, int nch, int which, float *const *P, float *grad, const float *istd,
+                         int64_t count, int maxpool, int c0, int c1)
+{
+    const int H = which == 1 ? H1 : H2, R = maxpool ? H / 2 : H;
     const float *gamma = P[which == 1 ? P_BN1W : P_BN2W];
     float *gg = grad + goff(which == 1 ? P_BN1W : P_BN2W), *gb = grad + goff(which == 1 ? P_BN1B : P_BN2B);
     float k[C2], mdy[C2], mdyx[C2];
-    for (int c = 0; c < C; c++) {
-        gg[c] += (float)sdyx[c];
-        gb[c] += (float)sdy[c];
+    for (int c = c0; c < c1; c++) {
+        const double sdy = sum_rows(ch, nch, which == 1 ? RS1A : RS2A, c, H, R);
+        const double sdyx = sum_rows(ch, nch, which == 1 ? RS1B : RS2B, c, H, R);
+        gg[c] += (float)sdyx;
+        gb[c] += (float)sdy;
         k[c] = gamma[c] * istd[c];
-        mdy[c] = (float)(sdy[c] / (double)count);
-        mdyx[c] = (float)(sdyx[c] / (double)count);
+        mdy[c] = (float)(sdy / (double)count);
+        mdyx[c] = (float)(sdyx / (double)count);
     }
     float *gbias = grad + goff(which == 1 ? P_C1B : P_C2B);
     for (int i = 0; i < nch; i++) {
         if (which == 1)
-            bn_bwd(ch[i].a1, ch[i].z1, C1, H1, H1, 0, k, mdy, mdyx, ch[i].mask, gbias);
+            bn_bwd(ch[i].a1, ch[i].z1, c0, c1, H1, H1, 0, k, mdy, mdyx, ch[i].mask, gbias);
         else
-            bn_bwd(ch[i].dz2, ch[i].z2, C2, H2, H2, 0, k, mdy, mdyx, ch[i].mask, gbias);
+            bn_bwd(ch[i].dz2, ch[i].z2, c0, c1, H2, H2, 0, k, mdy, mdyx, ch[i].mask, gbias);
     }
 }
 
 /* ------------------------------------------------------------------------------------------
- * Optimisers, with torch's arithmetic (torch.optim.Adam/AdamW fused, SGD single-tensor).
+ * Optimisers, with torch's arithmetic (torch.optim.Adam/AdamW fused, SGD single-tensor), on a
+ * thread's range of one slot's elements. Adam's step count is the slot's, already advanced.
  * ------------------------------------------------------------------------------------------ */
-static void adam_update(float *restrict p, float *restrict g, float *restrict m, float *restrict v, int n,
-                        float *step, int decoupled, double lr, double b1, double b2, double eps, double wd)
+static void adam_update(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int n,
+                        float step, int decoupled, double lr, double b1, double b2, double eps, double wd)
 {
-    *step += 1.0f;
-    const double bc1 = 1.0 - pow(b1, *step), bc2_sqrt = sqrt(1.0 - pow(b2, *step));
+    const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));
     const float step_size = (float)(lr / bc1), bc2s = (float)bc2_sqrt, fe = (float)eps;
     const float w1 = (float)(1.0 - b1), fb2 = (float)b2, w2 = (float)(1.0 - b2), fwd = (float)wd;
     const float shrink = (float)(1.0 - lr * wd);
@@ -1113,33 +1386,115 @@ static void sgd_update(float *restrict p, const float *restrict g, float *restri
 }
 
 /* ------------------------------------------------------------------------------------------
+ * The argument record: every argument of ln_train_step and ln_forward in one struct, which
+ * native.py mirrors field for field with a ctypes.Structure (StepArgs). LN_ARGS is its only
+ * definition: the struct, and the names and offsets that ln_args_names and ln_args_offsets
+ * report, are generated from it, so native.py checks the whole layout at load (with LN_ABI for
+ * a change of meaning) and refuses a library whose record differs instead of calling it.
+ * ------------------------------------------------------------------------------------------ */
+#define LN_ABI 1
+#define LN_ARGS(X)                                                                                \
+    X(float *const *, params)    /* the 14 parameter slots (batch-norm slots NULL without) */     \
+    X(float *const *, run)       /* running mean, var of batch norm 1, then of batch norm 2 */    \
+    X(int64_t *const *, nbt)     /* their num_batches_tracked */                                  \
+    X(float *const *, s1)        /* per slot: exp_avg (Adam, AdamW) or momentum_buffer (SGD) */   \
+    X(float *const *, s2)        /* per slot: exp_avg_sq */                                       \
+    X(float *const *, steps)     /* per slot: step */                                             \
+    X(const float *, x)          /* (rows, 784) images */                                         \
+    X(const int64_t *, y)        /* (rows,) labels */                                             \
+    X(const int64_t *, idx)      /* (batch,) the batch's rows of x, or NULL: rows 0..batch */     \
+    X(const float *, drop)       /* (batch, 120) dropout scales, or NULL */                       \
+    X(double *, totals)          /* += (summed loss, correct predictions) */                      \
+    X(float *, out)              /* ln_forward: (rows, 10) logits */                              \
+    X(const int64_t *, move)     /* augmentation (augment_t), from the batch's first image */     \
+    X(const float *, erase_rows)                                                                  \
+    X(const float *, erase_cols)                                                                  \
+    X(int64_t, rows)             /* rows of x (ln_forward: the images) */                         \
+    X(int64_t, batch)            /* images in the batch */                                        \
+    X(double, bn_eps)                                                                             \
+    X(double, bn_momentum)                                                                        \
+    X(double, lr)                                                                                 \
+    X(double, beta1)                                                                              \
+    X(double, beta2)                                                                              \
+    X(double, eps)                                                                                \
+    X(double, weight_decay)                                                                       \
+    X(double, momentum)                                                                           \
+    X(double, smoothing)         /* the loss's label smoothing, in [0, 1] */                      \
+    X(double, background)        /* augmentation: the value outside the image */                  \
+    X(int32_t, optimizer)        /* OPT_ADAM, OPT_ADAMW or OPT_SGD */                             \
+    X(int32_t, relu)             /* ReLU, else tanh */                                            \
+    X(int32_t, maxpool)          /* max pooling, else average */                                  \
+    X(int32_t, pad)              /* augmentation: the largest shift */                            \
+    X(int32_t, threads)          /* threads to run on (the same results for any count) */
+
+#define LN_FIELD(type, name) type name;
+typedef struct {
+    LN_ARGS(LN_FIELD)
+} ln_args;
+#define LN_NAME(type, name) #name ","
+#define LN_OFFSET(type, name) (int64_t) offsetof(ln_args, name),
+static const char ARGS_NAMES[] = LN_ARGS(LN_NAME);
+static const int64_t ARGS_OFFSETS[] = {LN_ARGS(LN_OFFSET)};
+
+/* The stamp native.py checks before any other call: the record's version, size, and its
+ * fields' names (comma-separated, in order) and byte offsets. */
+int ln_abi(void) { return LN_ABI; }
+int64_t ln_args_size(void) { return (int64_t)sizeof(ln_args); }
+const char *ln_args_names(void) { return ARGS_NAMES; }
+/* Copies up to cap offsets into out; returns the number of fields. */
+int ln_args_offsets(int64_t *out, int cap)
+{
+    const int n = (int)(sizeof ARGS_OFFSETS / sizeof ARGS_OFFSETS[0]);
+    for (int i = 0; i < n && i < cap; i++)
+        out[i] = ARGS_OFFSETS[i];
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------
  * Entry points.
  * ------------------------------------------------------------------------------------------ */
 
 /* Per-stage time of ln_train_step, only in a build with -DLN_PROFILE (benchmarks/step_time.py
- * builds one): microseconds accumulated per stage since the last ln_profile call. */
-#define PROF_STAGES "pack+conv1_fwd", "act1_fwd", "conv2_fwd", "act2_fwd", "classifier_fwd+loss", \
-    "classifier_bwd", "act2_bwd", "conv2_wgrad", "conv2_bwd_input", "act1_bwd", "conv1_wgrad", "update"
-enum { S_CONV1, S_ACT1, S_CONV2, S_ACT2, S_CLSF, S_CLSB, S_ACT2B, S_WG2, S_BI2, S_ACT1B, S_WG1, S_UPD, NSTAGE };
+ * builds one): microseconds accumulated per stage since the last ln_profile call, as thread 0
+ * sees them (a stage's time includes its wait for the slowest thread). */
+#define PROF_STAGES "pack", "conv1_fwd(+act1)", "bn1_fwd", "conv2_fwd(+act2)", "bn2_fwd",             \
+    "classifier_fwd+loss", "classifier_bwd", "act2_bwd", "bn2_bwd",                               \
+    "conv2_bwd_input+act1_bwd+conv2_wgrad", "bn1_bwd", "conv1_wgrad", "update"
+enum { S_PACK, S_CONV1, S_BN1, S_CONV2, S_BN2, S_CLSF, S_CLSB, S_ACT2B, S_BN2B, S_BACK2, S_BN1B, S_WG1,
+       S_UPD, NSTAGE };
+/* Each thread's busy time per stage too (from the stage's start to its arrival at each
+ * barrier, its waits left out), for the first PROF_THREADS threads: ln_profile_busy. */
+#define PROF_THREADS 8
 #ifdef LN_PROFILE
-#include <time.h>
 static double prof_us[NSTAGE], prof_t;
-static double now_us(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec * 1e-3;
-}
-#define PROF_START() (prof_t = now_us())
-#define PROF(k)                                                                                   \
+static double prof_busy[PROF_THREADS][NSTAGE], prof_seg[PROF_THREADS], prof_acc[PROF_THREADS];
+#define PROF_START(t)                                                                             \
     do {                                                                                          \
         const double t_ = now_us();                                                               \
-        prof_us[k] += t_ - prof_t;                                                                \
-        prof_t = t_;                                                                              \
+        if ((t) == 0)                                                                             \
+            prof_t = t_;                                                                          \
+        if ((t) < PROF_THREADS)                                                                   \
+            prof_seg[t] = t_, prof_acc[t] = 0.0;                                                  \
     } while (0)
+#define PROF(t, k)                                                                                \
+    do {                                                                                          \
+        const double t_ = now_us();                                                               \
+        if ((t) == 0) {                                                                           \
+            prof_us[k] += t_ - prof_t;                                                            \
+            prof_t = t_;                                                                          \
+        }                                                                                         \
+        if ((t) < PROF_THREADS) {                                                                 \
+            prof_busy[t][k] += prof_acc[t];                                                       \
+            prof_acc[t] = 0.0;                                                                    \
+        }                                                                                         \
+    } while (0)
+#define PROF_ARRIVE(t) ((t) < PROF_THREADS ? (void)(prof_acc[t] += now_us() - prof_seg[t]) : (void)0)
+#define PROF_LEAVE(t) ((t) < PROF_THREADS ? (void)(prof_seg[t] = now_us()) : (void)0)
 #else
-#define PROF_START() ((void)0)
-#define PROF(k) ((void)0)
+#define PROF_START(t) ((void)0)
+#define PROF(t, k) ((void)0)
+#define PROF_ARRIVE(t) ((void)0)
+#define PROF_LEAVE(t) ((void)0)
 #endif
 
 /* Stage names, comma-separated, in the order ln_profile reports them. */
@@ -1172,139 +1527,300 @@ int ln_profile(double *out)
 #endif
 }
 
+/* Copies thread t's busy microseconds per stage into out[t * NSTAGE + stage] for t < threads
+ * (at most PROF_THREADS) and resets them; returns NSTAGE, or 0 without -DLN_PROFILE. */
+int ln_profile_busy(double *out, int threads)
+{
+#ifdef LN_PROFILE
+    for (int t = 0; t < threads && t < PROF_THREADS; t++)
+        for (int i = 0; i < NSTAGE; i++) {
+            out[t * NSTAGE + i] = prof_busy[t][i];
+            prof_busy[t][i] = 0.0;
+        }
+    return NSTAGE;
+#else
+    (void)out;
+    (void)threads;
+    return 0;
+#endif
+}
+
 /* Bytes per vector in this build (64, 32 or 16). */
 int ln_vector_bytes(void) { return VBYTES; }
 
-/* One training step on a batch of B images: forward, mean cross-entropy, backward, one update.
- * P: the 14 parameter slots (batch-norm slots NULL without batch norm); run: running mean/var
- * of both batch norms; nbt: their num_batches_tracked. x: (rows, 784) images, the batch being
- * rows idx[0..B) (or rows 0..B without idx); y: labels of those rows. drop: (B, 120) dropout
- * scales or NULL. s1/s2/steps: per slot, exp_avg / exp_avg_sq / step (Adam, AdamW) or
- * momentum_buffer (SGD; NULL without momentum). totals += (loss sum, correct). relu: ReLU
- * (else tanh); maxpool: max pooling (else average); smoothing: the loss's label smoothing in
- * [0, 1]. move, pad, erase_rows, erase_cols, background: the batch's augmentation (see
- * augment_t; each per-image array starts at the batch's first image; NULL pointers for none).
- * These come last so that an older build (a benchmark baseline) called this way ignores them
- * and runs tanh, average pooling, the plain loss and no augmentation.
- * Returns 0, or -1 for an index out of range, -2 for a label out of range, -3 out of memory
- * (nothing is changed then). */
-int ln_train_step(ln_ws *ws, float *const *P, float *const *run, int64_t *const *nbt,
-                  float *const *s1, float *const *s2, float *const *steps,
-                  const float *x, const int64_t *y, const int64_t *idx, int64_t rows, int B,
-                  const float *drop, double bn_eps, double bn_momentum,
-                  int opt, double lr, double beta1, double beta2, double eps, double wd, double momentum,
-                  double *totals, int relu, int maxpool, double smoothing,
-                  const int64_t *move, int pad, const float *erase_rows, const float *erase_cols,
-                  double background)
+/* What the threads of one step share: the arguments, and the batch-norm scales between the
+ * forward and the backward. */
+typedef struct {
+    ln_ws *ws;
+    const ln_args *a;
+    augment_t aug;
+    int nch, B, bn;
+    float istd1[C1], istd2[C2];
+} step_ctx;
+
+/* conv2_bwd_input's output rows cost the kernel rows that overlap the 10-row gradient: 1 to 5 */
+static int conv2_bwd_input_cost(int y) { return (y + 1 > H2 ? H2 + 4 - y : 5) - (y < 4 ? 4 - y : 0); }
+
+/* Every stage's outputs are split between the threads by ownership (share): each activation,
+ * gradient, weight-gradient and optimiser-state element is computed by one thread, with the
+ * arithmetic and in the order of the single-threaded step (register tiles are never split, a
+ * sum over the batch or over pixels stays inside its owner's loop, and the per-row sums of the
+ * activation backward are added up in the old order by sum_rows). So the results are the same
+ * bits for any thread count, and the same as the single-threaded step's before the threads.
+ * A barrier (SYNC) stands wherever a stage reads another thread's outputs: 12 per step of one
+ * chunk without batch norm, 6 more per further chunk, 4 more with batch norm. Small stages run
+ * on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's weight flip. */
+static void step_job(void *arg, int t, int T)
 {
-    const augment_t aug = {move, pad, erase_rows, erase_cols, (float)background};
+    step_ctx *X = arg;
+    ln_ws *ws = X->ws;
+    const ln_args *A = X->a;
+    float *const *P = A->params;
+    float *grad = ws->grad;
+    chunk *ch = ws->ch;
+    const int nch = X->nch, bn = X->bn, relu = A->relu, maxpool = A->maxpool;
+    const int64_t *idx = A->idx;
+    barrier_t *bar = &ws->pool.bar;
+    int lo, hi;
+#define SYNC() (PROF_ARRIVE(t), barrier_wait(bar, T), PROF_LEAVE(t))
+    PROF_START(t);
+
+    /* The gradients zeroed, the images packed by 16-lane groups, the dropout scales
+     * transposed by rows, conv2's weights flipped and transposed for its input gradient. */
+    share(goff(NPARAM) / 16, t, T, &lo, &hi);
+    memset(grad + 16 * lo, 0, sizeof(float) * 16 * (hi - lo));
+    share(nch * LANE_GROUPS, t, T, &lo, &hi);
+    for (int u = lo; u < hi; u++) {
+        const int k = u / LANE_GROUPS, b0 = u % LANE_GROUPS * 16;
+        pack_input(&ch[k], A->x, idx, (int64_t)k * BATCH, &X->aug, b0, b0 + 16);
+    }
+    if (A->drop) {
+        share(nch * F1, t, T, &lo, &hi);
+        for (int u = lo; u < hi; u++) {
+            chunk *c = &ch[u / F1];
+            const int k = u / F1, o = u % F1;
+            for (int b = 0; b < BATCH; b++)
+                c->drop[o * BATCH + b] = b < c->n ? A->drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;
+        }
+    }
+    if (t == T - 1)
+        for (int o = 0; o < C2; o++)
+            for (int c = 0; c < C1; c++)
+                for (int i = 0; i < 25; i++)
+                    ws->w2t[(c * C2 + o) * 25 + 24 - i] = P[P_C2W][(o * C1 + c) * 25 + i];
+    SYNC();
+    PROF(t, S_PACK);
+
+    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps), without
+     * batch norm its activation and pooling with them; with batch norm those by channels,
+     * after the statistics. */
+    share(Q1, t, T, &lo, &hi);
+    for (int k = 0; k < nch; k++) {
+        conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * lo, 2 * hi, 0, C1);
+        if (!bn)
+            for (int c = 0; c < C1; c++)
+                act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, H1, ZEROS, ONES, ONES, ZEROS, 0, c * Q1 + lo,
+                             c * Q1 + hi, relu, maxpool);
+    }
+    SYNC();
+    PROF(t, S_CONV1);
+    if (bn) {
+        share(C1, t, T, &lo, &hi);
+        bn_layer_fwd(ch, nch, 1, H1, P, A->run, A->nbt[0], A->bn_eps, A->bn_momentum, (int64_t)X->B * H1 * H1,
+                     X->istd1, relu, maxpool, lo, hi, t == 0);
+        SYNC();
+    }
+    PROF(t, S_BN1);
+
+    /* conv2 by (register tile of output maps, pooling row) */
+    share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
+    for (int k = 0; k < nch; k++)
+        for (int u = lo; u < hi; u++) {
+            const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
+            conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], ch[k].z2, 2 * py, 2 * py + 2, o0, o0 + CONV2_OCB);
+            if (!bn)
+                for (int c = o0; c < o0 + CONV2_OCB; c++)
+                    act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, H2, ZEROS, ONES, ONES, ZEROS, 0, c * Q2 + py,
+                                 c * Q2 + py + 1, relu, maxpool);
+        }
+    SYNC();
+    PROF(t, S_CONV2);
+    if (bn) {
+        share(C2, t, T, &lo, &hi);
+        bn_layer_fwd(ch, nch, 2, H2, P, A->run, A->nbt[1], A->bn_eps, A->bn_momentum, (int64_t)X->B * H2 * H2,
+                     X->istd2, relu, maxpool, lo, hi, t == 0);
+        SYNC();
+    }
+    PROF(t, S_BN2);
+
+    /* The classifier, chunk by chunk (its weight gradients add up over the chunks in order),
+     * each layer by blocks of its outputs. */
+    for (int k = 0; k < nch; k++) {
+        chunk *c = &ch[k];
+        /* fc1 with its dropout and activation; p2 transposed for fc1's weight gradient */
+        share(F1 / LIN_OB, t, T, &lo, &hi);
+        int r0 = lo * LIN_OB, r1 = hi * LIN_OB;
+        linear_fwd(c->p2, P[P_F1W], P[P_F1B], c->a3, r0, r1, FEAT, FEAT, 1);
+        if (A->drop)
+            for (int i = r0 * BATCH; i < r1 * BATCH; i += VW)
+                ST(c->a3 + i, LD(c->a3 + i) * LD(c->drop + i));
+        act_inplace(c->a3 + r0 * BATCH, (r1 - r0) * BATCH, relu);
+        share(FEAT / 16, t, T, &lo, &hi);
+        transpose_rows(c->p2, ws->featT, FEAT, 16 * lo, 16 * hi);
+        SYNC();
+        share(F2 / LIN_OB, t, T, &lo, &hi);
+        r0 = lo * LIN_OB, r1 = hi * LIN_OB;
+        linear_fwd(c->a3, P[P_F2W], P[P_F2B], c->a4, r0, r1, F1, F1, 1);
+        act_inplace(c->a4 + r0 * BATCH, (r1 - r0) * BATCH, relu);
+#if F1_FITS_VECTORS
+        share(F1 / 8, t, T, &lo, &hi);
+        transpose_rows(c->a3, ws->a3T, F1, 8 * lo, 8 * hi);
+#endif
+        SYNC();
+        if (t == 0) { /* fc3, the loss and fc3's gradients */
+            int64_t labels[BATCH];
+            linear_fwd10(c->a4, P[P_F3W], P[P_F3B], c->lg, 0, F3, F2, F2, 1);
+            for (int b = 0; b < c->n; b++)
+                labels[b] = A->y[idx ? idx[k * BATCH + b] : k * BATCH + b];
+            loss_fwd_bwd(c, labels, 1.0 / X->B, A->smoothing, A->totals);
+            linear_wgrad10(c->dlg, c->a4, grad + goff(P_F3W), 0, F3, F2);
+            bias_grad(c->dlg, grad + goff(P_F3B), F3);
+        }
+        SYNC();
+        PROF(t, S_CLSF);
+        /* by blocks of 4 of fc2's outputs: their gradient, through the activation, and fc2's
+         * weight and bias gradients for them */
+        share(F2 / 4, t, T, &lo, &hi);
+        r0 = 4 * lo, r1 = 4 * hi;
+        linear_bwd_input84(c->dlg, P[P_F3W], NULL, c->da4, r0, r1, F3, 1, F2);
+        act_bwd(c->da4 + r0 * BATCH, c->a4 + r0 * BATCH, NULL, (r1 - r0) * BATCH, relu);
+#if F1_FITS_VECTORS
+        fc2_wgrad(c->da4, ws->a3T, grad + goff(P_F2W), c->n, r0, r1);
+#else
+        linear_wgrad(c->da4, c->a3, grad + goff(P_F2W), r0, r1, F1);
+#endif
+        bias_grad(c->da4 + r0 * BATCH, grad + goff(P_F2B) + r0, r1 - r0);
+        SYNC();
+        /* likewise fc1's outputs, through the activation and dropout */
+        share(F1 / DA3_ROWS, t, T, &lo, &hi);
+        r0 = DA3_ROWS * lo, r1 = DA3_ROWS * hi;
+        linear_bwd_input(c->da4, P[P_F2W], NULL, c->da3, r0, r1, F2, 1, F1);
+        act_bwd(c->da3 + r0 * BATCH, c->a3 + r0 * BATCH, A->drop ? c->drop + r0 * BATCH : NULL,
+                (r1 - r0) * BATCH, relu);
+        fc1_wgrad(c->da3, ws->featT, grad + goff(P_F1W), c->n, r0, r1);
+        bias_grad(c->da3 + r0 * BATCH, grad + goff(P_F1B) + r0, r1 - r0);
+        SYNC();
+        /* the gradient w.r.t. the pooled conv2 maps */
+        share(FEAT / LINI_OB, t, T, &lo, &hi);
+        linear_bwd_input(c->da3, P[P_F1W], NULL, c->dp2, lo * LINI_OB, hi * LINI_OB, F1, 1, FEAT);
+        SYNC();
+        PROF(t, S_CLSB);
+    }
+
+    /* act2 backward by pooling rows; with batch norm then its backward by channels */
+    share(C2 * Q2, t, T, &lo, &hi);
+    for (int k = 0; k < nch; k++)
+        act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].dz2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
+                     ch[k].rs + RS2B, lo, hi, relu, maxpool);
+    SYNC();
+    PROF(t, S_ACT2B);
+    if (bn) {
+        share(C2, t, T, &lo, &hi);
+        bn_layer_bwd(ch, nch, 2, P, grad, X->istd2, (int64_t)X->B * H2 * H2, maxpool, lo, hi);
+        SYNC();
+    }
+    PROF(t, S_BN2B);
+
+    /* conv2's input gradient by its output rows (balanced by their cost), act1 backward on the
+     * same pooling rows; conv2's weight gradient by register tiles of weights. */
+    {
+        int cost[Q1];
+        for (int y = 0; y < Q1; y++)
+            cost[y] = conv2_bwd_input_cost(y);
+        share_weighted(cost, Q1, t, T, &lo, &hi);
+    }
+    for (int k = 0; k < nch; k++) {
+        conv2_bwd_input(ch[k].dz2, ws->w2t, NULL, ch[k].dp1, lo, hi, 0, C1);
+        for (int c = 0; c < C1; c++)
+            act_pool_bwd(ch[k].dp1, ch[k].a1, ch[k].a1, H1, H1, 0, bn ? ch[k].z1 : NULL, ch[k].rs + RS1A,
+                         ch[k].rs + RS1B, c * Q1 + lo, c * Q1 + hi, relu, maxpool);
+    }
+    share(conv2_wgrad_UNITS, t, T, &lo, &hi);
+    for (int k = 0; k < nch; k++)
+        conv2_wgrad(ch[k].p1, ch[k].dz2, ws->pw2, lo, hi);
+    conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), lo, hi);
+    if (!bn && t == 0)
+        for (int c = 0; c < C2; c++)
+            grad[goff(P_C2B) + c] += (float)sum_rows(ch, nch, RS2A, c, H2, maxpool ? Q2 : H2);
+    SYNC();
+    PROF(t, S_BACK2);
+    if (bn) {
+        share(C1, t, T, &lo, &hi);
+        bn_layer_bwd(ch, nch, 1, P, grad, X->istd1, (int64_t)X->B * H1 * H1, maxpool, lo, hi);
+        SYNC();
+    }
+    PROF(t, S_BN1B);
+
+    /* conv1's weight gradient by register tiles; Adam's step counts advanced */
+    share(conv1_wgrad_UNITS, t, T, &lo, &hi);
+    for (int k = 0; k < nch; k++)
+        conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi);
+    conv1_wgrad_finish(ws->pw1, grad + goff(P_C1W), lo, hi);
+    if (t == 0) {
+        if (!bn)
+            for (int c = 0; c < C1; c++)
+                grad[goff(P_C1B) + c] += (float)sum_rows(ch, nch, RS1A, c, H1, maxpool ? Q1 : H1);
+        if (A->optimizer != OPT_SGD)
+            for (int s = 0; s < NPARAM; s++)
+                if (P[s])
+                    *A->steps[s] += 1.0f;
+    }
+    SYNC();
+    PROF(t, S_WG1);
+
+    /* the update by ranges of 16 elements of the slots laid end to end */
+    share(goff(NPARAM) / 16, t, T, &lo, &hi);
+    for (int s = 0; s < NPARAM; s++) {
+        const int off = goff(s), i0 = 16 * lo > off ? 16 * lo - off : 0;
+        const int i1 = 16 * hi - off < PSIZE[s] ? 16 * hi - off : PSIZE[s];
+        if (!P[s] || i0 >= i1)
+            continue;
+        if (A->optimizer == OPT_SGD)
+            sgd_update(P[s] + i0, grad + off + i0, A->s1[s] ? A->s1[s] + i0 : NULL, i1 - i0, A->lr, A->momentum,
+                       A->weight_decay);
+        else
+            adam_update(P[s] + i0, grad + off + i0, A->s1[s] + i0, A->s2[s] + i0, i1 - i0, *A->steps[s],
+                        A->optimizer == OPT_ADAMW, A->lr, A->beta1, A->beta2, A->eps, A->weight_decay);
+    }
+    PROF_ARRIVE(t); /* the update's end: the pool's barrier */
+    PROF(t, S_UPD);
+#undef SYNC
+}
+
+/* One training step on a batch of B images: forward, mean cross-entropy, backward, one update,
+ * on a->threads threads (see ln_args for the fields). Returns 0, or -1 for an index out of
+ * range, -2 for a label out of range, -3 out of memory, -4 for a batch size out of range
+ * (nothing is changed then). */
+int ln_train_step(ln_ws *ws, const ln_args *a)
+{
+    if (a->batch < 1 || a->batch > (1 << 24))
+        return -4;
+    const int B = (int)a->batch;
     for (int b = 0; b < B; b++) {
-        const int64_t r = idx ? idx[b] : b;
-        if (r < 0 || r >= rows)
+        const int64_t r = a->idx ? a->idx[b] : b;
+        if (r < 0 || r >= a->rows)
             return -1;
-        if (y[r] < 0 || y[r] >= F3)
+        if (a->y[r] < 0 || a->y[r] >= F3)
             return -2;
     }
     const int nch = (B + BATCH - 1) / BATCH;
     if (ws_reserve(ws, nch))
         return -3;
-    chunk *ch = ws->ch;
-    const int bn = P[P_BN1W] != NULL;
-    memset(ws->grad, 0, sizeof(float) * goff(NPARAM));
-    int64_t labels[BATCH];
-    float istd1[C1], istd2[C2];
-    PROF_START();
-
-    for (int k = 0; k < nch; k++) {
-        chunk *c = &ch[k];
-        set_lanes(c, B - k * BATCH < BATCH ? B - k * BATCH : BATCH);
-        pack_input(c, ws->stage, x, idx, (int64_t)k * BATCH, &aug);
-        conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1);
-        PROF(S_CONV1);
-        if (!bn)
-            act_pool_fwd(c->z1, c->a1, c->p1, C1, H1, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
-        PROF(S_ACT1);
-    }
-    if (bn)
-        bn_layer_fwd(ch, nch, 1, C1, H1, P, run, nbt[0], bn_eps, bn_momentum, (int64_t)B * H1 * H1, istd1,
-                     relu, maxpool);
-    PROF(S_ACT1);
-    for (int k = 0; k < nch; k++) {
-        conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], ch[k].z2);
-        PROF(S_CONV2);
-        if (!bn)
-            act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, C2, H2, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
-        PROF(S_ACT2);
-    }
-    if (bn)
-        bn_layer_fwd(ch, nch, 2, C2, H2, P, run, nbt[1], bn_eps, bn_momentum, (int64_t)B * H2 * H2, istd2,
-                     relu, maxpool);
-    PROF(S_ACT2);
-
-    double sdy[C2], sdyx[C2];
-    memset(sdy, 0, sizeof sdy);
-    memset(sdyx, 0, sizeof sdyx);
-    for (int k = 0; k < nch; k++) {
-        chunk *c = &ch[k];
-        if (drop)
-            for (int o = 0; o < F1; o++)
-                for (int b = 0; b < BATCH; b++)
-                    c->drop[o * BATCH + b] = b < c->n ? drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;
-        classifier_fwd(c, P, drop != NULL, relu);
-        for (int b = 0; b < c->n; b++)
-            labels[b] = y[idx ? idx[k * BATCH + b] : k * BATCH + b];
-        loss_fwd_bwd(c, labels, 1.0 / B, smoothing, totals);
-        PROF(S_CLSF);
-        classifier_bwd(c, P, ws->grad, ws->featT, drop != NULL, relu);
-        PROF(S_CLSB);
-        act_pool_bwd(c->dp2, c->a2, c->dz2, C2, H2, H2, 0, bn ? c->z2 : NULL, sdy, sdyx, relu, maxpool);
-        PROF(S_ACT2B);
-    }
-    if (bn)
-        bn_layer_bwd(ch, nch, 2, C2, P, ws->grad, istd2, sdy, sdyx, (int64_t)B * H2 * H2);
-    else
-        for (int c = 0; c < C2; c++)
-            ws->grad[goff(P_C2B) + c] += (float)sdy[c];
-    PROF(S_ACT2B);
-
-    for (int o = 0; o < C2; o++)
-        for (int c = 0; c < C1; c++)
-            for (int t = 0; t < 25; t++)
-                ws->w2t[(c * C2 + o) * 25 + 24 - t] = P[P_C2W][(o * C1 + c) * 25 + t];
-    memset(sdy, 0, sizeof sdy);
-    memset(sdyx, 0, sizeof sdyx);
-    for (int k = 0; k < nch; k++) {
-        chunk *c = &ch[k];
-        conv2_wgrad(c->p1, c->dz2, ws->pw2);
-        PROF(S_WG2);
-        conv2_bwd_input(c->dz2, ws->w2t, NULL, c->dp1);
-        PROF(S_BI2);
-        act_pool_bwd(c->dp1, c->a1, c->a1, C1, H1, H1, 0, bn ? c->z1 : NULL, sdy, sdyx, relu, maxpool);
-        PROF(S_ACT1B);
-    }
-    conv_wgrad_finish(ws->pw2, ws->grad + goff(P_C2W), C2 * C1 * 25);
-    PROF(S_WG2);
-    if (bn)
-        bn_layer_bwd(ch, nch, 1, C1, P, ws->grad, istd1, sdy, sdyx, (int64_t)B * H1 * H1);
-    else
-        for (int c = 0; c < C1; c++)
-            ws->grad[goff(P_C1B) + c] += (float)sdy[c];
-    PROF(S_ACT1B);
     for (int k = 0; k < nch; k++)
-        conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1);
-    conv_wgrad_finish(ws->pw1, ws->grad + goff(P_C1W), C1 * 25);
-    PROF(S_WG1);
-
-    for (int s = 0; s < NPARAM; s++) {
-        if (!P[s])
-            continue;
-        float *g = ws->grad + goff(s);
-        if (opt == OPT_SGD)
-            sgd_update(P[s], g, s1[s], PSIZE[s], lr, momentum, wd);
-        else
-            adam_update(P[s], g, s1[s], s2[s], PSIZE[s], steps[s], opt == OPT_ADAMW, lr, beta1, beta2, eps, wd);
-    }
-    PROF(S_UPD);
+        set_lanes(&ws->ch[k], B - k * BATCH < BATCH ? B - k * BATCH : BATCH);
+    step_ctx X = {ws, a, {a->move, a->pad, a->erase_rows, a->erase_cols, (float)a->background}, nch, B,
+                  a->params[P_BN1W] != NULL, {0}, {0}};
+    pool_run(&ws->pool, a->threads, step_job, &X);
     return 0;
 }
 
@@ -1319,48 +1835,76 @@ void ln_tanh(const float *x, float *y, int64_t n)
     }
 }
 
-/* Eval-mode logits of n images (x: (n, 784)) into out (n, 10): batch norm with the running
- * statistics, no dropout; relu and maxpool as for ln_train_step (last, for the same reason).
- * Returns 0, or -3 out of memory. */
-int ln_forward(float *const *P, float *const *run, double bn_eps, const float *x, int64_t n, float *out,
-               int relu, int maxpool)
+typedef struct {
+    ln_ws *ws;
+    const ln_args *a;
+    const float *m1, *s1, *g1, *b1, *m2, *s2, *g2, *b2; /* each batch norm's affine map, or the identity */
+} forward_ctx;
+
+/* Thread t's run of 64-image chunks, in its own chunk buffers. */
+static void forward_job(void *arg, int t, int T)
 {
-    ln_ws *ws = ln_ws_new();
-    if (!ws || ws_reserve(ws, 1)) {
-        ln_ws_free(ws);
-        return -3;
-    }
-    chunk *c = &ws->ch[0];
-    const int bn = P[P_BN1W] != NULL;
-    float m1[C1], s1[C1], m2[C2], s2[C2];
-    if (bn) {
-        for (int i = 0; i < C1; i++) {
-            m1[i] = run[R_MEAN1][i];
-            s1[i] = (float)(1.0 / sqrt((double)run[R_VAR1][i] + bn_eps));
-        }
-        for (int i = 0; i < C2; i++) {
-            m2[i] = run[R_MEAN2][i];
-            s2[i] = (float)(1.0 / sqrt((double)run[R_VAR2][i] + bn_eps));
-        }
-    }
-    for (int64_t first = 0; first < n; first += BATCH) {
+    const forward_ctx *X = arg;
+    const ln_args *A = X->a;
+    float *const *P = A->params;
+    chunk *c = &X->ws->ch[t];
+    const int relu = A->relu, maxpool = A->maxpool;
+    const int64_t n = A->rows, chunks = (n + BATCH - 1) / BATCH;
+    for (int64_t j = chunks * t / T; j < chunks * (t + 1) / T; j++) {
+        const int64_t first = j * BATCH;
         set_lanes(c, n - first < BATCH ? (int)(n - first) : BATCH);
-        pack_input(c, ws->stage, x, NULL, first, NULL);
-        conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1);
-        if (bn)
-            act_pool_fwd(c->z1, NULL, c->p1, C1, H1, m1, s1, P[P_BN1W], P[P_BN1B], 0, relu, maxpool);
-        else
-            act_pool_fwd(c->z1, NULL, c->p1, C1, H1, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
-        conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2);
-        if (bn)
-            act_pool_fwd(c->z2, NULL, c->p2, C2, H2, m2, s2, P[P_BN2W], P[P_BN2B], 0, relu, maxpool);
-        else
-            act_pool_fwd(c->z2, NULL, c->p2, C2, H2, ZEROS, ONES, ONES, ZEROS, 0, relu, maxpool);
-        classifier_fwd(c, P, 0, relu);
+        pack_input(c, A->x, NULL, first, NULL, 0, BATCH);
+        conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 0, H1, 0, C1);
+        act_pool_fwd(c->z1, NULL, c->p1, H1, X->m1, X->s1, X->g1, X->b1, 0, 0, C1 * Q1, relu, maxpool);
+        conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2, 0, H2, 0, C2);
+        act_pool_fwd(c->z2, NULL, c->p2, H2, X->m2, X->s2, X->g2, X->b2, 0, 0, C2 * Q2, relu, maxpool);
+        linear_fwd(c->p2, P[P_F1W], P[P_F1B], c->a3, 0, F1, FEAT, FEAT, 1);
+        act_inplace(c->a3, F1 * BATCH, relu);
+        linear_fwd(c->a3, P[P_F2W], P[P_F2B], c->a4, 0, F2, F1, F1, 1);
+        act_inplace(c->a4, F2 * BATCH, relu);
+        linear_fwd10(c->a4, P[P_F3W], P[P_F3B], c->lg, 0, F3, F2, F2, 1);
         for (int b = 0; b < c->n; b++)
             for (int k = 0; k < F3; k++)
-                out[(first + b) * F3 + k] = c->lg[k * BATCH + b];
+                A->out[(first + b) * F3 + k] = c->lg[k * BATCH + b];
     }
-    ln_ws_free(ws);
+}
+
+/* Eval-mode logits of a->rows images (a->x: (rows, 784)) into a->out (rows, 10): batch norm
+ * with the running statistics (a->run, a->bn_eps), no dropout, a->relu and a->maxpool as for
+ * the step, a->threads threads each on its own run of 64-image chunks (a row's logits do not
+ * depend on the chunking), in workspace ws (its buffers and threads kept for the next call:
+ * evaluation calls this per 500 images), or in a temporary one where ws is NULL. Returns 0, or
+ * -3 out of memory. */
+int ln_forward(ln_ws *ws, const ln_args *a)
+{
+    const int64_t chunks = (a->rows + BATCH - 1) / BATCH;
+    if (chunks < 1)
+        return 0;
+    int threads = a->threads < 1 ? 1 : a->threads > LN_MAX_THREADS ? LN_MAX_THREADS : a->threads;
+    if (threads > chunks)
+        threads = (int)chunks;
+    ln_ws *own = ws ? NULL : ln_ws_new();
+    if (!ws)
+        ws = own;
+    if (!ws || ws_reserve(ws, threads)) {
+        ln_ws_free(own);
+        return -3;
+    }
+    float *const *P = a->params;
+    float m1[C1], s1[C1], m2[C2], s2[C2];
+    forward_ctx X = {ws, a, ZEROS, ONES, ONES, ZEROS, ZEROS, ONES, ONES, ZEROS};
+    if (P[P_BN1W]) {
+        for (int i = 0; i < C1; i++) {
+            m1[i] = a->run[R_MEAN1][i];
+            s1[i] = (float)(1.0 / sqrt((double)a->run[R_VAR1][i] + a->bn_eps));
+        }
+        for (int i = 0; i < C2; i++) {
+            m2[i] = a->run[R_MEAN2][i];
+            s2[i] = (float)(1.0 / sqrt((double)a->run[R_VAR2][i] + a->bn_eps));
+        }
+        X = (forward_ctx){ws, a, m1, s1, P[P_BN1W], P[P_BN1B], m2, s2, P[P_BN2W], P[P_BN2B]};
+    }
+    pool_run(&ws->pool, threads, forward_job, &X);
+    ln_ws_free(own);
     return 0;
 }

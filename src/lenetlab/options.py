@@ -115,8 +115,8 @@ def add_training_options(p: argparse.ArgumentParser, threads_default: str) -> No
                    help="the CPU training step: native (lenetlab's own, built with your C compiler on "
                    "first use), torch, or auto (default, or $LENETLAB_KERNELS: native where it builds and "
                    "covers the recipe, else torch with one note saying why)")
-    p.add_argument("--threads", type=THREADS, help=f"torch threads per trial, 1 to {MAX_THREADS} "
-                   f"(default: {threads_default})")
+    p.add_argument("--threads", type=THREADS, help=f"threads per trial (torch's and the native step's), "
+                   f"1 to {MAX_THREADS} (default: {threads_default})")
     p.add_argument("--split-seed", type=SEED, default=0,
                    help="seed of the 54,000 / 6,000 train / validation split, 0 to 2**32-1 (default 0)")
     p.add_argument("--train-subset", type=number(int, 1, TRAIN_SIZE),
