@@ -15,7 +15,10 @@ noisy neighbour's slow minute does not always fall on the same side) and prints 
 * the whole command's wall time (process start to exit: imports, data loading, training,
   saving);
 * the ratios of one thread to the default, and whether the saved weight files are
-  byte-identical (SHA-256) across every run, as the native step's fixed partition promises.
+  byte-identical (SHA-256) across every run, as the native step's fixed partition promises;
+* before and after, what two threads of a register-only FMA loop get together against one:
+  on a shared VM the host may run another tenant on the sibling hyperthreads of our cores,
+  invisibly to this guest (no steal time), and then two threads get one core's FMA throughput.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +53,37 @@ def load() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def fma_scaling(seconds: float = 1.0) -> str:
+    """Two threads of step_time.py's register-only FMA loop at once, against one: GFLOP/s."""
+    import ctypes
+
+    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from step_time import FMA_LOOP
+
+    from lenetlab import native
+
+    lib = ctypes.CDLL(str(native.build(FMA_LOOP, "fma_peak")))
+    lib.fma_loop.restype, lib.fma_loop.argtypes = ctypes.c_float, [ctypes.c_long]
+    flop = 2 * lib.fma_vector_bytes() // 4 * 12  # per iteration
+    iters = 5_000_000
+
+    def rate(threads: int) -> float:
+        best, deadline = 0.0, time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline:
+            workers = [threading.Thread(target=lib.fma_loop, args=(iters,)) for _ in range(threads)]
+            t = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = max(best, threads * flop * iters / (time.perf_counter() - t) / 1e9)
+        return best
+
+    one, two = rate(1), rate(2)
+    return f"FMA loop: 1 thread {one:.0f} GFLOP/s, 2 threads {two:.0f} GFLOP/s ({two / one:.2f}x)"
 
 
 def run(variant: str, epochs: int, threads: int | None, data_dir: str | None, out: Path) -> dict:
@@ -94,7 +129,7 @@ def main() -> None:
           f"(default threads {torch.get_num_threads()}), {platform.python_implementation()} "
           f"{platform.python_version()}; load average {load()}")
     print(f"lenetlab train {args.variant} --epochs {args.epochs}: default threads against --threads 1, "
-          f"{args.rounds} round(s)")
+          f"{args.rounds} round(s); before: {fma_scaling()}", flush=True)
     sides = {"default": None, "--threads 1": 1}
     results: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory(prefix="lenetlab-threads-") as tmp:
@@ -109,6 +144,7 @@ def main() -> None:
                       f"({got['trial'] / args.epochs:.2f} s/epoch), epoch lines median "
                       f"{got['epoch_lines']:.2f} min {got['epoch_min']:.2f} max {got['epoch_max']:.2f} s; "
                       f"load {load()}", flush=True)
+    print(f"after: {fma_scaling()}; load {load()}")
     med = {name: {k: statistics.median(g[k] for g in runs) for k in ("wall", "trial", "epoch_lines")}
            for name, runs in results.items()}
     for name, runs in results.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,23 @@ class Evaluation:
     accuracy: float
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread for a few tiny ops (0.2 us to switch). On several, a tiny op still
+    starts torch's OpenMP team (log_softmax does, on 500 x 10), whose workers then spin ~8 ms
+    on the cores that the native forward's threads need for the next batch: evaluation on two
+    threads was no faster than on one. These ops' results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def flip_averaged(forward: Callable, model: LeNet5V1, x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +59,9 @@ def evaluate(model: LeNet5V1, x: torch.Tensor, y: torch.Tensor, batch_size: int 
     for start in range(0, len(x), batch_size):
         logits = forward(x[start:start + batch_size])
         target = y[start:start + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum")
-        confusion += torch.bincount(target * 10 + logits.argmax(1), minlength=100)
+        with _one_torch_thread():  # the forward keeps every thread; these ops need none
+            loss_sum += F.cross_entropy(logits, target, reduction="sum")
+            confusion += torch.bincount(target * 10 + logits.argmax(1), minlength=100)
     model.train(was_training)
     matrix = confusion.view(10, 10).cpu()
     per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
