@@ -58,7 +58,7 @@ def pool_run(tmp_path_factory, dataset):
 def test_the_splits_are_made_once_per_run_and_no_worker_reads_the_files(pool_run, dataset):
     """Was: every worker decoded the four IDX files and normalised 70,000 images (about 1 s a trial)."""
     summary, made, _ = pool_run
-    assert [len(c["completed_seeds"]) for c in summary["configs"]] == [1, 1, 1]
+    assert [len(c.completed_seeds) for c in summary.configs] == [1, 1, 1]
     assert len(made) == 1  # for three trials on two workers
     shared = made[0]
     assert shared.train_x.is_shared() and len(shared.train_x) == 500

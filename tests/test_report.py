@@ -12,17 +12,17 @@ from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
-from conftest import assert_one_line_error, run_cli, strict_json
+from conftest import assert_one_line_error, run_cli
 
+from lenetlab import files, study
 from lenetlab import plots as plots_module
 from lenetlab import report as report_module
-from lenetlab import study
 from lenetlab.errors import RunDirError
 from lenetlab.evaluation import Evaluation
 from lenetlab.model import LeNet5V1
 from lenetlab.provenance import library_versions
 from lenetlab.recipes import RECIPES, Recipe
-from lenetlab.records import SPLITS, EpochMetrics, RunOptions, Trial, TrialResult
+from lenetlab.records import SPLITS, EpochMetrics, RunOptions, Summary, Trial, TrialResult
 from lenetlab.report import render_report
 from lenetlab.rundir import RunPlan, read_plan, write_plan
 from lenetlab.stats import summarize
@@ -146,10 +146,12 @@ def test_image_links_point_at_files(study_run):
 
 def test_summary_and_metrics_come_from_the_trial_results(study_run):
     run_dir, summary, _ = study_run
-    assert strict_json(run_dir / "summary.json")["configs"][0]["final"] == summary["configs"][0]["final"]
-    baseline = summary["configs"][0]
-    assert baseline["final"]["test"]["values"] == {"0": 0.88, "1": 0.882}
-    assert baseline["best_seed"] == 1 and baseline["completed_seeds"] == [0, 1]
+    # the typed summary is summary.json's content, key order included (the file's bytes stay as they were)
+    body = files.read_record(run_dir / "summary.json", "summary")
+    assert json.dumps(summary.to_dict()) == json.dumps(body) and Summary.from_dict(body) == summary
+    baseline = summary.configs[0]
+    assert baseline.final["test"].values == {0: 0.88, 1: 0.882}
+    assert baseline.best_seed == 1 and baseline.completed_seeds == [0, 1]
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0] == "config,variant,seed,epoch,split,loss,accuracy"
     # 12 epochs x 3 splits for each of 5 completed trials; dropout seed 1 failed and has no rows
@@ -245,7 +247,6 @@ def test_a_one_epoch_run_has_whole_epochs_on_the_x_axis(tmp_path, monkeypatch):
 
     def keep_ticks(fig, path):
         ticks[path.name] = list(fig.axes[0].get_xticks())
-        plots_module.plt.close(fig)
 
     monkeypatch.setattr(plots_module, "_save_figure", keep_ticks)
     make_run(tmp_path, [{"name": "baseline", "base": 0.88, "recipe": replace(RECIPES["baseline"], epochs=1)}],
@@ -291,8 +292,8 @@ def test_interval_including_zero_is_reported_as_noise(tmp_path, no_drawing):
     configs = [{"name": "baseline", "base": 0.88},
                {"name": "batch_norm", "base": 0.90, "offsets": {0: 0.02, 1: -0.03}}]
     summary = make_run(tmp_path, configs)
-    comparison = summary["comparisons"][0]
-    assert comparison["ci95"][0] < 0 < comparison["ci95"][1] and not comparison["excludes_zero"]
+    comparison = summary.comparisons[0]
+    assert comparison.ci95[0] < 0 < comparison.ci95[1] and not comparison.excludes_zero
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "| batch_norm | baseline | 2 | +0.0150 |" in report
     assert "No comparison has a 95% interval that excludes zero." in report
@@ -311,8 +312,8 @@ def test_results_of_another_run_are_not_counted(tmp_path, no_drawing):
     stray = Trial("baseline", plan.configs[0][1], 1)  # its file replaces this run's own result
     record_trial(tmp_path, fake_result(stray, "another-run", 0.5, plan.options), WEIGHTS, DATA.checksums)
     summary = study.finalize(tmp_path, plan, DATA)
-    assert summary["configs"][0]["completed_seeds"] == [0]
-    assert summary["configs"][0]["final"]["test"]["values"] == {"0": 0.88}
+    assert summary.configs[0].completed_seeds == [0]
+    assert summary.configs[0].final["test"].values == {0: 0.88}
 
 
 # ----------------------------------------------------------------------------- damaged folders

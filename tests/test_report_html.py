@@ -12,7 +12,7 @@ import re
 import shutil
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, strict_json
 from PIL import Image
 from test_report import STUDY, make_run
 
@@ -80,7 +80,7 @@ def test_in_a_browser_no_request_every_image_decodes_not_blank(browser, html_run
     rows = page.evaluate("[...document.querySelector('table').rows]"
                          ".map(r => [...r.cells].map(c => c.innerText))")
     header, body = rows[0], {r[0]: r for r in rows[1:]}
-    for config in summary["configs"]:
+    for config in strict_json(run_dir / "summary.json")["configs"]:
         cells = body[config["name"]]
         for split, title in (("train", "Train"), ("val", "Validation"), ("test", "Test")):
             stats = config["final"][split]

@@ -48,10 +48,10 @@ def test_each_state_on_its_line(finished, tmp_path):
         lines = _lines(tmp_path / "runs")
     assert set(lines) == {"a-finished", "b-interrupted", "c-damaged", "d-held"}
     summary = finished[1]
-    best = next(c for c in summary["configs"] if c["name"] == summary["best"]["name"])
+    best = summary.best_config
     assert lines["a-finished"].endswith(
-        f"study  2 config(s) x 2 seed(s)  4 done, 0 failed  best {best['name']} "
-        f"{best['final']['test']['mean']:.4f}  finished")
+        f"study  2 config(s) x 2 seed(s)  4 done, 0 failed  best {best.name} "
+        f"{best.final['test'].mean:.4f}  finished")
     assert "3 done, 0 failed" in lines["b-interrupted"]
     assert lines["b-interrupted"].endswith("interrupted: lenetlab resume finishes it")
     assert "damaged" in lines["c-damaged"] and "run.json" in lines["c-damaged"]

@@ -190,14 +190,13 @@ def _run(args, run_dir: Path, go) -> int:
             tracker.close(stopped)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    failed = sum(len(c["failed"]) for c in summary["configs"])
-    done = sum(len(c["completed_seeds"]) for c in summary["configs"])
-    print(f"{summary['kind']} {run_dir}: {done} trial(s) done, {failed} failed; "
+    failed = summary.failed_count
+    print(f"{summary.kind} {run_dir}: {summary.done_count} trial(s) done, {failed} failed; "
           f"report: {run_dir / 'report.html'} (and report.md)")
-    if summary["best"]:
-        best = next(c for c in summary["configs"] if c["name"] == summary["best"]["name"])
-        print(f"best: {best['name']} test accuracy {best['final']['test']['mean']:.4f} "
-              f"(mean of {best['final']['test']['n']} seed(s))")
+    best = summary.best_config
+    if best:
+        print(f"best: {best.name} test accuracy {best.final['test'].mean:.4f} "
+              f"(mean of {best.final['test'].n} seed(s))")
     if tracker:
         tracker.finish()
     if failed:

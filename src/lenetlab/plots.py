@@ -1,25 +1,27 @@
 """The plots of a run: accuracy per epoch, test accuracy overlay, best confusion matrix, per class.
 
-Each function draws from the summary and the per-epoch curves (summary.py) and writes one
-PNG atomically; write_plots draws every plot the data allows.
+Each function draws one matplotlib Figure from the summary and the per-epoch curves
+(summary.py); write_plots writes every plot the data allows as a PNG, atomically. Figures are
+made without pyplot: no backend is chosen or changed, so a notebook's own stays as it is.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from . import files
 from .data import CLASS_NAMES
-from .records import SPLITS
+from .records import SPLITS, ConfigSummary, Summary
 from .summary import Curves
 
 SPLIT_LABELS = {"train": "train", "val": "validation", "test": "test"}
@@ -29,36 +31,48 @@ HEATMAP_ABOVE = 6  # more configurations than this: per-class accuracy as a heat
 DPI = 120
 
 
-def write_plots(summary: dict, curves: Curves, plots_dir: Path) -> list[tuple[str, str]]:
-    """Draw every plot the data allows; return (caption, path relative to the run folder)."""
-    plots: list[tuple[str, str]] = []
-    file_names = _plot_file_names([config["name"] for config in summary["configs"]])
+@dataclass(frozen=True)
+class Plot:
+    """One plot a run's data allows: its kind, caption and file name, and how to draw it."""
 
-    for config in summary["configs"]:
-        config_curves = curves.get(config["name"], {})
+    kind: str  # convergence (one per configuration), overlay, confusion or per_class
+    caption: str
+    file: str  # under the run folder's plots/
+    draw: Callable[[], Figure]
+    config: str | None = None  # the configuration of a convergence plot
+
+
+def available_plots(summary: Summary, curves: Curves) -> list[Plot]:
+    """Every plot the data allows, in the report's order."""
+    plots: list[Plot] = []
+    file_names = _plot_file_names([config.name for config in summary.configs])
+    for config in summary.configs:
+        config_curves = curves.get(config.name, {})
         if config_curves:
-            name = file_names[config["name"]]
-            _plot_convergence(config, config_curves, plots_dir / name)
-            plots.append((f"{config['name']}: accuracy per epoch", f"plots/{name}"))
-
-    means = {
-        config["name"]: _mean_curve(curves.get(config["name"], {}).get("test", {}))
-        for config in summary["configs"]
-    }
+            plots.append(Plot("convergence", f"{config.name}: accuracy per epoch", file_names[config.name],
+                              partial(_plot_convergence, config, config_curves), config.name))
+    means = {config.name: _mean_curve(curves.get(config.name, {}).get("test", {}))
+             for config in summary.configs}
     means = {name: curve for name, curve in means.items() if curve}
     if means:
-        _plot_overlay(means, plots_dir / "test_accuracy_overlay.png")
-        plots.append(("Mean test accuracy per epoch", "plots/test_accuracy_overlay.png"))
-
-    if summary["best"] is not None:
-        _plot_confusion(summary, plots_dir / "confusion_matrix_best.png")
-        plots.append(("Confusion matrix of the best run", "plots/confusion_matrix_best.png"))
-
+        plots.append(Plot("overlay", "Mean test accuracy per epoch", "test_accuracy_overlay.png",
+                          partial(_plot_overlay, means)))
+    if summary.best is not None:
+        plots.append(Plot("confusion", "Confusion matrix of the best run", "confusion_matrix_best.png",
+                          partial(_plot_confusion, summary)))
     per_class = _per_class_means(summary)
     if per_class:
-        _plot_per_class(per_class, plots_dir / "per_class_accuracy.png")
-        plots.append(("Per-class test accuracy", "plots/per_class_accuracy.png"))
+        plots.append(Plot("per_class", "Per-class test accuracy", "per_class_accuracy.png",
+                          partial(_plot_per_class, per_class)))
     return plots
+
+
+def write_plots(summary: Summary, curves: Curves, plots_dir: Path) -> list[tuple[str, str]]:
+    """Draw every plot the data allows; return (caption, path relative to the run folder)."""
+    plots = available_plots(summary, curves)
+    for plot in plots:
+        _save_figure(plot.draw(), plots_dir / plot.file)
+    return [(plot.caption, f"plots/{plot.file}") for plot in plots]
 
 
 def _plot_file_names(config_names: list[str]) -> dict[str, str]:
@@ -79,13 +93,12 @@ def _mean_curve(by_epoch: dict[int, dict[int, float]]) -> dict[int, float]:
     return {epoch: float(np.mean(list(by_seed.values()))) for epoch, by_seed in by_epoch.items()}
 
 
-def _plot_convergence(
-    config: dict, config_curves: dict[str, dict[int, dict[int, float]]], path: Path
-) -> None:
+def _plot_convergence(config: ConfigSummary, config_curves: dict[str, dict[int, dict[int, float]]]) -> Figure:
     """Mean accuracy per epoch for each split, with the range over seeds shaded, and the kept
     epochs marked for a recipe that keeps its best epoch on validation."""
     seeds = {seed for by_epoch in config_curves.values() for by in by_epoch.values() for seed in by}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     handles, labels = [], []
     for split in SPLITS:
         if split not in config_curves:
@@ -102,28 +115,29 @@ def _plot_convergence(
             handle = (band, line)  # one legend entry draws the band behind the line
         handles.append(handle)
         labels.append(SPLIT_LABELS[split])
-    if config["recipe"].get("checkpoint") == "best_val":  # where each seed's kept model comes from
-        for i, epoch in enumerate(sorted(set((config.get("kept_epochs") or {}).values()))):
+    if config.keeps_best_val:  # where each seed's kept model comes from
+        for i, epoch in enumerate(sorted(set((config.kept_epochs or {}).values()))):
             line = ax.axvline(epoch, color="grey", linestyle=":", linewidth=1.2)
             if i == 0:
                 handles.append(line)
                 labels.append("kept epoch (best validation)")
     seed_text = seed_count(len(seeds))
     legend_title = "line: mean; band: min–max over seeds" if len(seeds) > 1 else None
-    ax.set_title(f"{config['name']}: accuracy per epoch ({seed_text})")
+    ax.set_title(f"{config.name}: accuracy per epoch ({seed_text})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     _integer_epochs(ax, sorted({e for by_epoch in config_curves.values() for e in by_epoch}))
     ax.grid(True, alpha=0.3)
     ax.legend(handles, labels, title=legend_title, loc="best", fontsize="small",
               title_fontsize="small")
-    _save_figure(fig, path)
+    return fig
 
 
-def _plot_overlay(means: dict[str, dict[int, float]], path: Path) -> None:
+def _plot_overlay(means: dict[str, dict[int, float]]) -> Figure:
     """Every configuration's mean test accuracy on one axes."""
     colours = _distinct_colours(len(means))
-    fig, ax = plt.subplots(figsize=(9 if len(means) > 8 else 8, 5))
+    fig = Figure(figsize=(9 if len(means) > 8 else 8, 5))
+    ax = fig.subplots()
     for colour, (name, curve) in zip(colours, means.items(), strict=True):
         epochs = sorted(curve)
         ax.plot(epochs, [curve[e] for e in epochs], marker="o", markersize=3, color=colour,
@@ -137,16 +151,16 @@ def _plot_overlay(means: dict[str, dict[int, float]], path: Path) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax.legend(loc="lower right")
-    _save_figure(fig, path)
+    return fig
 
 
-def _plot_confusion(summary: dict, path: Path) -> None:
+def _plot_confusion(summary: Summary) -> Figure:
     """The best run's test confusion matrix with counts in the cells."""
-    name, seed = summary["best"]["name"], summary["best"]["seed"]
-    config = config_named(summary, name)
-    matrix = np.array(config["confusion_matrix"][str(seed)])
-    accuracy = best_test_accuracy(summary)
-    fig, ax = plt.subplots(figsize=(8.5, 7.5))
+    name, seed = summary.best.name, summary.best.seed
+    matrix = np.array(summary.config(name).confusion_matrix[seed])
+    accuracy = summary.best_test_accuracy
+    fig = Figure(figsize=(8.5, 7.5))
+    ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
     ticks = range(len(CLASS_NAMES))
@@ -161,16 +175,17 @@ def _plot_confusion(summary: dict, path: Path) -> None:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"Test confusion matrix: {name}, seed {seed} (test accuracy {accuracy:.4f})")
-    _save_figure(fig, path)
+    return fig
 
 
-def _plot_per_class(per_class: dict[str, list[float]], path: Path) -> None:
+def _plot_per_class(per_class: dict[str, list[float]]) -> Figure:
     """Per-class test accuracy of each configuration: grouped bars, or a heatmap when many."""
     names = list(per_class)
     values = np.array([per_class[name] for name in names])
     title = "Per-class test accuracy (mean over completed seeds)"
     if len(names) > HEATMAP_ABOVE:
-        fig, ax = plt.subplots(figsize=(10, 1.5 + 0.45 * len(names)))
+        fig = Figure(figsize=(10, 1.5 + 0.45 * len(names)))
+        ax = fig.subplots()
         low = values.min() if values.min() < 1.0 else 0.0
         image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=low, vmax=1.0)
         fig.colorbar(image, ax=ax, label="test accuracy")
@@ -184,7 +199,8 @@ def _plot_per_class(per_class: dict[str, list[float]], path: Path) -> None:
         ax.set_xlabel("class")
         ax.set_ylabel("configuration")
     else:
-        fig, ax = plt.subplots(figsize=(11, 5))
+        fig = Figure(figsize=(11, 5))
+        ax = fig.subplots()
         width = 0.8 / len(names)
         positions = np.arange(len(CLASS_NAMES))
         colours = _distinct_colours(len(names))
@@ -198,16 +214,16 @@ def _plot_per_class(per_class: dict[str, list[float]], path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     ax.set_title(title)
-    _save_figure(fig, path)
+    return fig
 
 
-def _per_class_means(summary: dict) -> dict[str, list[float]]:
+def _per_class_means(summary: Summary) -> dict[str, list[float]]:
     """Mean per-class test accuracy over each configuration's completed seeds."""
     result = {}
-    for config in summary["configs"]:
-        rows = list(config["per_class_test_accuracy"].values())
+    for config in summary.configs:
+        rows = list(config.per_class_test_accuracy.values())
         if rows:
-            result[config["name"]] = [float(v) for v in np.mean(np.array(rows), axis=0)]
+            result[config.name] = [float(v) for v in np.mean(np.array(rows), axis=0)]
     return result
 
 
@@ -221,14 +237,9 @@ def _distinct_colours(count: int) -> list:
     return [matplotlib.colormaps["viridis"](i / (count - 1)) for i in range(count)]
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def _save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
-    try:
-        files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
-    finally:
-        plt.close(fig)
-
-
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 
 def _integer_epochs(ax: Any, epochs: list[int]) -> None:
@@ -241,12 +252,3 @@ def _integer_epochs(ax: Any, epochs: list[int]) -> None:
 
 def seed_count(n: int) -> str:
     return f"{n} seed" + ("" if n == 1 else "s")
-
-
-def config_named(summary: dict, name: str) -> dict:
-    return next(c for c in summary["configs"] if c["name"] == name)
-
-
-def best_test_accuracy(summary: dict) -> float:
-    name, seed = summary["best"]["name"], str(summary["best"]["seed"])
-    return float(config_named(summary, name)["final"]["test"]["values"][seed])

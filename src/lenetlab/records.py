@@ -157,3 +157,212 @@ class TrialResult:
             epoch_threads=record.get("epoch_threads", []),
             trained_on=TrainedOn(**record["trained_on"]) if record.get("trained_on") else None,
         )
+
+
+# ----------------------------------------------------------------------------- the run's summary
+# summary.json, typed: summary.py builds it from the trial results, the report, the plots, MLflow
+# tracking, `lenetlab runs` and the Python API read it. to_dict writes the JSON lenetlab has
+# always written (the same keys in the same order), from_dict reads it back, older files included.
+
+
+def _by_seed(values: dict, kind=lambda v: v) -> dict:
+    """JSON's string seed keys as ints (the other way in _seed_keys), values through kind."""
+    return {int(seed): kind(value) for seed, value in values.items()}
+
+
+def _seed_keys(values: dict) -> dict:
+    return {str(seed): value for seed, value in values.items()}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One accuracy over seeds: mean, sample std, 95% interval of the mean (stats.summarize),
+    and each seed's value, in the order the seeds finished."""
+
+    mean: float
+    std: float
+    ci95: list[float]
+    n: int
+    values: dict[int, float]
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "ci95": list(self.ci95), "n": self.n,
+                "values": _seed_keys(self.values)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Stat:
+        return cls(record["mean"], record["std"], list(record["ci95"]), record["n"],
+                   _by_seed(record["values"]))
+
+
+@dataclass(frozen=True)
+class Failure:
+    seed: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ConfigSummary:
+    """One configuration's results over its seeds (final: None when no seed completed)."""
+
+    name: str
+    variant: str
+    recipe: Recipe
+    seeds: list[int]
+    completed_seeds: list[int]
+    final: dict[str, Stat] | None  # by split: the kept models' accuracies
+    best_seed: int | None
+    per_class_test_accuracy: dict[int, list[float]]  # by seed
+    confusion_matrix: dict[int, list[list[int]]]  # by seed: rows true class, columns predicted
+    kernels: list[str]  # the kernels that trained its seeds
+    builds: list[str]  # the builds that trained them, as each trainer saw it (TrainedOn.build)
+    failed: list[Failure]
+    kept_epochs: dict[int, int | None] | None = None  # by seed, once a seed completed
+    test_flip: Stat | None = None  # flip-averaged test accuracy, for recipes that measure it
+
+    @property
+    def keeps_best_val(self) -> bool:
+        return self.recipe.checkpoint == "best_val"
+
+    def to_dict(self) -> dict:
+        record = {"name": self.name, "variant": self.variant, "recipe": asdict(self.recipe),
+                  "seeds": self.seeds, "completed_seeds": self.completed_seeds,
+                  "final": ({split: stat.to_dict() for split, stat in self.final.items()}
+                            if self.final is not None else None),
+                  "best_seed": self.best_seed,
+                  "per_class_test_accuracy": _seed_keys(self.per_class_test_accuracy),
+                  "confusion_matrix": _seed_keys(self.confusion_matrix), "kernels": self.kernels,
+                  "builds": self.builds, "failed": [asdict(f) for f in self.failed]}
+        if self.kept_epochs is not None:
+            record["kept_epochs"] = _seed_keys(self.kept_epochs)
+        if self.test_flip is not None:
+            record["test_flip"] = self.test_flip.to_dict()
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> ConfigSummary:
+        final = record["final"]
+        return cls(
+            name=record["name"], variant=record["variant"], recipe=recipe_from_dict(record["recipe"]),
+            seeds=record["seeds"], completed_seeds=record["completed_seeds"],
+            final={split: Stat.from_dict(stat) for split, stat in final.items()} if final else None,
+            best_seed=record["best_seed"],
+            per_class_test_accuracy=_by_seed(record["per_class_test_accuracy"]),
+            confusion_matrix=_by_seed(record["confusion_matrix"]),
+            kernels=record.get("kernels", []), builds=record.get("builds", []),
+            failed=[Failure(f["seed"], f["error"]) for f in record["failed"]],
+            kept_epochs=_by_seed(record["kept_epochs"]) if "kept_epochs" in record else None,
+            test_flip=Stat.from_dict(record["test_flip"]) if record.get("test_flip") else None)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A configuration against the reference, paired by seed, on final test accuracy
+    (stats.paired_difference): mean_diff is configuration minus reference."""
+
+    name: str
+    reference: str
+    seeds: list[int]
+    mean_diff: float
+    std: float
+    ci95: list[float]
+    n: int
+    excludes_zero: bool
+
+
+@dataclass(frozen=True)
+class Best:
+    name: str  # the configuration with the highest mean test accuracy
+    seed: int  # its seed with the highest test accuracy
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the run trained: its seeds, options, engine and workers (summary.json's "config")."""
+
+    seeds: list[int]
+    options: RunOptions
+    engine: str
+    workers: int
+
+    def to_dict(self) -> dict:
+        return {"seeds": self.seeds, **asdict(self.options), "engine": self.engine, "workers": self.workers}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> RunSettings:
+        options = {k: v for k, v in record.items() if k not in ("seeds", "engine", "workers")}
+        return cls(record["seeds"], RunOptions(**options), record["engine"], record["workers"])
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A finished run's summary.json: per configuration, its results over seeds; the paired
+    comparisons; provenance; and the SHA-256 of the files the results came with."""
+
+    lenetlab_version: str
+    kind: str  # study or sweep
+    name: str
+    created: str
+    wall_time_s: float
+    settings: RunSettings
+    data_folder: str
+    data_sha256: dict[str, str]
+    versions: dict[str, str]
+    machine: dict  # provenance.machine_info: host, platform, cpu, cpu_count, device (gpu)
+    reference: str | None
+    configs: list[ConfigSummary]
+    comparisons: list[Comparison]
+    best: Best | None
+    files_sha256: dict[str, str]  # relative path: digest, checked before the results are trusted
+
+    def config(self, name: str) -> ConfigSummary:
+        for config in self.configs:
+            if config.name == name:
+                return config
+        raise KeyError(f"{name!r}: no such configuration in {self.name} "
+                       f"({', '.join(c.name for c in self.configs)})")
+
+    @property
+    def done_count(self) -> int:
+        return sum(len(c.completed_seeds) for c in self.configs)
+
+    @property
+    def failed_count(self) -> int:
+        return sum(len(c.failed) for c in self.configs)
+
+    @property
+    def best_config(self) -> ConfigSummary | None:
+        return self.config(self.best.name) if self.best else None
+
+    @property
+    def best_test_accuracy(self) -> float | None:
+        """The best single trial's test accuracy (the best configuration's best seed)."""
+        return self.best_config.final["test"].values[self.best.seed] if self.best else None
+
+    @property
+    def kernels(self) -> list[str]:
+        return sorted({k for c in self.configs for k in c.kernels})
+
+    def to_dict(self) -> dict:
+        return {
+            "lenetlab_version": self.lenetlab_version, "kind": self.kind, "name": self.name,
+            "created": self.created, "wall_time_s": self.wall_time_s, "config": self.settings.to_dict(),
+            "data": {"folder": self.data_folder, "sha256": self.data_sha256},
+            "versions": self.versions, "machine": self.machine, "reference": self.reference,
+            "configs": [c.to_dict() for c in self.configs],
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "best": asdict(self.best) if self.best else None, "files_sha256": self.files_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Summary:
+        best = record["best"]
+        return cls(
+            lenetlab_version=record["lenetlab_version"], kind=record["kind"], name=record["name"],
+            created=record["created"], wall_time_s=record["wall_time_s"],
+            settings=RunSettings.from_dict(record["config"]), data_folder=record["data"]["folder"],
+            data_sha256=record["data"]["sha256"], versions=record["versions"], machine=record["machine"],
+            reference=record["reference"], configs=[ConfigSummary.from_dict(c) for c in record["configs"]],
+            comparisons=[Comparison(**c) for c in record["comparisons"]],
+            best=Best(best["name"], best["seed"]) if best else None, files_sha256=record["files_sha256"])
+

@@ -22,16 +22,16 @@ import markdown
 
 from . import files
 from .errors import RunDirError
-from .plots import best_test_accuracy, seed_count, write_plots
-from .recipes import ORIGINAL_FIELDS, PUBLISHED, RECIPES, extensions, recipe_from_dict
-from .records import SPLITS
+from .plots import seed_count, write_plots
+from .recipes import ORIGINAL_FIELDS, PUBLISHED, RECIPES, extensions
+from .records import SPLITS, ConfigSummary, Stat, Summary
 from .rundir import plan_path
 from .summary import Curves, read_summary
 
 TARGET_ACCURACY = 0.88  # the original study's goal for test accuracy
 
 
-def render_report(run_dir: Path, summary: dict | None = None, curves: Curves | None = None) -> Path:
+def render_report(run_dir: Path, summary: Summary | None = None, curves: Curves | None = None) -> Path:
     """Write the plots and report.md of a run folder; read its files when not given them."""
     run_dir = Path(run_dir)
     if summary is None:
@@ -45,7 +45,7 @@ def render_report(run_dir: Path, summary: dict | None = None, curves: Curves | N
     path = run_dir / "report.md"
     text = build_markdown(summary, plots)
     files.write_text(path, text)
-    files.write_text(run_dir / "report.html", build_html(text, summary["name"], run_dir))
+    files.write_text(run_dir / "report.html", build_html(text, summary.name, run_dir))
     return path
 
 
@@ -87,12 +87,12 @@ def build_html(text: str, title: str, run_dir: Path) -> str:
             f"</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
-def build_markdown(summary: dict, plots: list[tuple[str, str]]) -> str:
+def build_markdown(summary: Summary, plots: list[tuple[str, str]]) -> str:
     """The whole report.md text: results first, provenance last."""
-    kind = summary["kind"]
+    kind = summary.kind
     configs = _ordered_configs(summary)
-    lines = [f"# {summary['name']}: lenetlab {kind} report", "",
-             f"Created {summary['created']} by lenetlab {summary['lenetlab_version']}.", ""]
+    lines = [f"# {summary.name}: lenetlab {kind} report", "",
+             f"Created {summary.created} by lenetlab {summary.lenetlab_version}.", ""]
     lines += _how_to_read(kind)
     lines += _results_section(summary, configs)
     lines += _comparisons_section(summary)
@@ -102,11 +102,11 @@ def build_markdown(summary: dict, plots: list[tuple[str, str]]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _ordered_configs(summary: dict) -> list[dict]:
+def _ordered_configs(summary: Summary) -> list[ConfigSummary]:
     """A study keeps its recipe order; a sweep is ranked by mean test accuracy, failures last."""
-    configs = list(summary["configs"])
-    if summary["kind"] == "sweep":
-        configs.sort(key=lambda c: -c["final"]["test"]["mean"] if c["final"] else math.inf)
+    configs = list(summary.configs)
+    if summary.kind == "sweep":
+        configs.sort(key=lambda c: -c.final["test"].mean if c.final else math.inf)
     return configs
 
 
@@ -133,12 +133,12 @@ def _how_to_read(kind: str) -> list[str]:
     ]
 
 
-def _results_section(summary: dict, configs: list[dict]) -> list[str]:
-    study = summary["kind"] == "study"
-    published = study and any(c["name"] in PUBLISHED for c in configs)
-    any_failed = any(c["failed"] for c in configs)
-    flip = any(c.get("test_flip") for c in configs)
-    kept = any(c["recipe"].get("checkpoint") == "best_val" for c in configs)
+def _results_section(summary: Summary, configs: list[ConfigSummary]) -> list[str]:
+    study = summary.kind == "study"
+    published = study and any(c.name in PUBLISHED for c in configs)
+    any_failed = any(c.failed for c in configs)
+    flip = any(c.test_flip for c in configs)
+    kept = any(c.keeps_best_val for c in configs)
     header = ["Configuration", "Seeds completed", "Train", "Validation", "Test"]
     if flip:
         header.append("Test, flip-averaged")
@@ -150,22 +150,21 @@ def _results_section(summary: dict, configs: list[dict]) -> list[str]:
         header.append("Failures")
     lines = ["## Results", "", _table_row(header), _table_row(["---"] * len(header))]
     for config in configs:
-        cells = [config["name"], f"{len(config['completed_seeds'])}/{len(config['seeds'])}"]
-        if config["final"] is None:
+        cells = [config.name, f"{len(config.completed_seeds)}/{len(config.seeds)}"]
+        if config.final is None:
             cells += ["failed"] * 3
         else:
-            cells += [_format_stat(config["final"][split]) for split in SPLITS]
+            cells += [_format_stat(config.final[split]) for split in SPLITS]
         if flip:
-            cells.append(_format_stat(config["test_flip"]) if config.get("test_flip") else "")
+            cells.append(_format_stat(config.test_flip) if config.test_flip else "")
         if kept:
-            epochs = (config.get("kept_epochs") or {}).values()
-            cells.append(", ".join(str(e) for e in epochs) if config["recipe"].get("checkpoint") == "best_val"
-                         else "last")
+            epochs = (config.kept_epochs or {}).values()
+            cells.append(", ".join(str(e) for e in epochs) if config.keeps_best_val else "last")
         if published:
-            figures = PUBLISHED.get(config["name"])
+            figures = PUBLISHED.get(config.name)
             cells += [f"{v:.4f}" for v in figures] if figures else ["", ""]
         if any_failed:
-            errors = [_short(f"seed {f['seed']}: {f['error']}") for f in config["failed"]]
+            errors = [_short(f"seed {f.seed}: {f.error}") for f in config.failed]
             cells.append("; ".join(errors))
         lines.append(_table_row(cells))
     lines.append("")
@@ -186,48 +185,47 @@ def _results_section(summary: dict, configs: list[dict]) -> list[str]:
                       "the original trained 12 epochs (20 for l2_optimized) on all 54,000 training "
                       "images.", ""]
     lines += _result_sentences(configs)
-    if summary["best"] is not None:
-        best = summary["best"]
+    if summary.best is not None:
         lines += [
-            f"The best single run is {best['name']} seed {best['seed']}, with test accuracy "
-            f"{best_test_accuracy(summary):.4f}; its confusion matrix is among the plots.",
+            f"The best single run is {summary.best.name} seed {summary.best.seed}, with test accuracy "
+            f"{summary.best_test_accuracy:.4f}; its confusion matrix is among the plots.",
             "",
         ]
     return lines
 
 
-def _shortened(summary: dict, configs: list[dict]) -> str:
+def _shortened(summary: Summary, configs: list[ConfigSummary]) -> str:
     """How this run was made smaller than the original's recipes, or '' when it was not."""
     ways = []
-    subset = summary["config"].get("train_subset")
+    subset = summary.settings.options.train_subset
     if subset:
         ways.append(f"trained on {subset:,} images only")
-    if any(c["recipe"]["epochs"] != RECIPES[c["name"]].epochs for c in configs if c["name"] in RECIPES):
+    if any(c.recipe.epochs != RECIPES[c.name].epochs for c in configs if c.name in RECIPES):
         ways.append("trained fewer or more epochs (--epochs-scale)")
     return " and ".join(ways)
 
 
-def _result_sentences(configs: list[dict]) -> list[str]:
+def _result_sentences(configs: list[ConfigSummary]) -> list[str]:
     """What the numbers say: the top configuration and which reach the target accuracy."""
-    finished = [c for c in configs if c["final"] is not None]
+    finished = [c for c in configs if c.final is not None]
     if not finished:
         return ["No configuration completed a seed, so there are no results.", ""]
-    top = max(finished, key=lambda c: c["final"]["test"]["mean"])
-    top_test = top["final"]["test"]
+    top = max(finished, key=lambda c: c.final["test"].mean)
+    top_test = top.final["test"]
     sentences = [
-        f"The highest mean test accuracy is **{top['name']}**'s: {_format_stat(top_test)} "
-        f"over {seed_count(top_test['n'])}."
+        f"The highest mean test accuracy is **{top.name}**'s: {_format_stat(top_test)} "
+        f"over {seed_count(top_test.n)}."
     ]
-    reaching = [c for c in finished if c["final"]["test"]["mean"] >= TARGET_ACCURACY]
+    reaching = [c for c in finished if c.final["test"].mean >= TARGET_ACCURACY]
     confident = [
-        c["name"] for c in reaching
-        if c["final"]["test"]["n"] >= 2 and c["final"]["test"]["ci95"][0] >= TARGET_ACCURACY
+        c.name for c in reaching
+        if c.final["test"].n >= 2 and c.final["test"].ci95[0] >= TARGET_ACCURACY
     ]
-    missing = [c["name"] for c in finished if c not in reaching]
+    missing = [c.name for c in finished if c not in reaching]
     sentences.append(f"The original study aimed at a test accuracy of {TARGET_ACCURACY:.2f} (88%).")
-    single_seeds = all(c["final"]["test"]["n"] < 2 for c in reaching)
+    single_seeds = all(c.final["test"].n < 2 for c in reaching)
     if reaching and single_seeds:
-        sentences.append(f"Mean test accuracy reaches it for {_join([c['name'] for c in reaching])}; "
+        sentences.append(f"Mean test accuracy reaches it for {_join([c.name for c in reaching])}; "
                          "with one seed there is no interval to say how sure that is.")
     elif reaching:
         if len(confident) == len(reaching):
@@ -236,47 +234,47 @@ def _result_sentences(configs: list[dict]) -> list[str]:
             interval_text = f"; for {_join(confident)} the whole 95% interval lies above it."
         else:
             interval_text = "; for none of them does the whole 95% interval lie above it."
-        sentences.append(f"Mean test accuracy reaches it for {_join([c['name'] for c in reaching])}"
+        sentences.append(f"Mean test accuracy reaches it for {_join([c.name for c in reaching])}"
                          f"{interval_text}")
     if missing:
         sentences.append(f"It stays below {TARGET_ACCURACY:.2f} for {_join(missing)}.")
     return [" ".join(sentences), ""]
 
 
-def _comparisons_section(summary: dict) -> list[str]:
+def _comparisons_section(summary: Summary) -> list[str]:
     lines = ["## Comparisons with the reference", ""]
-    comparisons = summary["comparisons"]
+    comparisons = summary.comparisons
     if not comparisons:
         reason = (
             "No reference configuration was set"
-            if summary["reference"] is None
-            else f"No configuration could be paired with the reference {summary['reference']!r}"
+            if summary.reference is None
+            else f"No configuration could be paired with the reference {summary.reference!r}"
         )
         return lines + [f"{reason}, so there are no paired comparisons.", ""]
     header = ["Configuration", "Reference", "Paired seeds", "Test accuracy difference",
               "95% interval", "Excludes zero"]
     lines += [_table_row(header), _table_row(["---"] * len(header))]
     for c in comparisons:
-        interval = "n/a, 1 seed" if c["n"] < 2 else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+        interval = "n/a, 1 seed" if c.n < 2 else f"[{c.ci95[0]:+.4f}, {c.ci95[1]:+.4f}]"
         lines.append(_table_row([
-            c["name"], c["reference"], str(c["n"]), f"{c['mean_diff']:+.4f}", interval,
-            "yes" if c["excludes_zero"] else "no",
+            c.name, c.reference, str(c.n), f"{c.mean_diff:+.4f}", interval,
+            "yes" if c.excludes_zero else "no",
         ]))
     lines += ["", "Differences are configuration minus reference, in test accuracy "
               "(+0.0100 is one percentage point better).", ""]
-    excluded = [c for c in comparisons if c["excludes_zero"]]
-    included = [c for c in comparisons if not c["excludes_zero"] and c["n"] >= 2]
-    single = [c["name"] for c in comparisons if c["n"] < 2]
+    excluded = [c for c in comparisons if c.excludes_zero]
+    included = [c for c in comparisons if not c.excludes_zero and c.n >= 2]
+    single = [c.name for c in comparisons if c.n < 2]
     sentences = []
     if excluded:
-        described = [f"{c['name']} ({'better' if c['mean_diff'] > 0 else 'worse'} by "
-                     f"{abs(c['mean_diff']):.4f})" for c in excluded]
+        described = [f"{c.name} ({'better' if c.mean_diff > 0 else 'worse'} by "
+                     f"{abs(c.mean_diff):.4f})" for c in excluded]
         sentences.append(f"The 95% interval excludes zero for {_join(described)}.")
     else:
         sentences.append("No comparison has a 95% interval that excludes zero.")
     if included:
         sentences.append(
-            f"For {_join([c['name'] for c in included])} the interval includes zero: the "
+            f"For {_join([c.name for c in included])} the interval includes zero: the "
             "difference is within the seed-to-seed noise of this run."
         )
     if single:
@@ -284,15 +282,15 @@ def _comparisons_section(summary: dict) -> list[str]:
     return lines + [" ".join(sentences), ""]
 
 
-def _failures_section(configs: list[dict]) -> list[str]:
-    failures = [(c["name"], f) for c in configs for f in c["failed"]]
+def _failures_section(configs: list[ConfigSummary]) -> list[str]:
+    failures = [(c.name, f) for c in configs for f in c.failed]
     if not failures:
         return []
     lines = ["## Failed trials", ""]
     for name, failure in failures:
         # one line, in a code span so that *, _ or < in a traceback stay literal
-        error = " ".join(str(failure["error"]).split()).replace("`", "'")
-        lines.append(f"- {name}, seed {failure['seed']}: `{error}`")
+        error = " ".join(str(failure.error).split()).replace("`", "'")
+        lines.append(f"- {name}, seed {failure.seed}: `{error}`")
     return lines + [""]
 
 
@@ -305,43 +303,41 @@ def _plots_section(plots: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
-def _provenance_section(summary: dict) -> list[str]:
+def _provenance_section(summary: Summary) -> list[str]:
     """How the run was made: configuration, data, software, machine and time."""
     lines = ["## Run details", ""]
-    lines += _recipe_table(summary["configs"])
-    lines += ["### Run configuration", "", "```json", json.dumps(summary["config"], indent=2), "```", ""]
-    kernels = sorted({k for c in summary["configs"] for k in c["kernels"]})
-    lines += [f"Trained with the {' and '.join(kernels) or 'no'} kernels (native: lenetlab's own "
+    lines += _recipe_table(summary.configs)
+    lines += ["### Run configuration", "", "```json", json.dumps(summary.settings.to_dict(), indent=2),
+              "```", ""]
+    lines += [f"Trained with the {' and '.join(summary.kernels) or 'no'} kernels (native: lenetlab's own "
               "CPU training step; torch: PyTorch's).", ""]
-    mixed = [c for c in summary["configs"] if len(c.get("builds", [])) > 1]
+    mixed = [c for c in summary.configs if len(c.builds) > 1]
     if mixed:  # its seeds differ by where they ran, not only by seed
         lines += ["**Mixed builds:** " + "; ".join(
-            f"{c['name']}'s seeds were trained by different builds ({' | '.join(c['builds'])})"
+            f"{c.name}'s seeds were trained by different builds ({' | '.join(c.builds)})"
             for c in mixed) + ": their spread includes the builds' rounding, not only the seeds'.", ""]
-    data = summary["data"]
-    lines += ["### Data", "", f"Folder: `{data['folder']}`", "",
+    lines += ["### Data", "", f"Folder: `{summary.data_folder}`", "",
               _table_row(["File", "SHA-256"]), _table_row(["---", "---"])]
-    lines += [_table_row([file, f"`{digest}`"]) for file, digest in data["sha256"].items()]
+    lines += [_table_row([file, f"`{digest}`"]) for file, digest in summary.data_sha256.items()]
     lines.append("")
-    for title, key in (("Versions", "versions"), ("Machine", "machine")):
-        lines += [f"### {title}", ""] + [f"- {name}: {value}" for name, value in summary[key].items()] + [""]
-    lines += ["### Wall time", "", _format_duration(summary["wall_time_s"]), ""]
+    for title, values in (("Versions", summary.versions), ("Machine", summary.machine)):
+        lines += [f"### {title}", ""] + [f"- {name}: {value}" for name, value in values.items()] + [""]
+    lines += ["### Wall time", "", _format_duration(summary.wall_time_s), ""]
     return lines
 
 
-def _recipe_table(configs: list[dict]) -> list[str]:
+def _recipe_table(configs: list[ConfigSummary]) -> list[str]:
     """One row per configuration; a column per field of the original's recipes, and one per
     newer field that some configuration sets (the others keep the original's behaviour)."""
     newer: dict[str, None] = {}
     for config in configs:
-        newer.update(dict.fromkeys(extensions(recipe_from_dict(config["recipe"]))))
+        newer.update(dict.fromkeys(extensions(config.recipe)))
     keys = [key for key in ORIGINAL_FIELDS if key != "name"] + list(newer)
     lines = ["### Recipes", "", _table_row(["Configuration", "Variant", *keys]),
              _table_row(["---"] * (len(keys) + 2))]
     for config in configs:
-        recipe = config["recipe"]
-        lines.append(_table_row([config["name"], config["variant"],
-                                 *(_format_value(recipe.get(key, "")) for key in keys)]))
+        lines.append(_table_row([config.name, config.variant,
+                                 *(_format_value(getattr(config.recipe, key)) for key in keys)]))
     return lines + [""]
 
 
@@ -350,12 +346,12 @@ def _recipe_table(configs: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def _format_stat(stats: dict) -> str:
+def _format_stat(stats: Stat) -> str:
     """mean ± half-width of the 95% interval, or the mean alone for a single seed."""
-    if stats["n"] < 2:
-        return f"{stats['mean']:.4f} (n/a, 1 seed)"
-    low, high = stats["ci95"]
-    return f"{stats['mean']:.4f} ± {(high - low) / 2:.4f}"
+    if stats.n < 2:
+        return f"{stats.mean:.4f} (n/a, 1 seed)"
+    low, high = stats.ci95
+    return f"{stats.mean:.4f} ± {(high - low) / 2:.4f}"
 
 
 def _format_value(value: Any) -> str:

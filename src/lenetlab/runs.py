@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files
 from .errors import RunDirError
 from .rundir import plan_path, read_plan
 from .study import read_results
+from .summary import load_summary
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,12 @@ def describe(run_dir: Path) -> RunState:
     if not (run_dir / "summary.json").exists():  # stopped while finalizing
         return RunState(run_dir, **counts, state=resumable)
     try:
-        summary = files.read_record(run_dir / "summary.json", "summary")
+        best = load_summary(run_dir).best_config
     except RunDirError as exc:
         return RunState(run_dir, **counts, state=f"damaged ({exc})")
-    best = summary.get("best")
-    if best:
-        config = next(c for c in summary["configs"] if c["name"] == best["name"])
-        best = (best["name"], config["final"]["test"]["mean"])
     state = "finished, with failures: lenetlab resume reruns them" if counts["failed"] else "finished"
-    return RunState(run_dir, **counts, best=best or None, state=state)
+    return RunState(run_dir, **counts, best=(best.name, best.final["test"].mean) if best else None,
+                    state=state)
 
 
 def list_runs(folder: Path) -> list[RunState]:

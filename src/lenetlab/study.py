@@ -20,7 +20,7 @@ from .data import FashionMNIST
 from .engines import DEFAULT_RAY_RETRIES, default_workers, run_local, run_ray, usable_cores
 from .errors import RunDirError
 from .recipes import Recipe, get_recipe, scale_epochs
-from .records import RunOptions, Trial, TrialResult
+from .records import RunOptions, Summary, Trial, TrialResult
 from .report import render_report
 from .rundir import RunPlan, hold, plan_path, read_plan, write_plan
 from .summary import write_summary
@@ -55,7 +55,7 @@ def new_plan(kind: str, name: str, configs: list[tuple[str, Recipe]], seeds: lis
 
 
 def start(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | None = None,
-          display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> dict:
+          display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> Summary:
     """Create the run folder's plan and run it. data: loaded and checked by the caller."""
     with hold(run_dir):
         if plan_path(run_dir).exists():
@@ -67,7 +67,7 @@ def start(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | None 
 
 def resume(run_dir: Path, data: FashionMNIST, engine: str | None = None, address: str | None = None,
            workers: int | None = None, display: Display | None = None,
-           ray_retries: int = DEFAULT_RAY_RETRIES) -> dict:
+           ray_retries: int = DEFAULT_RAY_RETRIES) -> Summary:
     """Finish an interrupted run as planned: skip the trials that finished, rerun the others."""
     with hold(run_dir):
         plan = read_plan(run_dir)
@@ -87,7 +87,7 @@ def read_results(run_dir: Path, plan: RunPlan) -> dict[str, TrialResult]:
 
 
 def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | None, workers: int,
-            display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> dict:
+            display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> Summary:
     """Run every trial of the plan that has not finished, then finalize the run folder."""
     finished = {key for key, r in read_results(run_dir, plan).items() if r.done}
     # Longest trials first, so that the last worker to finish is not left with a 20-epoch trial.
@@ -120,7 +120,7 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
     return finalize(run_dir, plan, data)
 
 
-def finalize(run_dir: Path, plan: RunPlan, data: FashionMNIST) -> dict:
+def finalize(run_dir: Path, plan: RunPlan, data: FashionMNIST) -> Summary:
     """Aggregate the recorded trials into metrics.csv, summary.json, best weights and the report."""
     summary, curves = write_summary(run_dir, plan, read_results(run_dir, plan), data.checksums,
                                     str(data.folder))

@@ -27,6 +27,7 @@ from .errors import OutputError, RunDirError, SpecError, WeightsError
 from .recipes import recipe_from_dict
 from .records import EpochMetrics, Trial, TrialResult
 from .rundir import RunPlan, read_plan
+from .summary import load_summary
 
 TRAIN_EXPERIMENT = "lenetlab-train"  # `lenetlab train` has no run folder to name one after
 RUN_ID_TAG = "lenetlab.run_id"  # the run folder's run_id, on the parent and every trial run
@@ -246,19 +247,18 @@ class RunLog:
         for trial in self.plan.trials():
             if trial.key in results:
                 self.log_trial(results[trial.key])
-        summary = files.read_record(self.run_dir / "summary.json", "summary")
+        summary = load_summary(self.run_dir)
         for name in ("summary.json", "metrics.csv", "report.md", "report.html"):
             if (self.run_dir / name).is_file():  # report.html: not in run folders older than it
                 self.client.log_artifact(self.parent_id, str(self.run_dir / name))
         if (self.run_dir / "plots").is_dir():
             self.client.log_artifacts(self.parent_id, str(self.run_dir / "plots"), "plots")
-        failed = sum(len(c["failed"]) for c in summary["configs"])
-        counts = {"trials_done": sum(len(c["completed_seeds"]) for c in summary["configs"]),
-                  "trials_failed": failed}
-        best = summary["best"] and next(c for c in summary["configs"] if c["name"] == summary["best"]["name"])
+        failed = summary.failed_count
+        counts = {"trials_done": summary.done_count, "trials_failed": failed}
+        best = summary.best_config
         if best:
-            counts["best_test_accuracy"] = best["final"]["test"]["mean"]
-            self.client.set_tag(self.parent_id, "best", best["name"])
+            counts["best_test_accuracy"] = best.final["test"].mean
+            self.client.set_tag(self.parent_id, "best", best.name)
         now = int(time.time() * 1000)
         changed = [Metric(k, float(v), now, 0) for k, v in counts.items() if self.parent_metrics.get(k) != v]
         _log(self.client, self.parent_id, metrics=changed)
