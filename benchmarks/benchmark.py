@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import fma_peak_gflops  # noqa: E402
 
-from lenetlab import native, study  # noqa: E402
+from lenetlab import native, runner  # noqa: E402
 from lenetlab.data import MEAN, STD, TRAIN_SIZE, VAL_SIZE, load_fashion_mnist, make_splits  # noqa: E402
 from lenetlab.engines import usable_cores  # noqa: E402
 from lenetlab.model import LeNet5V1, fast_forward  # noqa: E402
@@ -384,12 +384,12 @@ def fixed_cost_here(data_dir: str, trials: str, workers: str, subset: str) -> di
     data = load_fashion_mnist(data_dir, download=False, quiet=True)
     recipe = replace(RECIPES["baseline"], epochs=1)
     options = RunOptions(threads=1, train_subset=subset)
-    plan = study.new_plan("sweep", "fixed-cost", [("baseline-ep1", recipe)], list(range(trials)),
+    plan = runner.new_plan("sweep", "fixed-cost", [("baseline-ep1", recipe)], list(range(trials)),
                           options, workers=workers)
     clock = TrialClock()
     with tempfile.TemporaryDirectory(prefix="lenetlab-fixed-") as tmp:
         begun = time.perf_counter()
-        study.start(Path(tmp) / "fixed-cost", plan, data, display=clock)
+        runner.start(Path(tmp) / "fixed-cost", plan, data, display=clock)
         ended = time.perf_counter()
     failed = [r.error for r in clock.results.values() if not r.done]
     if failed:

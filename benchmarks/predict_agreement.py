@@ -1,7 +1,7 @@
 """How often `predict` on a picture made from a test image agrees with the network on the image itself.
 
 For each shape below, test images (a seeded sample) are made into pictures shaped as people
-take them and written as files; predict's own reading and conversion (predict.load_image)
+take them and written as files; predict's own reading and conversion (prediction.load_image)
 turn each back into a 28x28 image, and the network's class for it is compared with its class
 for the original test image. The issue's target: at least 95% for every shape. Every picture
 but the first is enlarged 4 times unless its shape says otherwise, each with a filter drawn
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from lenetlab import predict
+from lenetlab import prediction
 from lenetlab.data import load_fashion_mnist, normalise
 from lenetlab.model import fast_forward, load_weights
 
@@ -173,8 +173,8 @@ def main() -> int:
             folder.mkdir(parents=True, exist_ok=True)
             draws = [np.random.default_rng([args.seed, SHAPES.index(shape), int(i)]) for i in indices]
             paths = [make_picture(shape, test[i], rng, folder / f"{i:05d}") for i, rng in zip(indices, draws)]
-            images = [predict.load_image(path) for path in paths]
-            classes = np.array([int(np.argmax(p.probabilities)) for p in predict.predict(model, images)])
+            images = [prediction.load_image(path) for path in paths]
+            classes = np.array([int(np.argmax(p.probabilities)) for p in prediction.predict(model, images)])
             agree = float(np.mean(classes == reference))
             inverted = sum(image.inverted for image in images)
             difference = np.mean([np.abs(im.pixels.astype(int) - test[i]).mean()

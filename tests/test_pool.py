@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import KERNELS
 
-from lenetlab import engines, native, study
+from lenetlab import engines, native, runner
 from lenetlab.data import make_splits
 from lenetlab.recipes import RECIPES
 from lenetlab.records import RunOptions, Trial
@@ -45,13 +45,13 @@ def pool_run(tmp_path_factory, dataset):
                ("short-b", replace(base, epochs=1))]
     out = tmp_path_factory.mktemp("pool")
     gone = replace(dataset, folder=out / "nowhere")
-    plan = study.new_plan("sweep", "pool", configs, [0], RunOptions(threads=1, train_subset=500,
+    plan = runner.new_plan("sweep", "pool", configs, [0], RunOptions(threads=1, train_subset=500,
                                                                    kernels=KERNELS), workers=2)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engines, "make_splits", counting)
         patch.setattr(engines, "usable_cores", lambda: 2)
-        summary = study.start(out / "pool", plan, gone)
-    return summary, made, study.read_results(out / "pool", plan)
+        summary = runner.start(out / "pool", plan, gone)
+    return summary, made, runner.read_results(out / "pool", plan)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from PIL import Image, features
 from lenetlab import cli
 from lenetlab.data import CLASS_NAMES, normalise
 from lenetlab.model import LeNet5V1, fast_forward
-from lenetlab.predict import load_image, prepare
+from lenetlab.prediction import load_image, prepare
 
 PER_CLASS = 3
 

@@ -16,7 +16,7 @@ from PIL import Image, features
 from test_predict import quick_model
 
 from lenetlab.conversion import TOLERANCE, background, centre, fit, is_light, prepare, stretch, to_grey, trim
-from lenetlab.predict import load_image, predict, predict_files
+from lenetlab.prediction import load_image, predict, predict_files
 
 NEAREST = getattr(Image, "Resampling", Image).NEAREST
 

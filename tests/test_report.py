@@ -1,4 +1,4 @@
-"""The report of run folders built by the real aggregation code (study.finalize) from made-up
+"""The report of run folders built by the real aggregation code (runner.finalize) from made-up
 trial results: plots, tables, sentences, and damaged files refused in one line."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from lenetlab import files, study
+from lenetlab import files, runner
 from lenetlab import plots as plots_module
 from lenetlab import report as report_module
 from lenetlab.errors import RunDirError
@@ -58,7 +58,7 @@ def make_run(run_dir: Path, configs: list[dict], kind: str = "study", reference:
              elapsed_s: float = 3725.5) -> dict:
     """A run folder as lenetlab leaves it, for configs given as {"name", "base" (accuracy level),
     "recipe" (default: the published one of that name), "failed" (seeds), "offsets" ({seed: extra
-    test accuracy})}: trial results recorded by trials.py, then study.finalize."""
+    test accuracy})}: trial results recorded by trials.py, then runner.finalize."""
     run_dir.mkdir(parents=True, exist_ok=True)
     options = options or RunOptions()
     recipes = [(c["name"], c.get("recipe") or RECIPES[c["name"]]) for c in configs]
@@ -77,7 +77,7 @@ def make_run(run_dir: Path, configs: list[dict], kind: str = "study", reference:
                            for r in result.history]
                 result = replace(result, history=history)
             record_trial(run_dir, result, WEIGHTS, DATA.checksums)
-    return study.finalize(run_dir, plan, DATA)
+    return runner.finalize(run_dir, plan, DATA)
 
 
 STUDY = [
@@ -311,7 +311,7 @@ def test_results_of_another_run_are_not_counted(tmp_path, no_drawing):
     plan = read_plan(tmp_path)
     stray = Trial("baseline", plan.configs[0][1], 1)  # its file replaces this run's own result
     record_trial(tmp_path, fake_result(stray, "another-run", 0.5, plan.options), WEIGHTS, DATA.checksums)
-    summary = study.finalize(tmp_path, plan, DATA)
+    summary = runner.finalize(tmp_path, plan, DATA)
     assert summary.configs[0].completed_seeds == [0]
     assert summary.configs[0].final["test"].values == {0: 0.88}
 

@@ -33,7 +33,7 @@ from lenetlab.model import load_weights
 from lenetlab.recipes import RECIPES
 from lenetlab.records import RunOptions
 from lenetlab.rundir import RunPlan, read_plan, write_plan
-from lenetlab.study import read_results
+from lenetlab.runner import read_results
 from lenetlab.trials import read_result
 
 QUICK = ["--epochs-scale", "0.1", "--train-subset", "2000", "--threads", "1", "--quiet"]

@@ -24,7 +24,7 @@ from conftest import (
 
 from lenetlab.errors import SpecError
 from lenetlab.rundir import MAX_TRIALS
-from lenetlab.sweep import expand, load_spec
+from lenetlab.sweeps import expand, load_spec
 
 
 def test_grid_times_configs_with_readable_names():

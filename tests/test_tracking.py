@@ -32,7 +32,7 @@ from lenetlab import cli  # noqa: E402
 from lenetlab.recipes import Recipe  # noqa: E402
 from lenetlab.records import TrialResult  # noqa: E402
 from lenetlab.rundir import read_plan  # noqa: E402
-from lenetlab.study import read_results  # noqa: E402
+from lenetlab.runner import read_results  # noqa: E402
 
 QUICK = ["--epochs-scale", "0.1", "--train-subset", "2000", "--threads", "1", "--quiet", "--kernels", "torch"]
 MEASURES = [f"{split}_{measure}" for split in ("train", "val", "test") for measure in ("loss", "accuracy")]

@@ -1,6 +1,7 @@
 """The `lenetlab` command: variants, train, evaluate, predict, export, study, sweep, resume, report.
 
-main() only wires options to the modules that do the work. Every error a user can cause
+main() only wires options to the modules that do the work: the run commands, train and
+predict to the Python API (api.py), the others to their modules. Every error a user can cause
 (a bad option, file or run folder, a full disk) ends as one line on stderr and exit status
 2; Ctrl-C or SIGTERM during a run stops it cleanly and says how to resume.
 """
@@ -10,35 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import signal
 import sys
-import threading
-from dataclasses import replace
 from pathlib import Path
 
-from . import __version__, export, files, kernels, options, predict, study
-from .data import CLASS_NAMES, load_fashion_mnist, make_splits, normalise
-from .engines import check_engine
-from .errors import LenetlabError, OutputError, SpecError
+from . import __version__, api, export, files, options, prediction
+from .data import CLASS_NAMES, load_fashion_mnist, normalise
+from .errors import LenetlabError, OptionError, SpecError
 from .evaluation import evaluate
 from .model import architecture_call, architecture_name, load_weights
-from .progress import Progress
-from .recipes import (
-    FIELDS,
-    PUBLISHED_RECIPES,
-    RECIPES,
-    describe_start,
-    extensions,
-    file_name,
-    get_recipe,
-    with_fields,
-)
-from .records import SPLITS, Trial
-from .rundir import MAX_SEEDS, check_size, new_run_dir, parse_seeds, read_plan
+from .recipes import FIELDS, RECIPES, extensions, file_name
+from .rundir import MAX_SEEDS
 from .runs import list_runs
-from .sweep import expand, load_spec
-from .trials import execute_trial, save_weights
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,11 +29,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _echo(line: str) -> None:
-    """Print a progress line now, also when stdout is a file or a pipe (a log, CI)."""
-    print(line, flush=True)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -73,32 +51,10 @@ def cmd_variants(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import torch
-
     changes = {key: getattr(args, key) for key in FIELDS if getattr(args, key) is not None}
-    recipe = with_fields(get_recipe(args.variant, args.warm_start), changes, "--")
-    run = options.run_options(args)
-    run = replace(run, threads=run.threads or torch.get_num_threads())
-    kernels.announce(run.kernels, run.device, [(recipe.name, recipe)])
-    tracking = _tracking(args)
-    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
-    files.writable_dir(args.out)  # before training, not after it
-    echo = (lambda line: None) if args.quiet else _echo
-    echo(f"training {recipe.name} (seed {args.seed}, {describe_start(recipe)}) on {run.device}, "
-         f"{args.train_subset or 'all'} training images")
-    splits = make_splits(data, run.split_seed, run.device, run.train_subset)
-    result, state_dict = execute_trial(Trial(recipe.name, recipe, args.seed), "train", splits, run,
-                                       checkpoint=None, progress=not (args.quiet or not sys.stderr.isatty()),
-                                       log=echo)
-    if not result.done:
-        raise SpecError(f"{recipe.name}: {result.error}; no weights saved")
-    out = Path(args.out) / file_name(recipe.name)
-    save_weights(out, result, state_dict, data.checksums)
-    final = {split: result.final(split) for split in SPLITS}
-    print(f"{recipe.name}: train {final['train']:.4f}  val {final['val']:.4f}  test {final['test']:.4f}  "
-          f"({result.wall_time_s:.0f} s, {result.kernels} kernels)  saved {out}")
-    if tracking:
-        tracking.log_trained(args.mlflow, out)
+    api.train(args.variant, seed=args.seed, warm_start=args.warm_start, out=args.out, data_dir=args.data_dir,
+              device=args.device, kernels=args.kernels, threads=args.threads, split_seed=args.split_seed,
+              train_subset=args.train_subset, mlflow=args.mlflow, quiet=args.quiet, **changes)
     return 0
 
 
@@ -126,104 +82,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the workers are stopped and the resume line printed."""
+def _run_options(args) -> dict:
+    """The options of a study or sweep, as the API's keywords."""
+    return dict(out=args.out, name=args.name, data_dir=args.data_dir, device=args.device,
+                kernels=args.kernels,
+                threads=args.threads, split_seed=args.split_seed, train_subset=args.train_subset,
+                engine=args.engine, address=args.address, workers=args.workers, ray_retries=args.ray_retries,
+                max_trials=args.max_trials, mlflow=args.mlflow, quiet=args.quiet)
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
-
-
-class _Displays:
-    """Several study.Display observers told the same events in turn (the MLflow tracker, the progress)."""
-
-    def __init__(self, *displays) -> None:
-        self.displays = displays
-
-    def begin(self, todo: int, finished: int) -> None:
-        for display in self.displays:
-            display.begin(todo, finished)
-
-    def start(self, trial: Trial) -> None:
-        for display in self.displays:
-            display.start(trial)
-
-    def done(self, result) -> None:
-        for display in self.displays:
-            display.done(result)
-
-
-def _tracking(args):
-    """The tracking module when --mlflow is given (its extra checked before any work), else None."""
-    if getattr(args, "mlflow", None) is None:
-        return None
-    from . import tracking
-
-    tracking.require_extra("--mlflow")
-    return tracking
-
-
-def _run(args, run_dir: Path, go) -> int:
-    """Run go(display) -> summary with Ctrl-C and SIGTERM turned into a resume hint."""
-    echo = (lambda line: None) if args.quiet else _echo
-    display = Progress(args.quiet, echo)
-    tracking = _tracking(args)
-    tracker = tracking.Tracker(args.mlflow, run_dir, None if args.quiet else _echo) if tracking else None
-    in_main = threading.current_thread() is threading.main_thread()  # the CLI may be embedded
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-    resume_line = f"lenetlab resume {shlex.quote(str(run_dir))}" + (f" {tracker.option}" if tracker else "")
-    stopped = "FAILED"
-    try:
-        summary = go(_Displays(tracker, display) if tracker else display)
-        stopped = None
-    except KeyboardInterrupt as exc:
-        stopped = "KILLED"
-        print(f"\n{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}: finished "
-              f"trials and each running trial's last epoch are saved; resume with: {resume_line}",
-              file=sys.stderr)
-        return 143 if isinstance(exc, _Terminated) else 130
-    except OutputError as exc:  # a full disk: the run can go on once there is room
-        raise OutputError(f"{exc}; once fixed: {resume_line}") from None
-    finally:
-        display.close()
-        if tracker and stopped:
-            tracker.close(stopped)
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-    failed = summary.failed_count
-    print(f"{summary.kind} {run_dir}: {summary.done_count} trial(s) done, {failed} failed; "
-          f"report: {run_dir / 'report.html'} (and report.md)")
-    best = summary.best_config
-    if best:
-        print(f"best: {best.name} test accuracy {best.final['test'].mean:.4f} "
-              f"(mean of {best.final['test'].n} seed(s))")
-    if tracker:
-        tracker.finish()
-    if failed:
-        print(f"rerun the failed trials with: {resume_line}")
-    return 1 if failed else 0
-
-
-def _start(args, kind: str, name: str | None, configs, seeds: list[int], reference: str | None = None) -> int:
-    check_size(len(configs) * len(seeds), args.max_trials)
-    run = options.run_options(args)
-    kernels.announce(run.kernels, run.device, configs)
-    check_engine(args.engine)
-    _tracking(args)
-    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)  # before a run folder exists
-    run_dir = new_run_dir(args.out, args.name or name, kind)
-    plan = study.new_plan(kind, run_dir.name, configs, seeds, run, args.engine, args.workers, reference)
-    return _run(args, run_dir, lambda display: study.start(run_dir, plan, data, args.address, display,
-                                                            args.ray_retries))
+def _status(run) -> int:
+    return 1 if run.summary.failed_count else 0
 
 
 def cmd_study(args) -> int:
-    variants = args.variants or list(PUBLISHED_RECIPES)
-    if "all" in variants:
-        variants = [name for v in variants for name in (RECIPES if v == "all" else [v])]
-    variants = list(dict.fromkeys(variants))  # each once, in the given order
-    configs = study.study_configs(variants, args.epochs_scale, args.warm_start)
-    return _start(args, "study", None, configs, parse_seeds(args.seeds))
+    return _status(api.study(args.variants, seeds=args.seeds, epochs_scale=args.epochs_scale,
+                             warm_start=args.warm_start, **_run_options(args)))
 
 
 def cmd_sweep(args) -> int:
@@ -233,35 +107,25 @@ def cmd_sweep(args) -> int:
         if given:
             raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
                             f"put {', '.join(given)} in it instead")
-        sweep = load_spec(args.spec, args.max_trials)
-    else:
-        sweep = expand({"seeds": args.seeds or options.DEFAULT_SEEDS, "grid": grid}, args.max_trials)
-    return _start(args, "sweep", sweep.name, sweep.configs, sweep.seeds, sweep.reference)
+    spec = args.spec or {"seeds": args.seeds or options.DEFAULT_SEEDS, "grid": grid}
+    return _status(api.sweep(spec, **_run_options(args)))
 
 
 def cmd_resume(args) -> int:
-    run_dir = Path(args.run_dir)
-    plan = read_plan(run_dir)  # a folder that is no run is refused before the data is loaded
-    kernels.announce(plan.options.kernels, plan.options.device, plan.configs)
-    check_engine(args.engine or "local")
-    _tracking(args)
-    data = load_fashion_mnist(args.data_dir, quiet=args.quiet)
-    return _run(args, run_dir, lambda display: study.resume(run_dir, data, args.engine, args.address,
-                                                             args.workers, display, args.ray_retries))
+    return _status(api.resume(args.run_dir, data_dir=args.data_dir, engine=args.engine, address=args.address,
+                              workers=args.workers, ray_retries=args.ray_retries, mlflow=args.mlflow,
+                              quiet=args.quiet))
 
 
 def cmd_predict(args) -> int:
     if args.explain is not None:
         files.writable_dir(args.explain)  # before the weights and the images, not after them
-    model = load_weights(args.weights)
-    predictions, skipped = predict.predict_files(model, args.images, args.invert)
-    explained = (predict.write_explained(predictions, args.explain) if args.explain is not None
+    predictions = api.predict(args.weights, args.images, args.invert)
+    explained = (prediction.write_explained(predictions, args.explain) if args.explain is not None
                  else [None] * len(predictions))
-    if skipped:
-        print(predict.skipped_note(skipped), file=sys.stderr)
-    for prediction, seen in zip(predictions, explained):
-        print(json.dumps(predict.as_json(prediction, seen), allow_nan=False) if args.json
-              else predict.as_line(prediction, args.top_k))
+    for found, seen in zip(predictions, explained):
+        print(json.dumps(prediction.as_json(found, seen), allow_nan=False) if args.json
+              else prediction.as_line(found, args.top_k))
     return 0
 
 
@@ -319,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key, field in FIELDS.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=options.field(key),
                        help=f"{field.help} (default: the variant's recipe)")
-    p.add_argument("--seed", type=options.SEED, default=0,
+    p.add_argument("--seed", type=options.typed("seed"), default=0,
                    help="seed of the weights, data order and dropout, 0 to 2**32-1 (default 0)")
     p.add_argument("--warm-start", action="store_true",
                    help="l2_optimized: continue the trained l2_regularization model, as the original")
@@ -336,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("study", help="the whole comparison: every variant over several seeds")
-    p.add_argument("--seeds", type=options.number(int, 1, MAX_SEEDS), default=options.DEFAULT_SEEDS,
+    p.add_argument("--seeds", type=options.typed("seeds"), default=options.DEFAULT_SEEDS,
                    help=f"seeds per variant, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
     p.add_argument("--variants", type=options.list_of(str), help="comma-separated, e.g. baseline,dropout; "
                    "tuned is lenetlab's best recipe; all: the five and tuned (default: the five published)")
-    p.add_argument("--epochs-scale", type=options.number(float, 0, options.MAX_EPOCHS_SCALE, low_open=True),
+    p.add_argument("--epochs-scale", type=options.typed("epochs_scale"),
                    default=1.0,
                    help=f"multiply every recipe's epochs, more than 0 to {options.MAX_EPOCHS_SCALE:g} "
                    "(default 1; 0.25 for a quick look)")
@@ -351,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid over recipe fields, each over several seeds")
     p.add_argument("spec", nargs="?", help="a TOML spec (see the README); or give the grid as flags")
-    p.add_argument("--seeds", type=options.number(int, 1, MAX_SEEDS),
+    p.add_argument("--seeds", type=options.typed("seeds"),
                    help=f"seeds per configuration, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
     p.add_argument("--variant", type=options.list_of(str), help="comma-separated published recipes to start "
                    "from (default baseline)")
@@ -384,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="image files (PNG, JPEG, BMP, GIF, WebP, ...) or folders: every image in a folder, "
                    "sorted by name, not recursing")
-    p.add_argument("--top-k", type=options.number(int, 1, 10), default=3,
+    p.add_argument("--top-k", type=options.typed("top_k"), default=3,
                    help="classes printed per file, 1 to 10 (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line and file, with all ten "
                    "probabilities (instead of the top K)")
@@ -437,9 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
+    except OptionError as exc:
+        print(f"lenetlab: error: {exc.on_command_line()}", file=sys.stderr)
+        return 2
     except LenetlabError as exc:
         print(f"lenetlab: error: {exc}", file=sys.stderr)
         return 2
+    except api.Stopped as exc:  # said how to resume already
+        return exc.status
     except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
         return 141  # 128 + SIGPIPE, what a program stopped by the signal reports

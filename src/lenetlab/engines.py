@@ -37,7 +37,7 @@ from pathlib import Path
 
 from . import files
 from .data import FashionMNIST, Splits, make_splits
-from .errors import OutputError, SpecError
+from .errors import OptionError, OutputError
 from .records import RunOptions, Trial, TrialResult
 from .rundir import checkpoint_path, reaches, result_path, token_path
 from .training import FileCheckpoint
@@ -69,7 +69,7 @@ def check_engine(engine: str) -> None:
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise SpecError("--engine ray needs Ray: pip install 'lenetlab[ray]'") from None
+            raise OptionError("engine", "{option} ray needs Ray: pip install 'lenetlab[ray]'") from None
 
 
 def _die_with(pid: int) -> None:
@@ -316,8 +316,8 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
                      configure_logging=False, ignore_reinit_error=True)
         except Exception as exc:  # unreachable address, version mismatch, ...
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise SpecError(f"--engine ray: cannot start or reach Ray"
-                            f"{' at ' + address if address else ''} ({detail})") from None
+            raise OptionError("engine", f"{{option}} ray: cannot start or reach Ray"
+                              f"{' at ' + address if address else ''} ({detail})") from None
     run_dir = Path(run_dir).resolve()  # the same folder for the sink and any task that reaches it
     sink = None
     try:

@@ -1,4 +1,4 @@
-"""Typed errors. The CLI turns each into one line on stderr and exit status 2."""
+"""Typed errors: the Python API raises them; the CLI turns each into one line on stderr and exit status 2."""
 
 
 class LenetlabError(Exception):
@@ -27,3 +27,19 @@ class OutputError(LenetlabError):
 
 class ImageError(LenetlabError):
     """An image file to classify is missing, empty, corrupt, too large or not an image."""
+
+
+class OptionError(SpecError):
+    """A bad option value, named as the caller spelled it: the keyword in Python (weight_decay),
+    the flag on the command line (--weight-decay). {option} in the message stands for either."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key, self.message = key, message
+        super().__init__(message.replace("{option}", key))
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def on_command_line(self) -> str:
+        return self.message.replace("{option}", self.flag)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from . import native
-from .errors import SpecError
+from .errors import OptionError
 from .model import LeNet5V1
 from .recipes import OPTIMIZERS, RECIPES, Recipe
 
@@ -75,7 +75,7 @@ def choose(kernels: str, recipe: Recipe, device: torch.device | str) -> str:
     if gap is None:
         return "native"
     if kernels == "native":
-        raise SpecError(f"--kernels native: the native step does not cover {gap}")
+        raise OptionError("kernels", f"{{option}} native: the native step does not cover {gap}")
     return "torch"
 
 
@@ -87,7 +87,7 @@ def announce(kernels: str, device: str, configs: Iterable[tuple[str, Recipe]]) -
         return
     if native.load() is None:
         if kernels == "native":
-            raise SpecError(f"--kernels native: the native step cannot be used here "
+            raise OptionError("kernels", f"{{option}} native: the native step cannot be used here "
                             f"({native.unavailable_reason()})")
         print(f"lenetlab: note: training with PyTorch's kernels, the native step is unavailable here "
               f"({native.unavailable_reason()})", file=sys.stderr)
@@ -97,6 +97,6 @@ def announce(kernels: str, device: str, configs: Iterable[tuple[str, Recipe]]) -
         if gap is None:
             continue
         if kernels == "native":
-            raise SpecError(f"--kernels native: {name}: the native step does not cover {gap}")
+            raise OptionError("kernels", f"{{option}} native: {name}: the native step does not cover {gap}")
         print(f"lenetlab: note: {name} trains with PyTorch's kernels: the native step does not "
               f"cover {gap}", file=sys.stderr)

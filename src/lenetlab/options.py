@@ -1,7 +1,9 @@
-"""Command-line options: each value's type, range and real default, checked before any work starts.
+"""Options: each value's type, range and real default, checked before any work starts.
 
-The subcommands in cli.py share these: a bad value is one argparse line and exit status 2,
-and the help text of every option states its range and default.
+One table (RANGES, CHOICES) serves both front ends: the Python API checks its keywords with
+check(), and the CLI's flags parse with the argparse types made from the same entries. A bad
+value is a typed error naming the keyword in Python, one argparse line and exit status 2 on
+the command line; the help text of every flag states its range and default.
 """
 
 from __future__ import annotations
@@ -10,32 +12,91 @@ import argparse
 import math
 import os
 import re
+from dataclasses import dataclass
 
 from .data import TRAIN_SIZE
 from .engines import DEFAULT_RAY_RETRIES, MAX_RAY_RETRIES
-from .errors import SpecError
+from .errors import OptionError, SpecError
 from .recipes import FIELDS, check_field
 from .records import RunOptions
-from .rundir import MAX_TRIALS
+from .rundir import MAX_SEEDS, MAX_TRIALS
 
 DEFAULT_SEEDS = 3
 MAX_THREADS = 256
 MAX_EPOCHS_SCALE = 50.0
 
 
-def number(kind: type, low: float, high: float, low_open: bool = False):
-    """An argparse type: a finite int or float in [low, high] ((low, high] with low_open)."""
-    def parse(text: str):
+@dataclass(frozen=True)
+class Number:
+    """A finite int or float in [low, high] ((low, high] with low_open)."""
+
+    kind: type
+    low: float
+    high: float
+    low_open: bool = False
+
+    def problem(self, value, shown: str | None = None) -> str | None:
+        inside = value > self.low if self.low_open else value >= self.low
+        if math.isfinite(value) and inside and value <= self.high:
+            return None
+        return (f"expected {'more than' if self.low_open else 'from'} {self.low:g} to {self.high:g}, "
+                f"got {value if shown is None else shown}")
+
+    @property
+    def expected(self) -> str:
+        return "a whole number" if self.kind is int else "a number"
+
+    def parse(self, text: str):
+        """The argparse type: the text as a number, in range."""
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
-            raise argparse.ArgumentTypeError(f"expected {'more than' if low_open else 'from'} {low:g} "
-                                             f"to {high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}") from None
+        problem = self.problem(value, text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
-    parse.__name__ = kind.__name__
+
+    def check(self, key: str, value):
+        """A keyword's value from Python: the right type (an int passes as a float), in range."""
+        numeric = isinstance(value, int) or (self.kind is float and isinstance(value, float))
+        if isinstance(value, bool) or not numeric:
+            raise OptionError(key, f"{{option}}: expected {self.expected}, got {value!r}")
+        problem = self.problem(value)
+        if problem:
+            raise OptionError(key, f"{{option}}: {problem}")
+        return self.kind(value)
+
+
+SEED = Number(int, 0, 2**32 - 1)
+RANGES = {
+    "seeds": Number(int, 1, MAX_SEEDS), "epochs_scale": Number(float, 0, MAX_EPOCHS_SCALE, low_open=True),
+    "seed": SEED, "split_seed": SEED, "threads": Number(int, 1, MAX_THREADS),
+    "train_subset": Number(int, 1, TRAIN_SIZE), "workers": Number(int, 1, 1024),
+    "ray_retries": Number(int, 0, MAX_RAY_RETRIES), "max_trials": Number(int, 1, 10**6),
+    "top_k": Number(int, 1, 10),
+}
+CHOICES = {"kernels": ("auto", "native", "torch"), "engine": ("local", "ray"),
+           "invert": ("auto", "yes", "no")}
+
+
+def check(key: str, value):
+    """An option given from Python, checked as its flag is; None (the default) passes."""
+    if value is None:
+        return None
+    if key in CHOICES and value not in CHOICES[key]:
+        raise OptionError(key, f"{{option}}: invalid choice {value!r} "
+                          f"(choose from {', '.join(CHOICES[key])})")
+    return RANGES[key].check(key, value) if key in RANGES else value
+
+
+def typed(key: str):
+    """The argparse type of the flag for key."""
+    number = RANGES[key]
+
+    def parse(text: str):
+        return number.parse(text)
+    parse.__name__ = number.kind.__name__  # argparse names the kind in its messages
     return parse
 
 
@@ -78,27 +139,34 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise SpecError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+        raise OptionError("device", f"{{option}} {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SpecError(f"--device {name}: CUDA is not available on this machine")
+            raise OptionError("device", f"{{option}} {name}: CUDA is not available on this machine")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise SpecError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+            raise OptionError("device", f"{{option}} {name}: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
     return name
 
 
-def run_options(args) -> RunOptions:
-    """The options of a new run, checked before any folder exists or any work starts."""
-    device = resolve_device(args.device)
-    return RunOptions(device=device, threads=args.threads, split_seed=args.split_seed,
-                      train_subset=args.train_subset, kernels=args.kernels)
+def run_options(device: str = "auto", threads: int | None = None, split_seed: int = 0,
+                train_subset: int | None = None, kernels: str | None = None) -> RunOptions:
+    """The options of a new run, checked before any folder exists or any work starts
+    (kernels None: $LENETLAB_KERNELS, else auto)."""
+    return RunOptions(device=resolve_device(device), threads=check("threads", threads),
+                      split_seed=check("split_seed", split_seed),
+                      train_subset=check("train_subset", train_subset),
+                      kernels=check("kernels", kernels or default_kernels()))
 
 
-SEED = number(int, 0, 2**32 - 1)
-THREADS = number(int, 1, MAX_THREADS)
+def default_kernels() -> str:
+    return os.environ.get("LENETLAB_KERNELS", "auto")
+
+
+THREADS = typed("threads")
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -110,16 +178,15 @@ def add_training_options(p: argparse.ArgumentParser, threads_default: str) -> No
     add_data_options(p)
     p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), "
                    "cpu, cuda or cuda:N")
-    p.add_argument("--kernels", choices=("auto", "native", "torch"),
-                   default=os.environ.get("LENETLAB_KERNELS", "auto"),
+    p.add_argument("--kernels", choices=CHOICES["kernels"], default=default_kernels(),
                    help="the CPU training step: native (lenetlab's own, built with your C compiler on "
                    "first use), torch, or auto (default, or $LENETLAB_KERNELS: native where it builds and "
                    "covers the recipe, else torch with one note saying why)")
     p.add_argument("--threads", type=THREADS, help=f"threads per trial (torch's and the native step's), "
                    f"1 to {MAX_THREADS} (default: {threads_default})")
-    p.add_argument("--split-seed", type=SEED, default=0,
+    p.add_argument("--split-seed", type=typed("split_seed"), default=0,
                    help="seed of the 54,000 / 6,000 train / validation split, 0 to 2**32-1 (default 0)")
-    p.add_argument("--train-subset", type=number(int, 1, TRAIN_SIZE),
+    p.add_argument("--train-subset", type=typed("train_subset"),
                    help=f"train on the first N images of the split only, 1 to {TRAIN_SIZE} (quick checks)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -141,11 +208,11 @@ def add_mlflow_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=("local", "ray"), help="local process pool (default) or ray")
+    p.add_argument("--engine", choices=CHOICES["engine"], help="local process pool (default) or ray")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--workers", type=number(int, 1, 1024),
+    p.add_argument("--workers", type=typed("workers"),
                    help="trials at a time, 1 to 1024 (default: one per usable core)")
-    p.add_argument("--ray-retries", type=number(int, 0, MAX_RAY_RETRIES), default=DEFAULT_RAY_RETRIES,
+    p.add_argument("--ray-retries", type=typed("ray_retries"), default=DEFAULT_RAY_RETRIES,
                    help=f"with --engine ray: times a trial whose worker or host died runs again (from its "
                    f"last checkpoint), 0 to {MAX_RAY_RETRIES} (default {DEFAULT_RAY_RETRIES}); an error "
                    f"of the trial itself is never retried")
@@ -157,6 +224,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(engine="local")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--name", help="run folder name (default: <kind>-<date>-<time>)")
-    p.add_argument("--max-trials", type=number(int, 1, 10**6), default=MAX_TRIALS,
+    p.add_argument("--max-trials", type=typed("max_trials"), default=MAX_TRIALS,
                    help=f"refuse plans of more trials than this, 1 to 1000000 (default {MAX_TRIALS})")
     add_mlflow_option(p, "each trial as it finishes, then the run's summary")

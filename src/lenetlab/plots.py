@@ -7,6 +7,7 @@ made without pyplot: no backend is chosen or changed, so a notebook's own stays 
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,8 +98,7 @@ def _plot_convergence(config: ConfigSummary, config_curves: dict[str, dict[int, 
     """Mean accuracy per epoch for each split, with the range over seeds shaded, and the kept
     epochs marked for a recipe that keeps its best epoch on validation."""
     seeds = {seed for by_epoch in config_curves.values() for by in by_epoch.values() for seed in by}
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
+    fig, ax = _figure((8, 5))
     handles, labels = [], []
     for split in SPLITS:
         if split not in config_curves:
@@ -136,8 +136,7 @@ def _plot_convergence(config: ConfigSummary, config_curves: dict[str, dict[int, 
 def _plot_overlay(means: dict[str, dict[int, float]]) -> Figure:
     """Every configuration's mean test accuracy on one axes."""
     colours = _distinct_colours(len(means))
-    fig = Figure(figsize=(9 if len(means) > 8 else 8, 5))
-    ax = fig.subplots()
+    fig, ax = _figure((9 if len(means) > 8 else 8, 5))
     for colour, (name, curve) in zip(colours, means.items(), strict=True):
         epochs = sorted(curve)
         ax.plot(epochs, [curve[e] for e in epochs], marker="o", markersize=3, color=colour,
@@ -159,8 +158,7 @@ def _plot_confusion(summary: Summary) -> Figure:
     name, seed = summary.best.name, summary.best.seed
     matrix = np.array(summary.config(name).confusion_matrix[seed])
     accuracy = summary.best_test_accuracy
-    fig = Figure(figsize=(8.5, 7.5))
-    ax = fig.subplots()
+    fig, ax = _figure((8.5, 7.5))
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
     ticks = range(len(CLASS_NAMES))
@@ -184,8 +182,7 @@ def _plot_per_class(per_class: dict[str, list[float]]) -> Figure:
     values = np.array([per_class[name] for name in names])
     title = "Per-class test accuracy (mean over completed seeds)"
     if len(names) > HEATMAP_ABOVE:
-        fig = Figure(figsize=(10, 1.5 + 0.45 * len(names)))
-        ax = fig.subplots()
+        fig, ax = _figure((10, 1.5 + 0.45 * len(names)))
         low = values.min() if values.min() < 1.0 else 0.0
         image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=low, vmax=1.0)
         fig.colorbar(image, ax=ax, label="test accuracy")
@@ -199,8 +196,7 @@ def _plot_per_class(per_class: dict[str, list[float]]) -> Figure:
         ax.set_xlabel("class")
         ax.set_ylabel("configuration")
     else:
-        fig = Figure(figsize=(11, 5))
-        ax = fig.subplots()
+        fig, ax = _figure((11, 5))
         width = 0.8 / len(names)
         positions = np.arange(len(CLASS_NAMES))
         colours = _distinct_colours(len(names))
@@ -237,8 +233,23 @@ def _distinct_colours(count: int) -> list:
     return [matplotlib.colormaps["viridis"](i / (count - 1)) for i in range(count)]
 
 
+class ShownFigure(Figure):
+    """A Figure that a notebook shows as a PNG (IPython asks for _repr_png_): made without
+    pyplot, it has no backend that would show it."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=DPI)
+        return buffer.getvalue()
+
+
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+    """A figure of one axes, laid out tight whenever it is drawn (saved or shown)."""
+    fig = ShownFigure(figsize=figsize, layout="tight")
+    return fig, fig.subplots()
+
+
 def _save_figure(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
     files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 

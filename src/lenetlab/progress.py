@@ -1,4 +1,4 @@
-"""The CLI's display of a running study or sweep: done / running / failed, with an estimate on a terminal."""
+"""The display of a running study or sweep: done / running / failed, as a bar where one can be drawn."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ from tqdm import tqdm
 from .records import Trial, TrialResult
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (IPython's, as in Jupyter, VS Code and Colab)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+
 class Progress:
-    """A tqdm bar on a terminal; elsewhere (a log, CI) one plain line per finished trial."""
+    """A tqdm bar on a terminal, tqdm.auto's in a notebook (a widget where ipywidgets is
+    installed); elsewhere (a log, CI) one plain line per finished trial."""
 
     def __init__(self, quiet: bool, echo: Callable[[str], None]) -> None:
         self.echo, self.quiet = echo, quiet
@@ -21,8 +29,13 @@ class Progress:
     def begin(self, todo: int, finished: int) -> None:
         if finished and not self.quiet:
             self.echo(f"resuming: {finished} trial(s) done, {todo} to run")
-        self.bar = tqdm(total=todo, desc="trials", unit="trial", file=sys.stderr,
-                        disable=self.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+        if in_notebook():  # ipywidgets (the notebook extra) is imported here, not with lenetlab
+            from tqdm.auto import tqdm as notebook_tqdm
+
+            self.bar = notebook_tqdm(total=todo, desc="trials", unit="trial", disable=self.quiet)
+        else:
+            self.bar = tqdm(total=todo, desc="trials", unit="trial", file=sys.stderr,
+                            disable=self.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
     def start(self, trial: Trial) -> None:
         self.running += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpecError
+from .errors import OptionError, SpecError
 from .model import ACTIVATIONS, POOLS
 
 
@@ -155,14 +155,17 @@ def get_recipe(name: str, warm_start: bool = False) -> Recipe:
 def with_fields(base: Recipe, changes: dict, where: str = "") -> Recipe:
     """base with checked field changes; dropout_rate only where there is a dropout layer."""
     checked = {key: check_field(key, value, where) for key, value in changes.items()}
-    flag = (lambda key: key.replace("_", "-")) if where == "--" else (lambda key: key)  # as the user wrote it
+
+    def problem(key: str, text: str) -> SpecError:  # a spec's key as written there, else an option
+        return SpecError(f"{where}{key}: {text}") if where else OptionError(key, f"{{option}}: {text}")
+
     if "dropout_rate" in checked and not base.use_dropout:
-        raise SpecError(f"{where}{flag('dropout_rate')}: variant {base.name!r} has no dropout layer")
+        raise problem("dropout_rate", f"variant {base.name!r} has no dropout layer")
     recipe = replace(base, **checked)
     if recipe.warmup_epochs >= recipe.epochs and recipe.warmup_epochs > 0:
         key = "warmup_epochs" if "warmup_epochs" in checked or "epochs" not in checked else "epochs"
-        raise SpecError(f"{where}{flag(key)}: the warm-up ({recipe.warmup_epochs} epochs) must be shorter "
-                        f"than the run ({recipe.epochs} epochs)")
+        raise problem(key, f"the warm-up ({recipe.warmup_epochs} epochs) must be shorter than the run "
+                      f"({recipe.epochs} epochs)")
     return recipe
 
 

@@ -8,8 +8,10 @@ accuracies and the type of a seed have one definition.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from .evaluation import Evaluation
+from .model import LeNet5V1
 from .recipes import Recipe, describe_start, recipe_from_dict
 
 SPLITS = ("train", "val", "test")
@@ -366,3 +368,17 @@ class Summary:
             comparisons=[Comparison(**c) for c in record["comparisons"]],
             best=Best(best["name"], best["seed"]) if best else None, files_sha256=record["files_sha256"])
 
+
+@dataclass(frozen=True)
+class Trained:
+    """What lenetlab.train returns: the kept model (in eval mode), its epochs, its test result."""
+
+    model: LeNet5V1
+    history: list[EpochMetrics]
+    test: Evaluation  # the kept model on the 10,000 test images
+    result: TrialResult  # the whole record, as a run folder's trials/<key>.json holds it
+    weights: Path | None  # where its weights were saved (train's out), if anywhere
+
+    def final(self, split: str) -> float:
+        """The kept model's accuracy on split (train, val or test)."""
+        return self.result.final(split)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import files
-from .errors import RunDirError, SpecError
+from .errors import OptionError, RunDirError, SpecError
 from .provenance import library_versions
 from .recipes import Recipe, file_name, recipe_from_dict
 from .records import RunOptions, Trial
@@ -57,8 +57,8 @@ def parse_seeds(value) -> list[int]:
 
 def check_size(trials: int, cap: int) -> None:
     if trials > cap:
-        raise SpecError(f"the plan has {trials:,} trials, more than the cap of {cap:,}; "
-                        f"raise it with --max-trials {trials} if you mean it")
+        raise OptionError("max_trials", f"the plan has {trials:,} trials, more than the cap of {cap:,}; "
+                                        f"raise it with {{option}} {trials} if you mean it")
 
 
 @dataclass
@@ -117,8 +117,8 @@ def read_plan(run_dir: Path) -> RunPlan:
 def new_run_dir(out: Path, name: str | None, kind: str) -> Path:
     """out/NAME, or out/<kind>-<time> when no name is given."""
     if name is not None and not is_folder_name(name):
-        raise SpecError(f"--name {name!r}: expected a folder name (no '/', no control characters, "
-                        f"not '.' or '..')")
+        raise OptionError("name", f"{{option}} {name!r}: expected a folder name (no '/', no control "
+                          f"characters, not '.' or '..')")
     return Path(out) / (name or f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import RunDirError
 from .rundir import plan_path, read_plan
-from .study import read_results
+from .runner import read_results
 from .summary import load_summary
 
 

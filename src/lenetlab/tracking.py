@@ -5,7 +5,7 @@ folder name holds a parent run for the study or sweep (its options, summary file
 and a nested run per trial (its recipe and seed, each split's loss and accuracy per epoch, its
 weights). Runs are found again by their tags (the run's id and the trial's key), so a resumed
 run, or a run folder logged again with `lenetlab log-mlflow`, continues the same MLflow runs.
-Tracker logs a run live, as a study.Display. mlflow is imported only here, and only when
+Tracker logs a run live, as a runner.Display. mlflow is imported only here, and only when
 something is logged: it is an optional extra.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import files
-from .errors import OutputError, RunDirError, SpecError, WeightsError
+from .errors import OptionError, OutputError, RunDirError, SpecError, WeightsError
 from .recipes import recipe_from_dict
 from .records import EpochMetrics, Trial, TrialResult
 from .rundir import RunPlan, read_plan
@@ -42,11 +42,15 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
-def require_extra(what: str) -> None:
-    """SpecError with the install line when mlflow is not installed (checked before any work)."""
+def require_extra(what: str | None = None) -> None:
+    """The install line when mlflow is not installed (checked before any work): a SpecError
+    naming what needs it, else an OptionError naming the mlflow option."""
     try:
         import mlflow  # noqa: F401
     except ImportError:
+        if what is None:
+            raise OptionError("mlflow", "{option} needs the mlflow extra: "
+                                        "pip install 'lenetlab[mlflow]'") from None
         raise SpecError(f"{what} needs the mlflow extra: pip install 'lenetlab[mlflow]'") from None
 
 
@@ -241,7 +245,7 @@ class RunLog:
         as the parent's artifacts and its counts as metrics."""
         from mlflow.entities import Metric
 
-        from .study import read_results
+        from .runner import read_results
 
         results = read_results(self.run_dir, self.plan)
         for trial in self.plan.trials():
@@ -278,7 +282,7 @@ class RunLog:
 
 
 class Tracker:
-    """Logs a run as study.execute reports it (a study.Display), then its summary (finish) or how
+    """Logs a run as runner.execute reports it (a runner.Display), then its summary (finish) or how
     it stopped (close). A failure of the store ends the logging, never the run: finish tries the
     whole run once more, and if that fails too, one line says what is missing and how to log it later."""
 
@@ -315,7 +319,7 @@ class Tracker:
 
     def finish(self) -> None:
         """After finalize: every recorded trial and the summary, tried again once after a failure."""
-        from .study import read_results
+        from .runner import read_results
 
         if self.problem is not None or self.log is None:  # tried again from the start, once
             self.problem = None

@@ -1,4 +1,4 @@
-"""Classify image files with trained weights: find, load and check them, predict, show what was seen.
+"""Classify pictures with trained weights: find, load and check image files, predict, show what was seen.
 
 Every input is loaded and checked before any is predicted: one bad file stops the call with
 an ImageError naming it, and nothing is printed for the others. A picture is read as its
@@ -44,7 +44,7 @@ class Inputs:
 class PreparedImage:
     """One picture as the network sees it: 28x28 uint8, light garment on black."""
 
-    path: Path
+    path: Path | str  # the file, or the label of a picture given in memory
     pixels: np.ndarray
     inverted: bool
     size: tuple[int, int]  # (width, height) of the file's picture
@@ -55,7 +55,7 @@ class Prediction:
     """The ten class probabilities of one image, in CLASS_NAMES order, and the 28x28 uint8
     image they were computed from (light garment on black)."""
 
-    path: Path
+    path: Path | str  # the file, or the label of a picture given in memory
     probabilities: list[float]
     inverted: bool
     pixels: np.ndarray
@@ -146,6 +146,14 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
     return PreparedImage(path, pixels, inverted, size)
 
 
+def prepare_picture(im: Image.Image, label: str, invert: str = "auto") -> PreparedImage:
+    """A picture already in memory (the Python API's PIL images and arrays), prepared as a file's
+    is; label names it in errors and predictions."""
+    _check_size(label, im.size)
+    pixels, inverted = prepare(_to_pixels(_upright(im)), invert)
+    return PreparedImage(label, pixels, inverted, im.size)
+
+
 @contextlib.contextmanager
 def _decoder_messages(said: list[str]):
     """While a picture is decoded, what C libraries write to the process's stderr (libtiff's
@@ -169,7 +177,7 @@ def _decoder_messages(said: list[str]):
             said += [line.strip() for line in lines if line.strip()]
 
 
-def _check_size(path: Path, size: tuple[int, int]) -> None:
+def _check_size(path: Path | str, size: tuple[int, int]) -> None:
     width, height = size
     if min(width, height) < 1 or max(width, height) >= MAX_SIDE:
         raise ImageError(f"{path}: {width}x{height} pixels, refused (a side must be 1 to "

@@ -28,7 +28,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import OptionError, SpecError
 from .recipes import FIELDS, RECIPES, Recipe, check_field, with_fields
 from .rundir import MAX_TRIALS, check_size, is_folder_name, parse_seeds
 
@@ -143,5 +143,9 @@ def load_spec(path: str | Path, max_trials: int = MAX_TRIALS) -> Sweep:
         raise SpecError(f"{path}: not valid TOML ({exc})") from None
     try:
         return expand(spec, max_trials)
+    except OptionError as exc:
+        if exc.key in TOP_LEVEL:  # a key of the spec, named as the spec names it
+            raise SpecError(f"{path}: {exc}") from None
+        raise OptionError(exc.key, f"{path}: {exc.message}") from None  # the caller's option (max_trials)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
