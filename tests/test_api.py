@@ -106,6 +106,7 @@ def test_bad_questions_to_a_run_are_typed_errors(both, tmp_path, monkeypatch):
     (lambda: lenetlab.study(train_subset=2.5), "train_subset: expected a whole number, got 2.5"),
     (lambda: lenetlab.study(kernels="fast"), "kernels: invalid choice 'fast' (choose from auto, native"),
     (lambda: lenetlab.study(device="tpu"), "device tpu: expected auto, cpu, cuda or cuda:N"),
+    (lambda: lenetlab.study(device=torch.device("cpu")), "device: expected auto, cpu, cuda or cuda:N as a"),
     (lambda: lenetlab.study(variants=["baseline", "nope"]), "unknown variant 'nope'"),
     (lambda: lenetlab.study(seeds=1000), "raise it with max_trials 5000"),
     (lambda: lenetlab.sweep({"grid": {"lr": [0.1, 0.2]}}, workers=0), "workers: expected from 1 to 1024"),

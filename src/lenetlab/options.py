@@ -135,11 +135,14 @@ def list_of(kind):
 def resolve_device(name: str) -> str:
     import torch
 
+    if not isinstance(name, str):  # run.json records it as written
+        raise OptionError("device", f"{{option}}: expected auto, cpu, cuda or cuda:N as a string, "
+                          f"got {type(name).__name__} {name!r}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError):
+    except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise OptionError("device", f"{{option}} {name}: expected auto, cpu, cuda or cuda:N")
