@@ -5,6 +5,7 @@ keywords as typed errors naming the keyword. Real data, tiny runs (1,000 images,
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -198,3 +199,12 @@ def test_a_python_run_stopped_by_ctrl_c_resumes_from_the_shell(tmp_path, data_di
     assert run_cli("resume", run, "--data-dir", data_dir, "--quiet").returncode == 0
     assert metrics_text(run) == metrics_text(uninterrupted)
     assert lenetlab.open_run(run).summary.done_count == 2
+
+
+def test_importing_lenetlab_leaves_pandas_out_and_the_plot_backend_alone():
+    """pandas is the notebook extra's, imported for a table; a notebook's own matplotlib backend stays."""
+    check = "import sys, lenetlab, matplotlib; print('pandas' in sys.modules, matplotlib.get_backend())"
+    shown = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "MPLBACKEND": "svg"}, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["False", "svg"]
