@@ -173,6 +173,8 @@ def test_each_result_says_where_it_was_trained_and_the_report_flags_mixed_builds
     sidecar = strict_json((study_copy / result.weights).with_suffix(".json"))
     assert sidecar["machine"]["host"] == where.host and sidecar["build"] == where.build
     assert "Mixed builds" not in (study_copy / "report.md").read_text()
+    if where.kernels == "native":  # the report names the build beside the kernels
+        assert f"Native build: `{where.build}`" in (study_copy / "report.md").read_text()
     # dropout's seed 1 as if trained on a host of another vector width; baseline's seed 0 as a
     # result written before lenetlab recorded where (it reads as unknown, not as another build)
     other = study_copy / "trials" / "dropout__seed1.json"
