@@ -98,3 +98,17 @@ def test_a_compiler_that_refuses_everything_leaves_the_pytorch_path_with_one_not
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and "PyTorch's kernels" in lines[0] and "unavailable" in lines[0], lines
     assert provenance.trained_on("torch").build == "torch"
+
+
+def test_windows_looks_for_clang_never_cl(monkeypatch, tmp_path):
+    """Without $CC, Windows takes clang from PATH and nothing else (cc, gcc and MSVC's cl are not
+    looked for: cl has no vector extensions); elsewhere cc, then gcc."""
+    found = {name: tmp_path / name for name in ("clang", "cc", "gcc", "cl")}
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: str(found[name]) if name in found else None)
+    monkeypatch.setattr(native.os, "name", "nt")
+    assert native.compiler() == str(found["clang"])
+    del found["clang"]
+    assert native.compiler() is None
+    monkeypatch.setattr(native.os, "name", "posix")
+    assert native.compiler() == str(found["cc"])
