@@ -42,8 +42,8 @@ REPLAYED = [parity.test_forward_matches_fast_forward, parity.test_one_step_match
             parity.test_augmenting_in_the_step_is_augmenting_before_it, parity.test_totals_match_torch,
             parity.test_bad_input_changes_nothing]
 # Under qemu a batch-64 step takes 0.65 s of CPU (Zen 5, qemu 7.2): of these x86 tests' cases
-# aarch64-gcc runs those that reach code the others do not, which keeps the arm tests under
-# 3 minutes (161 s measured with both cores shared with other work, load average 3)
+# aarch64-gcc runs those that reach code the others do not, which keeps the arm tests to about
+# 2.5 minutes (-m arm: 2 min 28 s of CPU, 195 s of wall time with the cores shared, load 2.4)
 QEMU_CASES = {
     # padding lanes; three chunks, the last padded (the x86 test: 1, 48, 128 and 150 images)
     parity.test_other_batch_sizes_match_torch: lambda batch, variant: (batch, variant) in {
