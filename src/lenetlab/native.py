@@ -19,7 +19,8 @@ builders wait for one build instead of racing.
 The target flag is found by trying (target_flags): on x86-64 -march=native, on aarch64
 -mcpu=native then -march=native, then none (the architecture's baseline vectors); load()
 builds with the first one the compiler takes and builds the source with, and build_target()
-says which (build_flags() all its flags). Only where none builds does load() return None (the PyTorch path).
+says which (build_flags() all its flags). Only where none builds does load() return None
+(the PyTorch path).
 
 Environment: CC picks the compiler; LENETLAB_NATIVE_CFLAGS_EXTRA is appended to the flags
 (for example -mno-avx512f for the 256-bit build, -DLN_WIDE_TILES for the 512-bit blocking at
