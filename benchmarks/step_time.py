@@ -91,7 +91,8 @@ def native_flags(args) -> tuple[str, ...]:
     from lenetlab import native
 
     extra = tuple(args.extra_flags.split()) if args.extra_flags is not None else native.extra_flags()
-    return (*native.BASE_FLAGS, *(("-mno-avx512f",) if args.no_avx512 else ()), *extra)
+    extra = (*(("-mno-avx512f",) if args.no_avx512 else ()), *extra)
+    return native.library_flags(native.target_flags(extra=extra) or (), extra)
 
 
 def interleaved(paths: dict, batch, rounds: int, block: int) -> dict[str, list[float]]:

@@ -21,7 +21,8 @@ one rounding away (_check_trajectory). ReLU and max pooling are not smooth, so t
 are checked step by step, each checked step within the derived bound (test_200_steps_in_lockstep).
 
 Every parity check runs on each build of the C source this machine can run (the `build`
-fixture): the default one (BASE_FLAGS and LENETLAB_NATIVE_CFLAGS_EXTRA), and that with
+fixture): the default one (native.build_flags(): the probed target flag and
+LENETLAB_NATIVE_CFLAGS_EXTRA), and that with
 -mno-avx512f (256 bits on an AVX-512 host), -mno-avx (128 bits) and -DLN_WIDE_TILES (the 512-bit
 register blocking at a narrower width, so that the blocking an AVX-512 host uses is exercised
 everywhere), each where it differs from the builds before it. The builds compile in parallel
@@ -93,13 +94,13 @@ AVX512 = ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma")
 WARNINGS = ("-Wall", "-Wextra", "-Werror")
 _X86 = platform.machine() in ("x86_64", "AMD64")
 
-# name: the flags each build adds to the default one's (BASE_FLAGS, then LENETLAB_NATIVE_CFLAGS_EXTRA)
+# name: the flags each build adds to the default one's (native.build_flags())
 BUILDS = {"default": (), "no-avx512": ("-mno-avx512f",), "no-avx": ("-mno-avx",),
           "wide-tiles": ("-DLN_WIDE_TILES",), "wide-tiles-sse": ("-DLN_WIDE_TILES", "-mno-avx")}
 
 
 def _flags(name: str) -> tuple[str, ...]:
-    return (*native.BASE_FLAGS, *native.extra_flags(), *BUILDS[name])
+    return (*native.build_flags(), *BUILDS[name])
 
 
 class Target(NamedTuple):
@@ -135,8 +136,8 @@ def _skip_reason(name: str) -> str | None:
 
 
 # compile-only checks: -Wall -Wextra -Werror for the default build's flags, and for AVX-512 on any x86 host
-CHECKS = {"warnings": (*native.BASE_FLAGS, *native.extra_flags(), *WARNINGS),
-          "avx512-warnings": (*native.BASE_FLAGS, *native.extra_flags(), *AVX512, *WARNINGS)}
+CHECKS = {"warnings": (*native.build_flags(), *WARNINGS),
+          "avx512-warnings": (*native.build_flags(), *AVX512, *WARNINGS)}
 
 
 @pytest.fixture(scope="module")

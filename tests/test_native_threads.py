@@ -109,7 +109,7 @@ def before_threads():
                              capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"no git history with {BEFORE_THREADS} here: {exc}")
-    flags = (*native.BASE_FLAGS, *native.extra_flags())
+    flags = native.build_flags()
     return native.load_build(flags, src, "native_step_e056921", legacy=True)
 
 

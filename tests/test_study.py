@@ -173,6 +173,8 @@ def test_each_result_says_where_it_was_trained_and_the_report_flags_mixed_builds
     sidecar = strict_json((study_copy / result.weights).with_suffix(".json"))
     assert sidecar["machine"]["host"] == where.host and sidecar["build"] == where.build
     assert "Mixed builds" not in (study_copy / "report.md").read_text()
+    if where.kernels == "native":  # the report names the build beside the kernels
+        assert f"Native build: `{where.build}`" in (study_copy / "report.md").read_text()
     # dropout's seed 1 as if trained on a host of another vector width; baseline's seed 0 as a
     # result written before lenetlab recorded where (it reads as unknown, not as another build)
     other = study_copy / "trials" / "dropout__seed1.json"
@@ -187,7 +189,8 @@ def test_each_result_says_where_it_was_trained_and_the_report_flags_mixed_builds
     done = run_cli("resume", study_copy, "--data-dir", data_dir, "--quiet")  # nothing to train: finalize
     assert done.returncode == 0, done.stderr
     builds = {c["name"]: c["builds"] for c in strict_json(study_copy / "summary.json")["configs"]}
-    assert len(builds["dropout"]) == 2 and "native, 8-byte vectors, cc" in builds["dropout"]
+    assert len(builds["dropout"]) == 2 and elsewhere.build in builds["dropout"]
+    assert elsewhere.build.startswith("native, 8-byte vectors, cc, ")
     assert len(builds["baseline"]) == 1 and len(builds["l2_optimized"]) == 1
     flagged = [line for line in (study_copy / "report.md").read_text().splitlines() if "Mixed builds" in line]
     assert len(flagged) == 1 and "dropout's seeds" in flagged[0] and "baseline" not in flagged[0]

@@ -16,6 +16,12 @@ checksum, and anything else (a truncated or replaced file, one whose record diff
 rebuilt, never called. Builds of one library take a lock in the cache folder, so concurrent
 builders wait for one build instead of racing.
 
+The target flag is found by trying (target_flags): on x86-64 -march=native, on aarch64
+-mcpu=native then -march=native, then none (the architecture's baseline vectors); load()
+builds with the first one the compiler takes and builds the source with, and build_target()
+says which (build_flags() all its flags). Only where none builds does load() return None
+(the PyTorch path).
+
 Environment: CC picks the compiler; LENETLAB_NATIVE_CFLAGS_EXTRA is appended to the flags
 (for example -mno-avx512f for the 256-bit build, -DLN_WIDE_TILES for the 512-bit blocking at
 any width, -DLN_PROFILE for per-stage times from ln_profile); LENETLAB_NATIVE_CACHE overrides
@@ -44,14 +50,25 @@ from .model import LeNet5V1, _layers
 
 SOURCE = Path(__file__).with_name("native_step.c")
 
-# -O3 -march=native: the vector width and register count of this CPU (the C source picks its
-# blocking from them). -fno-math-errno: without it GCC keeps sqrtf scalar (errno) and the
-# optimiser loop does not vectorise. -fno-trapping-math: no FP exceptions to preserve.
+# -O3, and a target flag below: the vector width and register count of this CPU (the C source
+# picks its blocking from them). -fno-math-errno: without it GCC keeps sqrtf scalar (errno) and
+# the optimiser loop does not vectorise. -fno-trapping-math: no FP exceptions to preserve.
 # -ffp-contract=fast: a*b+c fused into one FMA under Clang as under GCC. Not -ffast-math: it
 # would let the compiler reassociate the exp range reduction and the sums, which the tanh
 # accuracy bound (1.8e-7) and the parity tests rest on. -pthread: the step's thread pool.
-BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math",
-              "-ffp-contract=fast", "-fPIC", "-shared", "-pthread")
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+                "-pthread")
+LIBRARY_FLAGS = ("-fPIC", "-shared")
+# The flag that names this CPU, per machine, in the order tried; () is the baseline, the
+# architecture's own vectors (x86-64: SSE2, aarch64: NEON, 16 bytes either way). The first one
+# the compiler takes, by a probe compile of a tiny file (as torch inductor probes a vector ISA),
+# builds the library. -mcpu=native names the host CPU on arm64; Apple clang up to 14 refuses
+# -march=native there, and a cross compiler refuses both.
+TARGET_FLAGS = {"x86_64": (("-march=native",), ()),
+                "aarch64": (("-mcpu=native",), ("-march=native",), ())}
+OTHER_TARGET_FLAGS = (("-march=native",), ("-mcpu=native",), ())
+_MACHINE_NAMES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}  # Windows' and macOS' names
+PROBE_SOURCE = "int ln_probe(int x) { return x + 1; }\n"
 EXTRA_FLAGS_ENV = "LENETLAB_NATIVE_CFLAGS_EXTRA"
 BUILD_TIMEOUT_S = 180
 
@@ -61,7 +78,8 @@ _POOLS = {"avg": 0, "max": 1}  # its maxpool flag
 _UNSUPPORTED = ("maximize", "differentiable", "capturable", "amsgrad", "nesterov", "dampening")
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
-_loaded: dict[tuple[str, str], tuple[ctypes.CDLL | None, str | None]] = {}
+_loaded: dict[tuple[str, str], tuple[ctypes.CDLL | None, str | None, tuple[str, ...] | None]] = {}
+_probes: dict[tuple[str, tuple[str, ...]], str | None] = {}
 
 ABI = 1  # native_step.c's LN_ABI: the version of the argument record below
 MAX_THREADS = 64  # native_step.c's LN_MAX_THREADS: more run as this many
@@ -96,9 +114,15 @@ def cache_dir() -> Path:
 
 
 def compiler() -> str | None:
-    """$CC, else cc or gcc on PATH (resolved to a full path), else None."""
+    """$CC, else cc or gcc on PATH (on Windows clang: MSVC's cl has no vector extensions),
+    resolved to a full path, else None."""
     cc = os.environ.get("CC")
-    found = shutil.which(cc) if cc else shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        found = shutil.which(cc)
+    elif os.name == "nt":
+        found = shutil.which("clang")
+    else:
+        found = shutil.which("cc") or shutil.which("gcc")
     return os.path.realpath(found) if found else None
 
 
@@ -115,12 +139,56 @@ def extra_flags() -> tuple[str, ...]:
     return tuple(os.environ.get(EXTRA_FLAGS_ENV, "").split())
 
 
-def build(source_text: str, name: str, flags: tuple[str, ...] | None = None) -> Path:
-    """The path of source_text compiled into the cache folder, under a hash of the source, the
-    compiler's path and version, the flags and the CPU (a change to any builds afresh), with its
-    SHA-256 beside it. A cached library whose checksum does not match is rebuilt. Raises
+def library_flags(target: tuple[str, ...], extra: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The library's flags for a target flag of TARGET_FLAGS: COMMON_FLAGS, target,
+    LIBRARY_FLAGS, then extra ($LENETLAB_NATIVE_CFLAGS_EXTRA by default), which can override it."""
+    return (*COMMON_FLAGS, *target, *LIBRARY_FLAGS, *(extra_flags() if extra is None else extra))
+
+
+def target_candidates(machine: str | None = None) -> tuple[tuple[str, ...], ...]:
+    """The target flags tried on machine (default: this one's, platform.machine()), in order."""
+    name = (machine or platform.machine()).lower()
+    return TARGET_FLAGS.get(_MACHINE_NAMES.get(name, name), OTHER_TARGET_FLAGS)
+
+
+def _refusal(cc: str, flags: tuple[str, ...]) -> str | None:
+    """None if cc builds a tiny library with these flags, else what it said (cached per process;
+    a probe that builds is cached on disk too, by build)."""
+    key = (cc, flags)
+    if key not in _probes:
+        try:
+            _build(PROBE_SOURCE, "probe", flags, cc=cc)
+            _probes[key] = None
+        except NativeBuildError as exc:
+            _probes[key] = str(exc)
+    return _probes[key]
+
+
+def target_flags(machine: str | None = None, cc: str | None = None,
+                 extra: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+    """The first of machine's target_candidates that cc (default: compiler()) takes with extra
+    (default: $LENETLAB_NATIVE_CFLAGS_EXTRA), by a probe compile; None if it takes none, not
+    even the baseline."""
+    cc = cc or compiler()
+    if cc is None:
+        return None
+    return next((target for target in target_candidates(machine)
+                 if _refusal(cc, library_flags(target, extra)) is None), None)
+
+
+def build(source_text: str, name: str, flags: tuple[str, ...] | None = None, cc: str | None = None) -> Path:
+    """The path of source_text compiled into the cache folder by cc (default: compiler()) with
+    flags (default: library_flags of this machine's target_flags), under a hash of the source,
+    the compiler's path and version, the flags and the CPU (a change to any builds afresh), with
+    its SHA-256 beside it. A cached library whose checksum does not match is rebuilt. Raises
     NativeBuildError."""
-    return _build(source_text, name, flags)[0]
+    if flags is None:
+        target = target_flags(cc=cc)
+        if target is None:
+            raise NativeBuildError(f"{cc or compiler()} takes none of the target flags "
+                                   f"{target_candidates()} here")
+        flags = library_flags(target)
+    return _build(source_text, name, flags, cc=cc)[0]
 
 
 def _checksum_path(library: Path) -> Path:
@@ -160,16 +228,15 @@ def _build_lock(path: Path):
         yield  # closing f releases the lock
 
 
-def _build(source_text: str, name: str, flags: tuple[str, ...] | None = None,
-           stale: str | None = None) -> tuple[Path, str]:
-    """build(), returning the library's checksum too; a library whose checksum is stale (it was
-    loaded and refused) is rebuilt unless another process has rebuilt it meanwhile. The build
-    runs in a temp folder under the lock; the checksum and then the library are renamed into
-    place, so that a reader sees a matching pair or rebuilds."""
-    cc, folder = compiler(), cache_dir()
+def _build(source_text: str, name: str, flags: tuple[str, ...], stale: str | None = None,
+           cc: str | None = None) -> tuple[Path, str]:
+    """build() with these flags, returning the library's checksum too; a library whose checksum
+    is stale (it was loaded and refused) is rebuilt unless another process has rebuilt it
+    meanwhile. The build runs in a temp folder under the lock; the checksum and then the library
+    are renamed into place, so that a reader sees a matching pair or rebuilds."""
+    cc, folder = cc or compiler(), cache_dir()
     if cc is None:
         raise NativeBuildError("no C compiler (set CC, or install cc/gcc)")
-    flags = (*BASE_FLAGS, *extra_flags()) if flags is None else flags
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout.splitlines()[:1]
@@ -317,17 +384,47 @@ def load() -> ctypes.CDLL | None:
     cannot be built or loaded here (see unavailable_reason). Never raises."""
     key = _settings()
     if key not in _loaded:
-        try:
-            _loaded[key] = (load_build((*BASE_FLAGS, *extra_flags())), None)
-        except (NativeBuildError, OSError, AttributeError) as exc:
-            _loaded[key] = (None, str(exc))
+        _loaded[key] = _load_first()
     return _loaded[key][0]
+
+
+def _load_first() -> tuple[ctypes.CDLL | None, str | None, tuple[str, ...] | None]:
+    """(library, None, its target flag) built with the first of this machine's target flags that
+    the compiler takes and builds the source with, else (None, why: each candidate's
+    refusal, in one line, None)."""
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler (set CC, or install cc/gcc)", None
+    problems = []
+    for target in target_candidates():
+        flags = library_flags(target)
+        refused = _refusal(cc, flags)
+        if refused is None:
+            try:
+                return load_build(flags), None, target
+            except (NativeBuildError, OSError, AttributeError) as exc:
+                refused = str(exc)
+        problems.append(f"{' '.join(target) or 'no target flag'}: {refused}")
+    return None, "; ".join(problems), None
 
 
 def unavailable_reason() -> str | None:
     """Why load() returns None for the current settings, or None when it does not."""
     load()
     return _loaded[_settings()][1]
+
+
+def build_target() -> tuple[str, ...] | None:
+    """The target flag load()'s library was built with (one of target_candidates(); () for
+    none), None without a library."""
+    load()
+    return _loaded[_settings()][2]
+
+
+def build_flags() -> tuple[str, ...] | None:
+    """All the flags load()'s library was built with, None without one."""
+    target = build_target()
+    return None if target is None else library_flags(target)
 
 
 def _library(lib: ctypes.CDLL | None) -> ctypes.CDLL:

@@ -45,7 +45,7 @@ def machine_info(device: str = "cpu") -> dict:
 def trained_on(kernels: str, device: str = "cpu") -> TrainedOn:
     """This process's host, CPU and the build of the step that trained with kernels here: called
     where a trial trains (a Ray worker's host is not the driver's, nor its native build)."""
-    vector_bytes = compiler = None
+    vector_bytes = compiler = target = None
     flags = ""
     if kernels == "native":
         from . import native
@@ -53,7 +53,9 @@ def trained_on(kernels: str, device: str = "cpu") -> TrainedOn:
         lib = native.load()
         vector_bytes = lib.ln_vector_bytes() if lib is not None else None
         compiler, flags = native.compiler(), " ".join(native.extra_flags())
+        target = " ".join(native.build_target() or ())
     info = machine_info(device)
     return TrainedOn(host=socket.gethostname(), cpu=info["cpu"], kernels=kernels,
-                     vector_bytes=vector_bytes, compiler=compiler, flags=flags, platform=info["platform"],
+                     vector_bytes=vector_bytes, compiler=compiler, target=target, flags=flags,
+                     platform=info["platform"],
                      cpu_count=info["cpu_count"], gpu=info.get("gpu"))

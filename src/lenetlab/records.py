@@ -68,7 +68,7 @@ class Diverged(Exception):
 @dataclass(frozen=True)
 class TrainedOn:
     """Where a trial was trained, as the process that trained it saw it: its host and CPU, and
-    the build of the step (a native build's vector width and compiler), which decide the
+    the build of the step (a native build's vector width, compiler and flags), which decide the
     rounding of its numbers. Recorded where the trial runs, not where its result is written."""
 
     host: str
@@ -80,6 +80,9 @@ class TrainedOn:
     platform: str = ""
     cpu_count: int | None = None
     gpu: str | None = None
+    # the target flag its build probed and took ("" none: the baseline vectors); None in results
+    # written before lenetlab probed it, whose builds all took -march=native
+    target: str | None = None
 
     @property
     def build(self) -> str:
@@ -87,8 +90,9 @@ class TrainedOn:
         the same numbers for the same seed."""
         if self.kernels != "native":
             return self.kernels
+        target = "-march=native" if self.target is None else self.target or "no target flag"
         extra = f", {self.flags}" if self.flags else ""
-        return f"native, {self.vector_bytes}-byte vectors, {self.compiler}{extra}"
+        return f"native, {self.vector_bytes}-byte vectors, {self.compiler}, {target}{extra}"
 
     def machine(self, device: str) -> dict:
         """The sidecar's machine: provenance.machine_info's fields, as the trainer saw them."""

@@ -311,6 +311,11 @@ def _provenance_section(summary: Summary) -> list[str]:
               "```", ""]
     lines += [f"Trained with the {' and '.join(summary.kernels) or 'no'} kernels (native: lenetlab's own "
               "CPU training step; torch: PyTorch's).", ""]
+    # the native builds, whose rounding the numbers carry (TrainedOn.build; none in older results)
+    builds = sorted({b for c in summary.configs for b in c.builds if b != "torch"})
+    if builds:
+        lines += [f"Native build{'s' if len(builds) > 1 else ''}: {'; '.join(f'`{b}`' for b in builds)} "
+                  "(the same seed on the same build gives the same numbers).", ""]
     mixed = [c for c in summary.configs if len(c.builds) > 1]
     if mixed:  # its seeds differ by where they ran, not only by seed
         lines += ["**Mixed builds:** " + "; ".join(
