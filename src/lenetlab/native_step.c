@@ -318,18 +318,21 @@ CONV(conv2_fwd, C1, C2, Q1, Q1, H2, H2, 0, 0, CONV2_OCB, CONV2_VB)
 CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
 
 /* CONV_WGRAD: pw[o][c][ky][kx] += g[o][y][x] * in[c][y + ky][x + kx], summed over y and x,
- * lane by lane (pw holds vectors of per-lane partial sums; NAME_finish reduces them). g is
- * [OC][OH][GW][64] with the map starting at column GX. The work is in units u = o0 / OCB *
- * IC * 5 + c * 5 + ky, each one register tile's weights: a thread takes units [u0, u1), and
- * each weight's sum runs over the same y and x in the same order whoever owns it. Output-map
+ * lane by lane (pw holds vectors of per-lane partial sums; NAME_finish reduces them), over
+ * the output rows [y0, y1): calls on consecutive row ranges continue each sum in the order
+ * of one call over all rows. g is [OC][OH][GW][64] with the map starting at column GX. The
+ * work is in units u = o0 / OCB * IC * 5 + c * 5 + ky, each one register tile's weights: a
+ * thread takes units [u0, u1), and each weight's sum runs over the same y and x in the same
+ * order whoever owns it. Output-map
  * blocks first, so that a thread's run reads g of its own maps only, not all of g: a line one
  * thread reads after another wrote it is shared, and the writer's next step must take it back
  * from the reader's cache (on 2 threads conv1's forward went from 231 to 175 us per step). */
 #define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB)                                      \
     enum { NAME##_UNITS = (IC) * 5 * ((OC) / (OCB)) };                                            \
-    static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1) \
+    static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1, \
+                     int y0, int y1)                                                              \
     {                                                                                             \
-        for (int y = 0; y < OH; y++)                                                              \
+        for (int y = y0; y < y1; y++)                                                             \
             for (int u = u0; u < u1; u++) {                                                       \
                 const int o0 = u / ((IC) * 5) * (OCB), c = u % ((IC) * 5) / 5, ky = u % 5;        \
                 vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                     \
@@ -584,10 +587,11 @@ static inline vf max4(vf t00, vf t01, vf t10, vf t11) { return vmax(t11, vmax(t1
  * u = c * (H / 2) + py in [u0, u1) (a thread's share: whole block rows, so its pooled outputs
  * and the pixels under them are its own). Without batch norm the caller passes mean 0, istd 1,
  * gamma 1, beta 0, which leave z unchanged bit for bit. With store_xhat the normalised z
- * replaces z (the batch-norm backward needs it); a may be NULL (evaluation). The block is
+ * replaces z (the batch-norm backward needs it); a may be NULL (evaluation), or z itself
+ * without store_xhat (each pixel is read before it is written). The block is
  * visited in the order of model._AvgPool2x2's sum (hence the column-major offsets); the max
  * takes it in torch's row-major order (max4). */
-INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restrict p, int H,
+INLINE void act_pool_fwd_body(float *z, float *a, float *restrict p, int H,
                               const float *mean, const float *istd, const float *gamma, const float *beta,
                               int store_xhat, int u0, int u1, const int relu, const int maxpool)
 {
@@ -618,7 +622,7 @@ INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restr
     }
 }
 
-static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p, int H,
+static void act_pool_fwd(float *z, float *a, float *restrict p, int H,
                          const float *mean, const float *istd, const float *gamma, const float *beta,
                          int store_xhat, int u0, int u1, int relu, int maxpool)
 {
@@ -978,11 +982,11 @@ enum { RS1A = 0, RS1B = C1 * H1, RS2A = 2 * C1 * H1, RS2B = 2 * C1 * H1 + C2 * H
        RS_FLOATS = 2 * (C1 * H1 + C2 * H2) };
 typedef struct {
     float *x;          /* [1][32][32][64] padded input */
-    float *z1;         /* [6][28][28][64] conv1 output; with batch norm, normalised in place */
-    float *a1;         /* [6][28][28][64] activation; in the backward, the gradient w.r.t. conv1 output */
+    float *z1;         /* [6][28][28][64] with batch norm, conv1 output, normalised in place */
+    float *a1;         /* [6][28][28][64] activation (without batch norm conv1's output first, in
+                        * place); in the backward, the gradient w.r.t. conv1 output */
     float *p1, *dp1;   /* [6][14][14][64] */
-    float *z2, *a2;    /* [16][10][10][64] */
-    float *dz2;        /* [16][10][10][64] gradient w.r.t. conv2 output */
+    float *z2, *a2;    /* [16][10][10][64], as z1 and a1 */
     float *p2, *dp2;   /* [400][64] */
     float *drop;       /* [120][64] dropout scale */
     float *a3, *da3;   /* [120][64] */
@@ -997,7 +1001,7 @@ typedef struct {
 /* each buffer's floats, in BATCH-float rows */
 static const size_t CHUNK_ROWS[] = {
     XP * XP, C1 * H1 * H1, C1 * H1 * H1, C1 * Q1 * Q1, C1 * Q1 * Q1, C2 * H2 * H2, C2 * H2 * H2,
-    C2 * H2 * H2, FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, IMGPIX, (RS_FLOATS + BATCH - 1) / BATCH};
+    FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, IMGPIX, (RS_FLOATS + BATCH - 1) / BATCH};
 #define NBUF (sizeof(CHUNK_ROWS) / sizeof(CHUNK_ROWS[0]))
 
 typedef struct {
@@ -1088,7 +1092,7 @@ static int ws_reserve(ln_ws *ws, int chunks)
             return -1;
         ws->mem[k] = m;
         float **dst[] = {&ch[k].x, &ch[k].z1, &ch[k].a1, &ch[k].p1, &ch[k].dp1, &ch[k].z2, &ch[k].a2,
-                         &ch[k].dz2, &ch[k].p2, &ch[k].dp2, &ch[k].drop, &ch[k].a3, &ch[k].da3,
+                         &ch[k].p2, &ch[k].dp2, &ch[k].drop, &ch[k].a3, &ch[k].da3,
                          &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask, &ch[k].stage, &ch[k].rs};
         _Static_assert(sizeof dst / sizeof dst[0] == NBUF, "a row count per chunk buffer");
         for (size_t i = 0; i < NBUF; i++) {
@@ -1342,7 +1346,7 @@ static void bn_layer_bwd(chunk *ch, int nch, int which, float *const *P, float *
         if (which == 1)
             bn_bwd(ch[i].a1, ch[i].z1, c0, c1, H1, H1, 0, k, mdy, mdyx, ch[i].mask, gbias);
         else
-            bn_bwd(ch[i].dz2, ch[i].z2, c0, c1, H2, H2, 0, k, mdy, mdyx, ch[i].mask, gbias);
+            bn_bwd(ch[i].a2, ch[i].z2, c0, c1, H2, H2, 0, k, mdy, mdyx, ch[i].mask, gbias);
     }
 }
 
@@ -1460,7 +1464,7 @@ int ln_args_offsets(int64_t *out, int cap)
  * sees them (a stage's time includes its wait for the slowest thread). */
 #define PROF_STAGES "pack", "conv1_fwd(+act1)", "bn1_fwd", "conv2_fwd(+act2)", "bn2_fwd",             \
     "classifier_fwd+loss", "classifier_bwd", "act2_bwd", "bn2_bwd",                               \
-    "conv2_bwd_input+act1_bwd+conv2_wgrad", "bn1_bwd", "conv1_wgrad", "update"
+    "conv2_wgrad+conv2_bwd_input+act1_bwd(+conv1_wgrad without bn)", "bn1_bwd", "conv1_wgrad", "update"
 enum { S_PACK, S_CONV1, S_BN1, S_CONV2, S_BN2, S_CLSF, S_CLSB, S_ACT2B, S_BN2B, S_BACK2, S_BN1B, S_WG1,
        S_UPD, NSTAGE };
 /* Each thread's busy time per stage too (from the stage's start to its arrival at each
@@ -1562,6 +1566,21 @@ typedef struct {
 /* conv2_bwd_input's output rows cost the kernel rows that overlap the 10-row gradient: 1 to 5 */
 static int conv2_bwd_input_cost(int y) { return (y + 1 > H2 ? H2 + 4 - y : 5) - (y < 4 ? 4 - y : 0); }
 
+/* conv2's input gradient for chunk c's pooling rows [b0, b1), shared between the threads by
+ * the rows' cost, and act1's backward on each thread's rows (its gradient into a1 in place). */
+static void conv2_bwd_band(chunk *c, const float *w2t, int b0, int b1, int t, int T, int bn, int relu,
+                           int maxpool)
+{
+    int cost[Q1], lo, hi;
+    for (int y = b0; y < b1; y++)
+        cost[y - b0] = conv2_bwd_input_cost(y);
+    share_weighted(cost, b1 - b0, t, T, &lo, &hi);
+    conv2_bwd_input(c->a2, w2t, NULL, c->dp1, b0 + lo, b0 + hi, 0, C1);
+    for (int m = 0; m < C1; m++)
+        act_pool_bwd(c->dp1, c->a1, c->a1, H1, H1, 0, bn ? c->z1 : NULL, c->rs + RS1A, c->rs + RS1B,
+                     m * Q1 + b0 + lo, m * Q1 + b0 + hi, relu, maxpool);
+}
+
 /* Every stage's outputs are split between the threads by ownership (share): each activation,
  * gradient, weight-gradient and optimiser-state element is computed by one thread, with the
  * arithmetic and in the order of the single-threaded step (register tiles are never split, a
@@ -1569,7 +1588,7 @@ static int conv2_bwd_input_cost(int y) { return (y + 1 > H2 ? H2 + 4 - y : 5) - 
  * activation backward are added up in the old order by sum_rows). So the results are the same
  * bits for any thread count, and the same as the single-threaded step's before the threads.
  * A barrier (SYNC) stands wherever a stage reads another thread's outputs: 12 per step of one
- * chunk without batch norm, 6 more per further chunk, 4 more with batch norm. Small stages run
+ * chunk without batch norm, 7 more per further chunk (6 with it), 4 more with batch norm. Small stages run
  * on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's weight flip. */
 static void step_job(void *arg, int t, int T)
 {
@@ -1612,16 +1631,23 @@ static void step_job(void *arg, int t, int T)
     SYNC();
     PROF(t, S_PACK);
 
-    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps), without
-     * batch norm its activation and pooling with them; with batch norm those by channels,
-     * after the statistics. */
+    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps); without
+     * batch norm into a1, activated and pooled in place row by row while those rows are in
+     * cache (the whole 1.2 MB conv output stored and then read back missed a 512 KB cache
+     * twice over); with batch norm into z1, activated and pooled by channels after the
+     * statistics. */
     share(Q1, t, T, &lo, &hi);
     for (int k = 0; k < nch; k++) {
-        conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * lo, 2 * hi, 0, C1);
-        if (!bn)
+        if (bn) {
+            conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * lo, 2 * hi, 0, C1);
+            continue;
+        }
+        for (int py = lo; py < hi; py++) {
+            conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].a1, 2 * py, 2 * py + 2, 0, C1);
             for (int c = 0; c < C1; c++)
-                act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, H1, ZEROS, ONES, ONES, ZEROS, 0, c * Q1 + lo,
-                             c * Q1 + hi, relu, maxpool);
+                act_pool_fwd(ch[k].a1, ch[k].a1, ch[k].p1, H1, ZEROS, ONES, ONES, ZEROS, 0, c * Q1 + py,
+                             c * Q1 + py + 1, relu, maxpool);
+        }
     }
     SYNC();
     PROF(t, S_CONV1);
@@ -1633,15 +1659,16 @@ static void step_job(void *arg, int t, int T)
     }
     PROF(t, S_BN1);
 
-    /* conv2 by (register tile of output maps, pooling row) */
+    /* conv2 by (register tile of output maps, pooling row), likewise into a2 without batch norm */
     share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
     for (int k = 0; k < nch; k++)
         for (int u = lo; u < hi; u++) {
             const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
-            conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], ch[k].z2, 2 * py, 2 * py + 2, o0, o0 + CONV2_OCB);
+            conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], bn ? ch[k].z2 : ch[k].a2, 2 * py, 2 * py + 2, o0,
+                      o0 + CONV2_OCB);
             if (!bn)
                 for (int c = o0; c < o0 + CONV2_OCB; c++)
-                    act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, H2, ZEROS, ONES, ONES, ZEROS, 0, c * Q2 + py,
+                    act_pool_fwd(ch[k].a2, ch[k].a2, ch[k].p2, H2, ZEROS, ONES, ONES, ZEROS, 0, c * Q2 + py,
                                  c * Q2 + py + 1, relu, maxpool);
         }
     SYNC();
@@ -1718,10 +1745,11 @@ static void step_job(void *arg, int t, int T)
         PROF(t, S_CLSB);
     }
 
-    /* act2 backward by pooling rows; with batch norm then its backward by channels */
+    /* act2 backward by pooling rows, its gradient into a2 in place; with batch norm then its
+     * backward by channels */
     share(C2 * Q2, t, T, &lo, &hi);
     for (int k = 0; k < nch; k++)
-        act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].dz2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
+        act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].a2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
                      ch[k].rs + RS2B, lo, hi, relu, maxpool);
     SYNC();
     PROF(t, S_ACT2B);
@@ -1732,40 +1760,44 @@ static void step_job(void *arg, int t, int T)
     }
     PROF(t, S_BN2B);
 
-    /* conv2's input gradient by its output rows (balanced by their cost), act1 backward on the
-     * same pooling rows; conv2's weight gradient by register tiles of weights. */
-    {
-        int cost[Q1];
-        for (int y = 0; y < Q1; y++)
-            cost[y] = conv2_bwd_input_cost(y);
-        share_weighted(cost, Q1, t, T, &lo, &hi);
-    }
-    for (int k = 0; k < nch; k++) {
-        conv2_bwd_input(ch[k].dz2, ws->w2t, NULL, ch[k].dp1, lo, hi, 0, C1);
-        for (int c = 0; c < C1; c++)
-            act_pool_bwd(ch[k].dp1, ch[k].a1, ch[k].a1, H1, H1, 0, bn ? ch[k].z1 : NULL, ch[k].rs + RS1A,
-                         ch[k].rs + RS1B, c * Q1 + lo, c * Q1 + hi, relu, maxpool);
-    }
+    /* conv2's weight gradient by register tiles of weights, first: act2's backward has just
+     * written its gradient. */
     share(conv2_wgrad_UNITS, t, T, &lo, &hi);
     for (int k = 0; k < nch; k++)
-        conv2_wgrad(ch[k].p1, ch[k].dz2, ws->pw2, lo, hi);
+        conv2_wgrad(ch[k].p1, ch[k].a2, ws->pw2, lo, hi, 0, H2);
     conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), lo, hi);
     if (!bn && t == 0)
         for (int c = 0; c < C2; c++)
             grad[goff(P_C2B) + c] += (float)sum_rows(ch, nch, RS2A, c, H2, maxpool ? Q2 : H2);
-    SYNC();
-    PROF(t, S_BACK2);
+    /* conv2's input gradient and act1's backward (conv2_bwd_band), then without batch norm
+     * conv1's weight gradient by register tiles, after a barrier: each tile reads every row. On
+     * one thread, band by band: one pooling row, two rows of act1's gradient (86 KB at 256
+     * bits), consumed by the weight gradient while in cache, where the whole 1.2 MB gradient
+     * went through memory twice. Each weight's sum runs over the rows in the same order. */
+    share(conv1_wgrad_UNITS, t, T, &lo, &hi);
+    const int band = T == 1 ? 1 : Q1;
+    for (int k = 0; k < nch; k++)
+        for (int b0 = 0; b0 < Q1; b0 += band) {
+            conv2_bwd_band(&ch[k], ws->w2t, b0, b0 + band, t, T, bn, relu, maxpool);
+            if (!bn) {
+                SYNC();
+                conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 2 * b0, 2 * (b0 + band));
+            }
+        }
     if (bn) {
+        SYNC();
+        PROF(t, S_BACK2);
         share(C1, t, T, &lo, &hi);
         bn_layer_bwd(ch, nch, 1, P, grad, X->istd1, (int64_t)X->B * H1 * H1, maxpool, lo, hi);
         SYNC();
+        PROF(t, S_BN1B);
+        share(conv1_wgrad_UNITS, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 0, H1);
+    } else {
+        PROF(t, S_BACK2);
     }
-    PROF(t, S_BN1B);
-
-    /* conv1's weight gradient by register tiles; Adam's step counts advanced */
-    share(conv1_wgrad_UNITS, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi);
+    /* conv1's weight gradient's sums; Adam's step counts advanced */
     conv1_wgrad_finish(ws->pw1, grad + goff(P_C1W), lo, hi);
     if (t == 0) {
         if (!bn)
@@ -1855,10 +1887,19 @@ static void forward_job(void *arg, int t, int T)
         const int64_t first = j * BATCH;
         set_lanes(c, n - first < BATCH ? (int)(n - first) : BATCH);
         pack_input(c, A->x, NULL, first, NULL, 0, BATCH);
-        conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 0, H1, 0, C1);
-        act_pool_fwd(c->z1, NULL, c->p1, H1, X->m1, X->s1, X->g1, X->b1, 0, 0, C1 * Q1, relu, maxpool);
-        conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2, 0, H2, 0, C2);
-        act_pool_fwd(c->z2, NULL, c->p2, H2, X->m2, X->s2, X->g2, X->b2, 0, 0, C2 * Q2, relu, maxpool);
+        /* each conv by pooling rows, activated and pooled while they are in cache */
+        for (int py = 0; py < Q1; py++) {
+            conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 2 * py, 2 * py + 2, 0, C1);
+            for (int m = 0; m < C1; m++)
+                act_pool_fwd(c->z1, NULL, c->p1, H1, X->m1, X->s1, X->g1, X->b1, 0, m * Q1 + py, m * Q1 + py + 1,
+                             relu, maxpool);
+        }
+        for (int py = 0; py < Q2; py++) {
+            conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2, 2 * py, 2 * py + 2, 0, C2);
+            for (int m = 0; m < C2; m++)
+                act_pool_fwd(c->z2, NULL, c->p2, H2, X->m2, X->s2, X->g2, X->b2, 0, m * Q2 + py, m * Q2 + py + 1,
+                             relu, maxpool);
+        }
         linear_fwd(c->p2, P[P_F1W], P[P_F1B], c->a3, 0, F1, FEAT, FEAT, 1);
         act_inplace(c->a3, F1 * BATCH, relu);
         linear_fwd(c->a3, P[P_F2W], P[P_F2B], c->a4, 0, F2, F1, F1, 1);
