@@ -993,7 +993,6 @@ typedef struct {
     float *a4, *da4;   /* [84][64] */
     float *lg, *dlg;   /* [10][64] */
     float *mask;       /* [64]: 1 on lanes in use, 0 on padding */
-    float *stage;      /* [64][784]: the chunk's images, copied before the transpose into x */
     float *rs;         /* [RS_FLOATS] */
     int n;             /* lanes in use */
 } chunk;
@@ -1001,14 +1000,16 @@ typedef struct {
 /* each buffer's floats, in BATCH-float rows */
 static const size_t CHUNK_ROWS[] = {
     XP * XP, C1 * H1 * H1, C1 * H1 * H1, C1 * Q1 * Q1, C1 * Q1 * Q1, C2 * H2 * H2, C2 * H2 * H2,
-    FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, IMGPIX, (RS_FLOATS + BATCH - 1) / BATCH};
+    FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, (RS_FLOATS + BATCH - 1) / BATCH};
 #define NBUF (sizeof(CHUNK_ROWS) / sizeof(CHUNK_ROWS[0]))
 
 typedef struct {
     int cap;
     chunk *ch;
     float **mem;       /* one allocation per chunk */
-    float *grad;       /* gradients, each slot at GOFF */
+    float *grad;       /* gradients, each slot at goff(slot); zero between steps: the update
+                        * zeroes each gradient it reads (while in cache: a memset at the
+                        * step's start missed a 512 KB cache, 2,800 misses per step) */
     vf *pw1, *pw2;     /* conv weight-gradient partials */
     float *w2t;        /* conv2 weights flipped and transposed: [6][16][5][5] */
     float *featT;      /* [64][400]: fc1's input transposed, for its weight gradient */
@@ -1093,7 +1094,7 @@ static int ws_reserve(ln_ws *ws, int chunks)
         ws->mem[k] = m;
         float **dst[] = {&ch[k].x, &ch[k].z1, &ch[k].a1, &ch[k].p1, &ch[k].dp1, &ch[k].z2, &ch[k].a2,
                          &ch[k].p2, &ch[k].dp2, &ch[k].drop, &ch[k].a3, &ch[k].da3,
-                         &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask, &ch[k].stage, &ch[k].rs};
+                         &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask, &ch[k].rs};
         _Static_assert(sizeof dst / sizeof dst[0] == NBUF, "a row count per chunk buffer");
         for (size_t i = 0; i < NBUF; i++) {
             *dst[i] = m;
@@ -1170,15 +1171,20 @@ static void augment_image(const augment_t *aug, int64_t i, const float *s, float
     }
 }
 
-/* Lanes [b0, b1) of the chunk's images into the padded [32][32][64] input: the rows are copied
- * first and then transposed (the prototype measured 123 -> 44 us for this order against
- * transposing while gathering). Padding lanes are zero. A thread packs whole 16-lane groups:
- * one 64-byte line of every pixel. */
+#define LANE_GROUPS (BATCH / 16)
+
+/* Lanes [b0, b0 + 16) of the chunk's images into the padded [32][32][64] input: the rows are
+ * copied first and then transposed (the prototype measured 123 -> 44 us for this order against
+ * transposing while gathering), through a 50 KB stage on the stack, which stays in cache (a
+ * 200 KB stage per chunk missed a 512 KB cache on every step: cachegrind, 3,100 misses per
+ * step). Padding lanes are zero. A thread packs whole 16-lane groups: one 64-byte line of
+ * every pixel. */
 static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t first, const augment_t *aug,
-                       int b0, int b1)
+                       int b0)
 {
-    for (int b = b0; b < b1; b++) {
-        float *d = c->stage + b * IMGPIX;
+    float stage[16 * IMGPIX] __attribute__((aligned(64)));
+    for (int b = b0; b < b0 + 16; b++) {
+        float *d = stage + (b - b0) * IMGPIX;
         if (b >= c->n) {
             memset(d, 0, sizeof(float) * IMGPIX);
             continue;
@@ -1190,14 +1196,13 @@ static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t f
             memcpy(d, s, sizeof(float) * IMGPIX);
     }
     for (int y = 0; y < IMG; y++)
-        for (int b = b0; b < b1; b++) {
-            const float *s = c->stage + b * IMGPIX + y * IMG;
+        for (int b = b0; b < b0 + 16; b++) {
+            const float *s = stage + (b - b0) * IMGPIX + y * IMG;
             float *d = c->x + ((size_t)(y + 2) * XP + 2) * BATCH + b;
             for (int x = 0; x < IMG; x++)
                 d[x * BATCH] = s[x];
         }
 }
-#define LANE_GROUPS (BATCH / 16)
 
 /* Cross-entropy, mean over the whole batch of B: its gradient into dlg (0 on padding lanes),
  * the summed loss (in double) and the number of correct argmax predictions into totals. With
@@ -1352,17 +1357,30 @@ static void bn_layer_bwd(chunk *ch, int nch, int which, float *const *P, float *
 
 /* ------------------------------------------------------------------------------------------
  * Optimisers, with torch's arithmetic (torch.optim.Adam/AdamW fused, SGD single-tensor), on a
- * thread's range of one slot's elements. Adam's step count is the slot's, already advanced.
+ * thread's range of one slot's elements, zeroing the gradient as they read it. Adam's step
+ * count is the slot's, already advanced.
  * ------------------------------------------------------------------------------------------ */
-static void adam_update(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int n,
+/* 0.0f, hidden from the optimiser: GCC moves a loop's stores of a constant zero into a memset
+ * after the loop (loop distribution), which then misses the lines the loop had in cache. */
+static inline float hidden_zero(void)
+{
+    int32_t bits = 0;
+    float z;
+    OPAQUE(bits);
+    memcpy(&z, &bits, sizeof z);
+    return z;
+}
+
+static void adam_update(float *restrict p, float *restrict g, float *restrict m, float *restrict v, int n,
                         float step, int decoupled, double lr, double b1, double b2, double eps, double wd)
 {
     const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));
     const float step_size = (float)(lr / bc1), bc2s = (float)bc2_sqrt, fe = (float)eps;
     const float w1 = (float)(1.0 - b1), fb2 = (float)b2, w2 = (float)(1.0 - b2), fwd = (float)wd;
-    const float shrink = (float)(1.0 - lr * wd);
+    const float shrink = (float)(1.0 - lr * wd), zero = hidden_zero();
     for (int i = 0; i < n; i++) {
         float gi = g[i], pi = p[i];
+        g[i] = zero;
         if (decoupled)
             pi *= shrink;
         else
@@ -1376,12 +1394,13 @@ static void adam_update(float *restrict p, const float *restrict g, float *restr
 }
 
 /* A new momentum buffer is zero: 0 * momentum + d is d exactly, torch's first-step clone. */
-static void sgd_update(float *restrict p, const float *restrict g, float *restrict buf, int n,
+static void sgd_update(float *restrict p, float *restrict g, float *restrict buf, int n,
                        double lr, double momentum, double wd)
 {
-    const float flr = (float)lr, fm = (float)momentum, fwd = (float)wd;
+    const float flr = (float)lr, fm = (float)momentum, fwd = (float)wd, zero = hidden_zero();
     for (int i = 0; i < n; i++) {
         float d = g[i] + p[i] * fwd;
+        g[i] = zero;
         if (buf) {
             d = buf[i] * fm + d;
             buf[i] = d;
@@ -1566,6 +1585,29 @@ typedef struct {
 /* conv2_bwd_input's output rows cost the kernel rows that overlap the 10-row gradient: 1 to 5 */
 static int conv2_bwd_input_cost(int y) { return (y + 1 > H2 ? H2 + 4 - y : 5) - (y < 4 ? 4 - y : 0); }
 
+/* conv1's pooling row py of chunk c (its rows 2py and 2py + 1 of all maps) into a1, activated
+ * and pooled in place: without batch norm. Written whole and then read back, conv1's 1.2 MB
+ * output went through a 512 KB cache twice (cachegrind: 37,600 misses per step). */
+static void conv1_rows(chunk *c, float *const *P, int py, int relu, int maxpool)
+{
+    conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->a1, 2 * py, 2 * py + 2, 0, C1);
+    for (int m = 0; m < C1; m++)
+        act_pool_fwd(c->a1, c->a1, c->p1, H1, ZEROS, ONES, ONES, ZEROS, 0, m * Q1 + py, m * Q1 + py + 1, relu,
+                     maxpool);
+}
+
+/* conv2's unit u of chunk c (register tile of output maps u / Q2, pooling row u % Q2): with
+ * batch norm into z2; without, into a2, activated and pooled in place. */
+static void conv2_rows(chunk *c, float *const *P, int u, int bn, int relu, int maxpool)
+{
+    const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
+    conv2_fwd(c->p1, P[P_C2W], P[P_C2B], bn ? c->z2 : c->a2, 2 * py, 2 * py + 2, o0, o0 + CONV2_OCB);
+    if (!bn)
+        for (int m = o0; m < o0 + CONV2_OCB; m++)
+            act_pool_fwd(c->a2, c->a2, c->p2, H2, ZEROS, ONES, ONES, ZEROS, 0, m * Q2 + py, m * Q2 + py + 1,
+                         relu, maxpool);
+}
+
 /* conv2's input gradient for chunk c's pooling rows [b0, b1), shared between the threads by
  * the rows' cost, and act1's backward on each thread's rows (its gradient into a1 in place). */
 static void conv2_bwd_band(chunk *c, const float *w2t, int b0, int b1, int t, int T, int bn, int relu,
@@ -1579,6 +1621,27 @@ static void conv2_bwd_band(chunk *c, const float *w2t, int b0, int b1, int t, in
     for (int m = 0; m < C1; m++)
         act_pool_bwd(c->dp1, c->a1, c->a1, H1, H1, 0, bn ? c->z1 : NULL, c->rs + RS1A, c->rs + RS1B,
                      m * Q1 + b0 + lo, m * Q1 + b0 + hi, relu, maxpool);
+}
+
+/* The backward of chunk c from act2 to conv1's weight gradient on one thread without batch
+ * norm, row by row, each gradient read while it is in cache: act2's backward by pooling rows,
+ * each followed by conv2's weight gradient over its two rows; then conv2's input gradient
+ * and act1's backward by pooling rows, each followed by conv1's weight gradient over its two
+ * rows (conv2_bwd_band). Every weight's sum runs over the rows in the order of the
+ * stage-by-stage loops. (Interleaving the two passes missed more: conv2's 77 KB of weight
+ * partials and the rows of x were evicted between the rows.) */
+static void conv_backward_rows(chunk *c, ln_ws *ws, int relu, int maxpool)
+{
+    for (int py = 0; py < Q2; py++) {
+        for (int m = 0; m < C2; m++)
+            act_pool_bwd(c->dp2, c->a2, c->a2, H2, H2, 0, NULL, c->rs + RS2A, c->rs + RS2B, m * Q2 + py,
+                         m * Q2 + py + 1, relu, maxpool);
+        conv2_wgrad(c->p1, c->a2, ws->pw2, 0, conv2_wgrad_UNITS, 2 * py, 2 * py + 2);
+    }
+    for (int py = 0; py < Q1; py++) {
+        conv2_bwd_band(c, ws->w2t, py, py + 1, 0, 1, 0, relu, maxpool);
+        conv1_wgrad(c->x, c->a1, ws->pw1, 0, conv1_wgrad_UNITS, 2 * py, 2 * py + 2);
+    }
 }
 
 /* Every stage's outputs are split between the threads by ownership (share): each activation,
@@ -1605,14 +1668,12 @@ static void step_job(void *arg, int t, int T)
 #define SYNC() (PROF_ARRIVE(t), barrier_wait(bar, T), PROF_LEAVE(t))
     PROF_START(t);
 
-    /* The gradients zeroed, the images packed by 16-lane groups, the dropout scales
-     * transposed by rows, conv2's weights flipped and transposed for its input gradient. */
-    share(goff(NPARAM) / 16, t, T, &lo, &hi);
-    memset(grad + 16 * lo, 0, sizeof(float) * 16 * (hi - lo));
+    /* The images packed by 16-lane groups, the dropout scales transposed by rows, conv2's
+     * weights flipped and transposed for its input gradient. */
     share(nch * LANE_GROUPS, t, T, &lo, &hi);
     for (int u = lo; u < hi; u++) {
         const int k = u / LANE_GROUPS, b0 = u % LANE_GROUPS * 16;
-        pack_input(&ch[k], A->x, idx, (int64_t)k * BATCH, &X->aug, b0, b0 + 16);
+        pack_input(&ch[k], A->x, idx, (int64_t)k * BATCH, &X->aug, b0);
     }
     if (A->drop) {
         share(nch * F1, t, T, &lo, &hi);
@@ -1631,46 +1692,43 @@ static void step_job(void *arg, int t, int T)
     SYNC();
     PROF(t, S_PACK);
 
-    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps); without
-     * batch norm into a1, activated and pooled in place row by row while those rows are in
-     * cache (the whole 1.2 MB conv output stored and then read back missed a 512 KB cache
-     * twice over); with batch norm into z1, activated and pooled by channels after the
-     * statistics. */
-    share(Q1, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++) {
-        if (bn) {
-            conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * lo, 2 * hi, 0, C1);
-            continue;
-        }
-        for (int py = lo; py < hi; py++) {
-            conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].a1, 2 * py, 2 * py + 2, 0, C1);
-            for (int c = 0; c < C1; c++)
-                act_pool_fwd(ch[k].a1, ch[k].a1, ch[k].p1, H1, ZEROS, ONES, ONES, ZEROS, 0, c * Q1 + py,
-                             c * Q1 + py + 1, relu, maxpool);
-        }
-    }
-    SYNC();
-    PROF(t, S_CONV1);
-    if (bn) {
-        share(C1, t, T, &lo, &hi);
-        bn_layer_fwd(ch, nch, 1, H1, P, A->run, A->nbt[0], A->bn_eps, A->bn_momentum, (int64_t)X->B * H1 * H1,
-                     X->istd1, relu, maxpool, lo, hi, t == 0);
+    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps), conv2 by
+     * (register tile of output maps, pooling row): without batch norm each into a1 or a2,
+     * activated and pooled in place while in cache (conv_rows); with batch norm into z1 or z2,
+     * activated and pooled by channels after the statistics. On one thread without batch norm
+     * conv2's pooling row py runs as soon as conv1 has made the rows of p1 under it. */
+    if (!bn && T == 1) {
+        for (int k = 0; k < nch; k++)
+            for (int py = 0; py < Q1; py++) {
+                conv1_rows(&ch[k], P, py, relu, maxpool);
+                if (py >= 5 && py % 2) /* p1 rows 2 py2 .. 2 py2 + 5 are made: conv2's row py2 */
+                    for (int u = (py - 5) / 2; u < C2 / CONV2_OCB * Q2; u += Q2)
+                        conv2_rows(&ch[k], P, u, 0, relu, maxpool);
+            }
+        PROF(t, S_CONV1);
+    } else {
+        share(Q1, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            for (int py = lo; py < hi; py++) {
+                if (bn)
+                    conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * py, 2 * py + 2, 0, C1);
+                else
+                    conv1_rows(&ch[k], P, py, relu, maxpool);
+            }
         SYNC();
-    }
-    PROF(t, S_BN1);
-
-    /* conv2 by (register tile of output maps, pooling row), likewise into a2 without batch norm */
-    share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        for (int u = lo; u < hi; u++) {
-            const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
-            conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], bn ? ch[k].z2 : ch[k].a2, 2 * py, 2 * py + 2, o0,
-                      o0 + CONV2_OCB);
-            if (!bn)
-                for (int c = o0; c < o0 + CONV2_OCB; c++)
-                    act_pool_fwd(ch[k].a2, ch[k].a2, ch[k].p2, H2, ZEROS, ONES, ONES, ZEROS, 0, c * Q2 + py,
-                                 c * Q2 + py + 1, relu, maxpool);
+        PROF(t, S_CONV1);
+        if (bn) {
+            share(C1, t, T, &lo, &hi);
+            bn_layer_fwd(ch, nch, 1, H1, P, A->run, A->nbt[0], A->bn_eps, A->bn_momentum,
+                         (int64_t)X->B * H1 * H1, X->istd1, relu, maxpool, lo, hi, t == 0);
+            SYNC();
         }
+        PROF(t, S_BN1);
+        share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            for (int u = lo; u < hi; u++)
+                conv2_rows(&ch[k], P, u, bn, relu, maxpool);
+    }
     SYNC();
     PROF(t, S_CONV2);
     if (bn) {
@@ -1746,44 +1804,49 @@ static void step_job(void *arg, int t, int T)
     }
 
     /* act2 backward by pooling rows, its gradient into a2 in place; with batch norm then its
-     * backward by channels */
-    share(C2 * Q2, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].a2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
-                     ch[k].rs + RS2B, lo, hi, relu, maxpool);
-    SYNC();
-    PROF(t, S_ACT2B);
-    if (bn) {
-        share(C2, t, T, &lo, &hi);
-        bn_layer_bwd(ch, nch, 2, P, grad, X->istd2, (int64_t)X->B * H2 * H2, maxpool, lo, hi);
-        SYNC();
-    }
-    PROF(t, S_BN2B);
-
-    /* conv2's weight gradient by register tiles of weights, first: act2's backward has just
-     * written its gradient. */
-    share(conv2_wgrad_UNITS, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        conv2_wgrad(ch[k].p1, ch[k].a2, ws->pw2, lo, hi, 0, H2);
-    conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), lo, hi);
-    if (!bn && t == 0)
+     * backward by channels. conv2's weight gradient by register tiles of weights; conv2's
+     * input gradient and act1's backward by rows (conv2_bwd_band); without batch norm conv1's
+     * weight gradient by register tiles, after a barrier (each tile reads every row). On one
+     * thread without batch norm all of them run row by row (conv_backward_rows). */
+    if (!bn && T == 1) {
+        for (int k = 0; k < nch; k++)
+            conv_backward_rows(&ch[k], ws, relu, maxpool);
+        conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), 0, conv2_wgrad_UNITS);
         for (int c = 0; c < C2; c++)
             grad[goff(P_C2B) + c] += (float)sum_rows(ch, nch, RS2A, c, H2, maxpool ? Q2 : H2);
-    /* conv2's input gradient and act1's backward (conv2_bwd_band), then without batch norm
-     * conv1's weight gradient by register tiles, after a barrier: each tile reads every row. On
-     * one thread, band by band: one pooling row, two rows of act1's gradient (86 KB at 256
-     * bits), consumed by the weight gradient while in cache, where the whole 1.2 MB gradient
-     * went through memory twice. Each weight's sum runs over the rows in the same order. */
-    share(conv1_wgrad_UNITS, t, T, &lo, &hi);
-    const int band = T == 1 ? 1 : Q1;
-    for (int k = 0; k < nch; k++)
-        for (int b0 = 0; b0 < Q1; b0 += band) {
-            conv2_bwd_band(&ch[k], ws->w2t, b0, b0 + band, t, T, bn, relu, maxpool);
+        lo = 0, hi = conv1_wgrad_UNITS;
+        PROF(t, S_BACK2);
+    } else {
+        share(C2 * Q2, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].a2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
+                         ch[k].rs + RS2B, lo, hi, relu, maxpool);
+        SYNC();
+        PROF(t, S_ACT2B);
+        if (bn) {
+            share(C2, t, T, &lo, &hi);
+            bn_layer_bwd(ch, nch, 2, P, grad, X->istd2, (int64_t)X->B * H2 * H2, maxpool, lo, hi);
+            SYNC();
+        }
+        PROF(t, S_BN2B);
+        share(conv2_wgrad_UNITS, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            conv2_wgrad(ch[k].p1, ch[k].a2, ws->pw2, lo, hi, 0, H2);
+        conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), lo, hi);
+        if (!bn && t == 0)
+            for (int c = 0; c < C2; c++)
+                grad[goff(P_C2B) + c] += (float)sum_rows(ch, nch, RS2A, c, H2, maxpool ? Q2 : H2);
+        share(conv1_wgrad_UNITS, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++) {
+            conv2_bwd_band(&ch[k], ws->w2t, 0, Q1, t, T, bn, relu, maxpool);
             if (!bn) {
                 SYNC();
-                conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 2 * b0, 2 * (b0 + band));
+                conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 0, H1);
             }
         }
+        if (!bn)
+            PROF(t, S_BACK2);
+    }
     if (bn) {
         SYNC();
         PROF(t, S_BACK2);
@@ -1794,8 +1857,6 @@ static void step_job(void *arg, int t, int T)
         share(conv1_wgrad_UNITS, t, T, &lo, &hi);
         for (int k = 0; k < nch; k++)
             conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 0, H1);
-    } else {
-        PROF(t, S_BACK2);
     }
     /* conv1's weight gradient's sums; Adam's step counts advanced */
     conv1_wgrad_finish(ws->pw1, grad + goff(P_C1W), lo, hi);
@@ -1886,7 +1947,8 @@ static void forward_job(void *arg, int t, int T)
     for (int64_t j = chunks * t / T; j < chunks * (t + 1) / T; j++) {
         const int64_t first = j * BATCH;
         set_lanes(c, n - first < BATCH ? (int)(n - first) : BATCH);
-        pack_input(c, A->x, NULL, first, NULL, 0, BATCH);
+        for (int b0 = 0; b0 < BATCH; b0 += 16)
+            pack_input(c, A->x, NULL, first, NULL, b0);
         /* each conv by pooling rows, activated and pooled while they are in cache */
         for (int py = 0; py < Q1; py++) {
             conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 2 * py, 2 * py + 2, 0, C1);
