@@ -105,6 +105,9 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LWT_OB 4     /* fc1 weight gradient, transposed input: 4 x 5 = 20 */
 #define LWT2_OB 4    /* fc2's (256 bits and below only): 20 */
 #define DA3_ROWS 4   /* fc1's outputs per unit of work in its backward: whole LINI_OB and LWT_OB tiles */
+#define CONV2_CB C1  /* input maps per pass over an output row: all (see below) */
+#define CONVI_CB C2
+#define WG2_OG 1     /* conv2 weight gradient's output-map blocks per pass: one */
 #else
 #define CONV_VB 2
 #define CONV1_OCB 6  /* 12 */
@@ -120,6 +123,24 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LWT_OB 2     /* 10 */
 #define LWT2_OB 2    /* 10 */
 #define DA3_ROWS 10
+/* Blocking for the cache as well. At 256 bits and below a tile reads less than a whole pixel
+ * (one 64-byte line of its four, or half of one), so the lines one tile reads fall in a quarter
+ * of a 32 KB 8-way L1's sets: conv2's 150-pixel window no longer fits, and nearly every input
+ * load missed (cachegrind: 227K of conv2 forward's 240K per step; half as many with a 48 KB
+ * 12-way L1, as on Zen 5).
+ * Hence conv2 and its input gradient pass over an output row CONV2_CB / CONVI_CB input maps at
+ * a time (the accumulators stored and reloaded between passes, every sum in its old order),
+ * and conv2's weight gradient takes WG2_OG blocks of output maps per pass over the input rows:
+ * 1.0M -> 0.54M L1 misses per step, with fc1's weight gradient by input columns first. */
+#ifndef CONV2_CB
+#define CONV2_CB 2
+#endif
+#ifndef CONVI_CB
+#define CONVI_CB 2
+#endif
+#ifndef WG2_OG
+#define WG2_OG 4
+#endif
 #endif
 #define LWG_IB 4
 #define LINI84_OB 4  /* fc3's input gradient (84 outputs) */
@@ -261,20 +282,24 @@ INLINE void vtanh_n(vf *restrict x, int n)
  * with the whole 5-column window inside the input run with constant kx bounds (fully unrolled);
  * only the edge columns run a kx loop over the columns that exist (the earlier zero-padded
  * input did ~1.4x the needed work: 712 -> 468 us per step in one A/B profile under load).
+ * Each output row is made in passes of CB input maps (CB = IC: one pass), each tile's sums
+ * stored in out between passes and continued in the same order.
  * ------------------------------------------------------------------------------------------ */
-#define CONV(NAME, IC, OC, IH, IW, OH, OW, PY, PX, OCB, VB)                                       \
+#define CONV(NAME, IC, OC, IH, IW, OH, OW, PY, PX, OCB, VB, CB)                                   \
     INLINE void NAME##_tile(const float *restrict in, const float *w, const float *restrict bias,   \
                             float *restrict out, int y, int x, int o0, int v0, int k0, int k1,      \
-                            int kx0, int kx1)                                                     \
+                            int kx0, int kx1, int c0)                                             \
     {                                                                                             \
         const float *wp = w + o0 * (IC) * 25;                                                     \
         OPAQUE(wp);                                                                               \
+        float *op = out + ((size_t)(o0 * (OH) + y) * (OW) + x) * BATCH + v0 * VW;                 \
         vf acc[OCB][VB];                                                                          \
         UNROLL for (int o = 0; o < OCB; o++) {                                                    \
             const vf b = splat(bias ? bias[o0 + o] : 0.f);                                        \
-            UNROLL for (int v = 0; v < VB; v++) acc[o][v] = b;                                    \
+            UNROLL for (int v = 0; v < VB; v++)                                                   \
+                acc[o][v] = c0 ? LD(op + (size_t)o * (OH) * (OW) * BATCH + v * VW) : b;           \
         }                                                                                         \
-        for (int c = 0; c < IC; c++)                                                              \
+        for (int c = c0; c < c0 + (CB); c++)                                                      \
             for (int ky = k0; ky < k1; ky++) {                                                    \
                 /* ip: the input pixel under kx = kx0 (never before the buffer) */             \
                 const float *ip = in + ((size_t)(c * (IH) + y + ky - (PY)) * (IW) + x + kx0 - (PX)) * BATCH \
@@ -290,32 +315,33 @@ INLINE void vtanh_n(vf *restrict x, int n)
                 }                                                                                 \
             }                                                                                     \
         UNROLL for (int o = 0; o < OCB; o++)                                                      \
-            UNROLL for (int v = 0; v < VB; v++)                                                   \
-                ST(out + ((size_t)((o0 + o) * (OH) + y) * (OW) + x) * BATCH + (v0 + v) * VW, acc[o][v]); \
+            UNROLL for (int v = 0; v < VB; v++) ST(op + (size_t)o * (OH) * (OW) * BATCH + v * VW, acc[o][v]); \
     }                                                                                             \
     static void NAME(const float *restrict in, const float *restrict w, const float *restrict bias, \
                      float *restrict out, int y0, int y1, int oc0, int oc1)                       \
     {                                                                                             \
+        _Static_assert((IC) % (CB) == 0, "channel blocks must divide the input channels");        \
         for (int y = y0; y < y1; y++) {                                                           \
             const int k0 = y < (PY) ? (PY) - y : 0;                                               \
             const int k1 = y + 5 - (PY) > (IH) ? (IH) + (PY) - y : 5;                             \
-            for (int x = 0; x < OW; x++) {                                                        \
-                const int kx0 = x < (PX) ? (PX) - x : 0;                                          \
-                const int kx1 = x + 5 - (PX) > (IW) ? (IW) + (PX) - x : 5;                        \
-                for (int o0 = oc0; o0 < oc1; o0 += OCB)                                           \
-                    for (int v0 = 0; v0 < NV; v0 += VB) {                                         \
-                        if (kx0 == 0 && kx1 == 5) /* constant bounds: the kx loop unrolls */      \
-                            NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, 0, 5);            \
-                        else                                                                      \
-                            NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, kx0, kx1);        \
-                    }                                                                             \
-            }                                                                                     \
+            for (int c0 = 0; c0 < (IC); c0 += (CB))                                               \
+                for (int x = 0; x < OW; x++) {                                                    \
+                    const int kx0 = x < (PX) ? (PX) - x : 0;                                      \
+                    const int kx1 = x + 5 - (PX) > (IW) ? (IW) + (PX) - x : 5;                    \
+                    for (int o0 = oc0; o0 < oc1; o0 += OCB)                                       \
+                        for (int v0 = 0; v0 < NV; v0 += VB) {                                     \
+                            if (kx0 == 0 && kx1 == 5) /* constant bounds: the kx loop unrolls */  \
+                                NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, 0, 5, c0);    \
+                            else                                                                  \
+                                NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, kx0, kx1, c0); \
+                        }                                                                         \
+                }                                                                                 \
         }                                                                                         \
     }
 
-CONV(conv1_fwd, 1, C1, XP, XP, H1, H1, 0, 0, CONV1_OCB, CONV_VB)
-CONV(conv2_fwd, C1, C2, Q1, Q1, H2, H2, 0, 0, CONV2_OCB, CONV2_VB)
-CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
+CONV(conv1_fwd, 1, C1, XP, XP, H1, H1, 0, 0, CONV1_OCB, CONV_VB, 1)
+CONV(conv2_fwd, C1, C2, Q1, Q1, H2, H2, 0, 0, CONV2_OCB, CONV2_VB, CONV2_CB)
+CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB, CONVI_CB)
 
 /* CONV_WGRAD: pw[o][c][ky][kx] += g[o][y][x] * in[c][y + ky][x + kx], summed over y and x,
  * lane by lane (pw holds vectors of per-lane partial sums; NAME_finish reduces them), over
@@ -323,17 +349,22 @@ CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
  * of one call over all rows. g is [OC][OH][GW][64] with the map starting at column GX. The
  * work is in units u = o0 / OCB * IC * 5 + c * 5 + ky, each one register tile's weights: a
  * thread takes units [u0, u1), and each weight's sum runs over the same y and x in the same
- * order whoever owns it. Output-map
+ * order whoever owns it and in whatever order the units are visited (for each row, OG
+ * output-map blocks at a time, each input row once per group: see WG2_OG). Output-map
  * blocks first, so that a thread's run reads g of its own maps only, not all of g: a line one
  * thread reads after another wrote it is shared, and the writer's next step must take it back
  * from the reader's cache (on 2 threads conv1's forward went from 231 to 175 us per step). */
-#define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB)                                      \
+#define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB, OG)                                  \
     enum { NAME##_UNITS = (IC) * 5 * ((OC) / (OCB)) };                                            \
     static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1, \
                      int y0, int y1)                                                              \
     {                                                                                             \
         for (int y = y0; y < y1; y++)                                                             \
-            for (int u = u0; u < u1; u++) {                                                       \
+            for (int b0 = u0 / ((IC) * 5); b0 * (IC) * 5 < u1; b0 += (OG))                        \
+                for (int r = 0; r < (IC) * 5; r++)                                                \
+                    for (int u = b0 * (IC) * 5 + r; u < (b0 + (OG)) * (IC) * 5; u += (IC) * 5) {  \
+                if (u < u0 || u >= u1)                                                            \
+                    continue;                                                                     \
                 const int o0 = u / ((IC) * 5) * (OCB), c = u % ((IC) * 5) / 5, ky = u % 5;        \
                 vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                     \
                 vf acc[OCB][5];                                                                   \
@@ -368,8 +399,8 @@ CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
         }                                                                                         \
     }
 
-CONV_WGRAD(conv1_wgrad, 1, C1, XP, XP, H1, H1, H1, 0, WG1_OCB)
-CONV_WGRAD(conv2_wgrad, C1, C2, Q1, Q1, H2, H2, H2, 0, WG2_OCB)
+CONV_WGRAD(conv1_wgrad, 1, C1, XP, XP, H1, H1, H1, 0, WG1_OCB, 1)
+CONV_WGRAD(conv2_wgrad, C1, C2, Q1, Q1, H2, H2, H2, 0, WG2_OCB, WG2_OG)
 
 /* ------------------------------------------------------------------------------------------
  * Linear layers. LINEAR: out[o][b] = bias[o] + sum over k < K of w[o*so + k*sk] * in[k][b]
@@ -446,8 +477,8 @@ LINEAR_WGRAD(linear_wgrad10, 2, LWG_IB)    /* fc3 (10 x 84) */
                      int o_lo, int o_hi)                                                          \
     {                                                                                             \
         _Static_assert((O) % (OB) == 0 && (I) % ((IV) * VW) == 0, "tile must divide the layer");  \
-        for (int o0 = o_lo; o0 < o_hi; o0 += (OB))                                                \
-            for (int i0 = 0; i0 < (I); i0 += (IV) * VW) {                                        \
+        for (int i0 = 0; i0 < (I); i0 += (IV) * VW) /* inT's columns i0.. in cache for every o */ \
+            for (int o0 = o_lo; o0 < o_hi; o0 += (OB)) {                                          \
                 vf acc[OB][IV];                                                                   \
                 UNROLL for (int o = 0; o < (OB); o++)                                             \
                     UNROLL for (int j = 0; j < (IV); j++) acc[o][j] = splat(0.f);                 \
