@@ -43,7 +43,7 @@ BEFORE_REV = "e056921"
 # not change GCC's code, for --annotate's line numbers); an executable, not a shared library
 FLAGS = ("-O3", "-march=x86-64-v3", "-mtune=generic", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math",
          "-ffp-contract=fast", "-pthread", "-g")
-CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64")
+L1, LL = "32768,8", "524288,8"  # bytes,ways: Zen 2/3's L1 data cache and L2
 
 
 class Unavailable(Exception):
@@ -91,8 +91,12 @@ def tail(text: str) -> str:
     return " | ".join(text.strip().splitlines()[-3:])
 
 
-def cachegrind(exe: Path, steps: int, out: Path) -> Counts:
-    done = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=yes", *CACHES,
+def caches(l1: str, ll: str) -> tuple[str, ...]:
+    return (f"--I1={L1},64", f"--D1={l1},64", f"--LL={ll},64")
+
+
+def cachegrind(exe: Path, steps: int, out: Path, geometry: tuple[str, ...]) -> Counts:
+    done = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=yes", *geometry,
                            f"--cachegrind-out-file={out}", str(exe), str(steps), "1"],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -150,11 +154,18 @@ def main() -> int:
                     help=f"BEFORE's source (default: git's {BEFORE_REV})")
     ap.add_argument("--reference", action="append", default=[], metavar="REV",
                     help="also measure this commit's native_step.c (repeatable)")
+    ap.add_argument("--l1", default=L1, metavar="BYTES,WAYS",
+                    help=f"the simulated L1 data cache (default {L1}; Zen 5's is 49152,12)")
+    ap.add_argument("--ll", default=LL, metavar="BYTES,WAYS",
+                    help=f"the simulated last level (default {LL}; Zen 5's L2 is 1048576,16)")
     ap.add_argument("--annotate", type=int, default=0, metavar="N",
                     help="print the N source lines with the most LL misses per step in each version")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be at least 1")
+    for option, value in (("--l1", args.l1), ("--ll", args.ll)):
+        if not re.fullmatch(r"\d+,\d+", value):
+            ap.error(f"{option} must be BYTES,WAYS, got {value!r}")
     try:
         cc = check_host()
         if args.before is not None and not args.before.is_file():
@@ -163,13 +174,14 @@ def main() -> int:
                    **{rev: source_at(rev) for rev in args.reference}, "AFTER": AFTER.read_text()}
         results = {}
         with tempfile.TemporaryDirectory(prefix="cache_sim-") as tmp:
-            print(f"cachegrind, {' '.join(CACHES)}; {cc} {' '.join(FLAGS)}; one thread, batch-64 baseline "
+            geometry = caches(args.l1, args.ll)
+            print(f"cachegrind, {' '.join(geometry)}; {cc} {' '.join(FLAGS)}; one thread, batch-64 baseline "
                   f"steps (tanh, average pooling, Adam); per step over {args.steps} steps after the first")
             for name, source in sources.items():
                 exe = compile_driver(cc, source, Path(tmp) / re.sub(r"\W", "_", name))
                 warm_out, full_out = Path(tmp) / f"{exe.name}.1.out", Path(tmp) / f"{exe.name}.n.out"
-                warm = cachegrind(exe, 1, warm_out)
-                results[name] = (cachegrind(exe, 1 + args.steps, full_out) - warm).per(args.steps)
+                warm = cachegrind(exe, 1, warm_out, geometry)
+                results[name] = (cachegrind(exe, 1 + args.steps, full_out, geometry) - warm).per(args.steps)
                 r = results[name]
                 label = f"{name} ({args.before or BEFORE_REV})" if name == "BEFORE" else name
                 print(f"  {label:24s} LL misses {r.ll_misses:10,.0f}   D1 misses {r.d1_misses:10,.0f}   "
