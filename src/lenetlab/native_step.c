@@ -19,7 +19,10 @@
  *
  * Batches: a batch of B images is split into ceil(B/64) chunks of 64 lanes; the last chunk's
  * unused lanes are zero and masked out of every sum (batch-norm statistics, gradients, loss).
- * Each layer runs over all chunks before the next one, so batch norm sees the whole batch.
+ * With batch norm each layer runs over all chunks before the next one, so that it sees the
+ * whole batch; without, the convolutions run row by row, each output activated while its rows
+ * are in cache, and on one thread the conv layers' forward and backward each run as one
+ * pipeline of rows per chunk (step_job).
  *
  * Vector width comes from the target (GCC/Clang vector extensions; x86 intrinsics only for
  * min/max, with a portable fallback): 64 bytes with AVX-512F, 32 with AVX, 16 otherwise (SSE,
@@ -356,34 +359,35 @@ CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB, CONVI_CB
  * from the reader's cache (on 2 threads conv1's forward went from 231 to 175 us per step). */
 #define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB, OG)                                  \
     enum { NAME##_UNITS = (IC) * 5 * ((OC) / (OCB)) };                                            \
+    INLINE void NAME##_unit(const float *restrict in, const float *restrict g, vf *restrict pw, int u, int y) \
+    {                                                                                             \
+        const int o0 = u / ((IC) * 5) * (OCB), c = u % ((IC) * 5) / 5, ky = u % 5;                \
+        vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                             \
+        vf acc[OCB][5];                                                                           \
+        UNROLL for (int o = 0; o < OCB; o++)                                                      \
+            UNROLL for (int kx = 0; kx < 5; kx++) acc[o][kx] = pp[o * (IC) * 25 + kx];            \
+        const float *gp = g + ((size_t)(o0 * (OH) + y) * (GW) + (GX)) * BATCH;                    \
+        const float *ip = in + (size_t)(c * (IH) + y + ky) * (IW) * BATCH;                        \
+        for (int j = 0; j < (OW) * NV; j++) {                                                     \
+            vf gv[OCB];                                                                           \
+            UNROLL for (int o = 0; o < OCB; o++) gv[o] = LD(gp + (size_t)o * (OH) * (GW) * BATCH + j * VW); \
+            UNROLL for (int kx = 0; kx < 5; kx++) {                                               \
+                const vf iv = LD(ip + kx * BATCH + j * VW);                                       \
+                UNROLL for (int o = 0; o < OCB; o++) acc[o][kx] += gv[o] * iv;                    \
+            }                                                                                     \
+        }                                                                                         \
+        UNROLL for (int o = 0; o < OCB; o++)                                                      \
+            UNROLL for (int kx = 0; kx < 5; kx++) pp[o * (IC) * 25 + kx] = acc[o][kx];            \
+    }                                                                                             \
     static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1, \
                      int y0, int y1)                                                              \
     {                                                                                             \
         for (int y = y0; y < y1; y++)                                                             \
-            for (int b0 = u0 / ((IC) * 5); b0 * (IC) * 5 < u1; b0 += (OG))                        \
-                for (int r = 0; r < (IC) * 5; r++)                                                \
-                    for (int u = b0 * (IC) * 5 + r; u < (b0 + (OG)) * (IC) * 5; u += (IC) * 5) {  \
-                if (u < u0 || u >= u1)                                                            \
-                    continue;                                                                     \
-                const int o0 = u / ((IC) * 5) * (OCB), c = u % ((IC) * 5) / 5, ky = u % 5;        \
-                vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                     \
-                vf acc[OCB][5];                                                                   \
-                UNROLL for (int o = 0; o < OCB; o++)                                              \
-                    UNROLL for (int kx = 0; kx < 5; kx++) acc[o][kx] = pp[o * (IC) * 25 + kx];    \
-                const float *gp = g + ((size_t)(o0 * (OH) + y) * (GW) + (GX)) * BATCH;            \
-                const float *ip = in + (size_t)(c * (IH) + y + ky) * (IW) * BATCH;                \
-                for (int j = 0; j < (OW) * NV; j++) {                                             \
-                    vf gv[OCB];                                                                   \
-                    UNROLL for (int o = 0; o < OCB; o++)                                          \
-                        gv[o] = LD(gp + (size_t)o * (OH) * (GW) * BATCH + j * VW);                \
-                    UNROLL for (int kx = 0; kx < 5; kx++) {                                       \
-                        const vf iv = LD(ip + kx * BATCH + j * VW);                               \
-                        UNROLL for (int o = 0; o < OCB; o++) acc[o][kx] += gv[o] * iv;            \
-                    }                                                                             \
-                }                                                                                 \
-                UNROLL for (int o = 0; o < OCB; o++)                                              \
-                    UNROLL for (int kx = 0; kx < 5; kx++) pp[o * (IC) * 25 + kx] = acc[o][kx];    \
-            }                                                                                     \
+            for (int b0 = u0 / ((IC) * 5); b0 * (IC) * 5 < u1; b0 += (OG)) /* OG map blocks */    \
+                for (int r = 0; r < (IC) * 5; r++) /* (c, ky): its input row once per group */    \
+                    for (int u = b0 * (IC) * 5 + r; u < (b0 + (OG)) * (IC) * 5; u += (IC) * 5)    \
+                        if (u >= u0 && u < u1)                                                    \
+                            NAME##_unit(in, g, pw, u, y);                                         \
     }                                                                                             \
     /* gw += the lane sums of units [u0, u1)' partials, which are reset to 0 */                  \
     static void NAME##_finish(vf *restrict pw, float *restrict gw, int u0, int u1)                \
@@ -1682,8 +1686,13 @@ static void conv_backward_rows(chunk *c, ln_ws *ws, int relu, int maxpool)
  * activation backward are added up in the old order by sum_rows). So the results are the same
  * bits for any thread count, and the same as the single-threaded step's before the threads.
  * A barrier (SYNC) stands wherever a stage reads another thread's outputs: 12 per step of one
- * chunk without batch norm, 7 more per further chunk (6 with it), 4 more with batch norm. Small stages run
- * on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's weight flip. */
+ * chunk without batch norm, 7 more per further chunk (6 with batch norm), 4 more with batch
+ * norm. Small stages run on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's
+ * weight flip. On one thread without batch norm the conv layers run their own row-by-row
+ * order (conv1_rows, conv2_rows, conv_backward_rows): the same arithmetic, in a schedule that
+ * keeps each activation's rows in cache from the stage that writes them to the one that reads
+ * them; on several the stages keep their partition (a row pipeline there would need a barrier
+ * per row). */
 static void step_job(void *arg, int t, int T)
 {
     step_ctx *X = arg;
@@ -1725,9 +1734,10 @@ static void step_job(void *arg, int t, int T)
 
     /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps), conv2 by
      * (register tile of output maps, pooling row): without batch norm each into a1 or a2,
-     * activated and pooled in place while in cache (conv_rows); with batch norm into z1 or z2,
-     * activated and pooled by channels after the statistics. On one thread without batch norm
-     * conv2's pooling row py runs as soon as conv1 has made the rows of p1 under it. */
+     * activated and pooled in place while in cache (conv1_rows, conv2_rows); with batch norm
+     * into z1 or z2, activated and pooled by channels after the statistics. On one thread
+     * without batch norm conv2's pooling row runs as soon as conv1 has made the p1 rows under
+     * it. */
     if (!bn && T == 1) {
         for (int k = 0; k < nch; k++)
             for (int py = 0; py < Q1; py++) {
