@@ -40,6 +40,8 @@ CASES = {
     "tanh-max-batch-150": (True, True, "tanh", "max", 0.0, "adam", 150, None),
     "augmented": (True, True, "relu", "max", 0.1, "adam", 77, Augmentation(2, True, 0.5)),
     "one-image": (False, True, "tanh", "avg", 0.0, "sgd", 1, None),
+    # without batch norm and over several chunks: one thread runs its row-by-row schedule per chunk
+    "relu-max-batch-130": (True, False, "relu", "max", 0.1, "adamw", 130, Augmentation(2, True, 0.5)),
 }
 
 
@@ -113,7 +115,7 @@ def before_threads():
     return native.load_build(flags, src, "native_step_e056921", legacy=True)
 
 
-@pytest.mark.parametrize("case", ["all-relu-max-ls", "tanh-max-batch-150", "baseline"])
+@pytest.mark.parametrize("case", ["all-relu-max-ls", "tanh-max-batch-150", "baseline", "relu-max-batch-130"])
 def test_the_same_bits_as_before_the_threads(before_threads, case):
     """The single-threaded library's numbers, so recorded studies, parity and resume still hold."""
     want = _train(CASES[case], 1, lib=before_threads)

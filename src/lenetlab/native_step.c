@@ -19,7 +19,10 @@
  *
  * Batches: a batch of B images is split into ceil(B/64) chunks of 64 lanes; the last chunk's
  * unused lanes are zero and masked out of every sum (batch-norm statistics, gradients, loss).
- * Each layer runs over all chunks before the next one, so batch norm sees the whole batch.
+ * With batch norm each layer runs over all chunks before the next one, so that it sees the
+ * whole batch; without, the convolutions run row by row, each output activated while its rows
+ * are in cache, and on one thread the conv layers' forward and backward each run as one
+ * pipeline of rows per chunk (step_job).
  *
  * Vector width comes from the target (GCC/Clang vector extensions; x86 intrinsics only for
  * min/max, with a portable fallback): 64 bytes with AVX-512F, 32 with AVX, 16 otherwise (SSE,
@@ -105,6 +108,9 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LWT_OB 4     /* fc1 weight gradient, transposed input: 4 x 5 = 20 */
 #define LWT2_OB 4    /* fc2's (256 bits and below only): 20 */
 #define DA3_ROWS 4   /* fc1's outputs per unit of work in its backward: whole LINI_OB and LWT_OB tiles */
+#define CONV2_CB C1  /* input maps per pass over an output row: all (see below) */
+#define CONVI_CB C2
+#define WG2_OG 1     /* conv2 weight gradient's output-map blocks per pass: one */
 #else
 #define CONV_VB 2
 #define CONV1_OCB 6  /* 12 */
@@ -120,6 +126,24 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LWT_OB 2     /* 10 */
 #define LWT2_OB 2    /* 10 */
 #define DA3_ROWS 10
+/* Blocking for the cache as well. At 256 bits and below a tile reads less than a whole pixel
+ * (one 64-byte line of its four, or half of one), so the lines one tile reads fall in a quarter
+ * of a 32 KB 8-way L1's sets: conv2's 150-pixel window no longer fits, and nearly every input
+ * load missed (cachegrind: 227K of conv2 forward's 240K per step; half as many with a 48 KB
+ * 12-way L1, as on Zen 5).
+ * Hence conv2 and its input gradient pass over an output row CONV2_CB / CONVI_CB input maps at
+ * a time (the accumulators stored and reloaded between passes, every sum in its old order),
+ * and conv2's weight gradient takes WG2_OG blocks of output maps per pass over the input rows:
+ * 1.0M -> 0.54M L1 misses per step, with fc1's weight gradient by input columns first. */
+#ifndef CONV2_CB
+#define CONV2_CB 2
+#endif
+#ifndef CONVI_CB
+#define CONVI_CB 2
+#endif
+#ifndef WG2_OG
+#define WG2_OG 4
+#endif
 #endif
 #define LWG_IB 4
 #define LINI84_OB 4  /* fc3's input gradient (84 outputs) */
@@ -261,20 +285,24 @@ INLINE void vtanh_n(vf *restrict x, int n)
  * with the whole 5-column window inside the input run with constant kx bounds (fully unrolled);
  * only the edge columns run a kx loop over the columns that exist (the earlier zero-padded
  * input did ~1.4x the needed work: 712 -> 468 us per step in one A/B profile under load).
+ * Each output row is made in passes of CB input maps (CB = IC: one pass), each tile's sums
+ * stored in out between passes and continued in the same order.
  * ------------------------------------------------------------------------------------------ */
-#define CONV(NAME, IC, OC, IH, IW, OH, OW, PY, PX, OCB, VB)                                       \
+#define CONV(NAME, IC, OC, IH, IW, OH, OW, PY, PX, OCB, VB, CB)                                   \
     INLINE void NAME##_tile(const float *restrict in, const float *w, const float *restrict bias,   \
                             float *restrict out, int y, int x, int o0, int v0, int k0, int k1,      \
-                            int kx0, int kx1)                                                     \
+                            int kx0, int kx1, int c0)                                             \
     {                                                                                             \
         const float *wp = w + o0 * (IC) * 25;                                                     \
         OPAQUE(wp);                                                                               \
+        float *op = out + ((size_t)(o0 * (OH) + y) * (OW) + x) * BATCH + v0 * VW;                 \
         vf acc[OCB][VB];                                                                          \
         UNROLL for (int o = 0; o < OCB; o++) {                                                    \
             const vf b = splat(bias ? bias[o0 + o] : 0.f);                                        \
-            UNROLL for (int v = 0; v < VB; v++) acc[o][v] = b;                                    \
+            UNROLL for (int v = 0; v < VB; v++)                                                   \
+                acc[o][v] = c0 ? LD(op + (size_t)o * (OH) * (OW) * BATCH + v * VW) : b;           \
         }                                                                                         \
-        for (int c = 0; c < IC; c++)                                                              \
+        for (int c = c0; c < c0 + (CB); c++)                                                      \
             for (int ky = k0; ky < k1; ky++) {                                                    \
                 /* ip: the input pixel under kx = kx0 (never before the buffer) */             \
                 const float *ip = in + ((size_t)(c * (IH) + y + ky - (PY)) * (IW) + x + kx0 - (PX)) * BATCH \
@@ -290,66 +318,76 @@ INLINE void vtanh_n(vf *restrict x, int n)
                 }                                                                                 \
             }                                                                                     \
         UNROLL for (int o = 0; o < OCB; o++)                                                      \
-            UNROLL for (int v = 0; v < VB; v++)                                                   \
-                ST(out + ((size_t)((o0 + o) * (OH) + y) * (OW) + x) * BATCH + (v0 + v) * VW, acc[o][v]); \
+            UNROLL for (int v = 0; v < VB; v++) ST(op + (size_t)o * (OH) * (OW) * BATCH + v * VW, acc[o][v]); \
     }                                                                                             \
     static void NAME(const float *restrict in, const float *restrict w, const float *restrict bias, \
                      float *restrict out, int y0, int y1, int oc0, int oc1)                       \
     {                                                                                             \
+        _Static_assert((IC) % (CB) == 0, "channel blocks must divide the input channels");        \
         for (int y = y0; y < y1; y++) {                                                           \
             const int k0 = y < (PY) ? (PY) - y : 0;                                               \
             const int k1 = y + 5 - (PY) > (IH) ? (IH) + (PY) - y : 5;                             \
-            for (int x = 0; x < OW; x++) {                                                        \
-                const int kx0 = x < (PX) ? (PX) - x : 0;                                          \
-                const int kx1 = x + 5 - (PX) > (IW) ? (IW) + (PX) - x : 5;                        \
-                for (int o0 = oc0; o0 < oc1; o0 += OCB)                                           \
-                    for (int v0 = 0; v0 < NV; v0 += VB) {                                         \
-                        if (kx0 == 0 && kx1 == 5) /* constant bounds: the kx loop unrolls */      \
-                            NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, 0, 5);            \
-                        else                                                                      \
-                            NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, kx0, kx1);        \
-                    }                                                                             \
-            }                                                                                     \
+            for (int c0 = 0; c0 < (IC); c0 += (CB))                                               \
+                for (int x = 0; x < OW; x++) {                                                    \
+                    const int kx0 = x < (PX) ? (PX) - x : 0;                                      \
+                    const int kx1 = x + 5 - (PX) > (IW) ? (IW) + (PX) - x : 5;                    \
+                    for (int o0 = oc0; o0 < oc1; o0 += OCB)                                       \
+                        for (int v0 = 0; v0 < NV; v0 += VB) {                                     \
+                            if (kx0 == 0 && kx1 == 5) /* constant bounds: the kx loop unrolls */  \
+                                NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, 0, 5, c0);    \
+                            else                                                                  \
+                                NAME##_tile(in, w, bias, out, y, x, o0, v0, k0, k1, kx0, kx1, c0); \
+                        }                                                                         \
+                }                                                                                 \
         }                                                                                         \
     }
 
-CONV(conv1_fwd, 1, C1, XP, XP, H1, H1, 0, 0, CONV1_OCB, CONV_VB)
-CONV(conv2_fwd, C1, C2, Q1, Q1, H2, H2, 0, 0, CONV2_OCB, CONV2_VB)
-CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
+CONV(conv1_fwd, 1, C1, XP, XP, H1, H1, 0, 0, CONV1_OCB, CONV_VB, 1)
+CONV(conv2_fwd, C1, C2, Q1, Q1, H2, H2, 0, 0, CONV2_OCB, CONV2_VB, CONV2_CB)
+CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB, CONVI_CB)
 
 /* CONV_WGRAD: pw[o][c][ky][kx] += g[o][y][x] * in[c][y + ky][x + kx], summed over y and x,
- * lane by lane (pw holds vectors of per-lane partial sums; NAME_finish reduces them). g is
- * [OC][OH][GW][64] with the map starting at column GX. The work is in units u = o0 / OCB *
- * IC * 5 + c * 5 + ky, each one register tile's weights: a thread takes units [u0, u1), and
- * each weight's sum runs over the same y and x in the same order whoever owns it. Output-map
+ * lane by lane (pw holds vectors of per-lane partial sums; NAME_finish reduces them), over
+ * the output rows [y0, y1): calls on consecutive row ranges continue each sum in the order
+ * of one call over all rows. g is [OC][OH][GW][64] with the map starting at column GX. The
+ * work is in units u = o0 / OCB * IC * 5 + c * 5 + ky, each one register tile's weights: a
+ * thread takes units [u0, u1), and each weight's sum runs over the same y and x in the same
+ * order whoever owns it and in whatever order the units are visited (for each row, OG
+ * output-map blocks at a time, each input row once per group: see WG2_OG). Output-map
  * blocks first, so that a thread's run reads g of its own maps only, not all of g: a line one
  * thread reads after another wrote it is shared, and the writer's next step must take it back
  * from the reader's cache (on 2 threads conv1's forward went from 231 to 175 us per step). */
-#define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB)                                      \
+#define CONV_WGRAD(NAME, IC, OC, IH, IW, OH, OW, GW, GX, OCB, OG)                                  \
     enum { NAME##_UNITS = (IC) * 5 * ((OC) / (OCB)) };                                            \
-    static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1) \
+    INLINE void NAME##_unit(const float *restrict in, const float *restrict g, vf *restrict pw, int u, int y) \
     {                                                                                             \
-        for (int y = 0; y < OH; y++)                                                              \
-            for (int u = u0; u < u1; u++) {                                                       \
-                const int o0 = u / ((IC) * 5) * (OCB), c = u % ((IC) * 5) / 5, ky = u % 5;        \
-                vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                     \
-                vf acc[OCB][5];                                                                   \
-                UNROLL for (int o = 0; o < OCB; o++)                                              \
-                    UNROLL for (int kx = 0; kx < 5; kx++) acc[o][kx] = pp[o * (IC) * 25 + kx];    \
-                const float *gp = g + ((size_t)(o0 * (OH) + y) * (GW) + (GX)) * BATCH;            \
-                const float *ip = in + (size_t)(c * (IH) + y + ky) * (IW) * BATCH;                \
-                for (int j = 0; j < (OW) * NV; j++) {                                             \
-                    vf gv[OCB];                                                                   \
-                    UNROLL for (int o = 0; o < OCB; o++)                                          \
-                        gv[o] = LD(gp + (size_t)o * (OH) * (GW) * BATCH + j * VW);                \
-                    UNROLL for (int kx = 0; kx < 5; kx++) {                                       \
-                        const vf iv = LD(ip + kx * BATCH + j * VW);                               \
-                        UNROLL for (int o = 0; o < OCB; o++) acc[o][kx] += gv[o] * iv;            \
-                    }                                                                             \
-                }                                                                                 \
-                UNROLL for (int o = 0; o < OCB; o++)                                              \
-                    UNROLL for (int kx = 0; kx < 5; kx++) pp[o * (IC) * 25 + kx] = acc[o][kx];    \
+        const int o0 = u / ((IC) * 5) * (OCB), c = u % ((IC) * 5) / 5, ky = u % 5;                \
+        vf *pp = pw + ((o0 * (IC) + c) * 5 + ky) * 5;                                             \
+        vf acc[OCB][5];                                                                           \
+        UNROLL for (int o = 0; o < OCB; o++)                                                      \
+            UNROLL for (int kx = 0; kx < 5; kx++) acc[o][kx] = pp[o * (IC) * 25 + kx];            \
+        const float *gp = g + ((size_t)(o0 * (OH) + y) * (GW) + (GX)) * BATCH;                    \
+        const float *ip = in + (size_t)(c * (IH) + y + ky) * (IW) * BATCH;                        \
+        for (int j = 0; j < (OW) * NV; j++) {                                                     \
+            vf gv[OCB];                                                                           \
+            UNROLL for (int o = 0; o < OCB; o++) gv[o] = LD(gp + (size_t)o * (OH) * (GW) * BATCH + j * VW); \
+            UNROLL for (int kx = 0; kx < 5; kx++) {                                               \
+                const vf iv = LD(ip + kx * BATCH + j * VW);                                       \
+                UNROLL for (int o = 0; o < OCB; o++) acc[o][kx] += gv[o] * iv;                    \
             }                                                                                     \
+        }                                                                                         \
+        UNROLL for (int o = 0; o < OCB; o++)                                                      \
+            UNROLL for (int kx = 0; kx < 5; kx++) pp[o * (IC) * 25 + kx] = acc[o][kx];            \
+    }                                                                                             \
+    static void NAME(const float *restrict in, const float *restrict g, vf *restrict pw, int u0, int u1, \
+                     int y0, int y1)                                                              \
+    {                                                                                             \
+        for (int y = y0; y < y1; y++)                                                             \
+            for (int b0 = u0 / ((IC) * 5); b0 * (IC) * 5 < u1; b0 += (OG)) /* OG map blocks */    \
+                for (int r = 0; r < (IC) * 5; r++) /* (c, ky): its input row once per group */    \
+                    for (int u = b0 * (IC) * 5 + r; u < (b0 + (OG)) * (IC) * 5; u += (IC) * 5)    \
+                        if (u >= u0 && u < u1)                                                    \
+                            NAME##_unit(in, g, pw, u, y);                                         \
     }                                                                                             \
     /* gw += the lane sums of units [u0, u1)' partials, which are reset to 0 */                  \
     static void NAME##_finish(vf *restrict pw, float *restrict gw, int u0, int u1)                \
@@ -365,8 +403,8 @@ CONV(conv2_bwd_input, C2, C1, H2, H2, Q1, Q1, 4, 4, CONVI_OCB, CONV_VB)
         }                                                                                         \
     }
 
-CONV_WGRAD(conv1_wgrad, 1, C1, XP, XP, H1, H1, H1, 0, WG1_OCB)
-CONV_WGRAD(conv2_wgrad, C1, C2, Q1, Q1, H2, H2, H2, 0, WG2_OCB)
+CONV_WGRAD(conv1_wgrad, 1, C1, XP, XP, H1, H1, H1, 0, WG1_OCB, 1)
+CONV_WGRAD(conv2_wgrad, C1, C2, Q1, Q1, H2, H2, H2, 0, WG2_OCB, WG2_OG)
 
 /* ------------------------------------------------------------------------------------------
  * Linear layers. LINEAR: out[o][b] = bias[o] + sum over k < K of w[o*so + k*sk] * in[k][b]
@@ -443,8 +481,8 @@ LINEAR_WGRAD(linear_wgrad10, 2, LWG_IB)    /* fc3 (10 x 84) */
                      int o_lo, int o_hi)                                                          \
     {                                                                                             \
         _Static_assert((O) % (OB) == 0 && (I) % ((IV) * VW) == 0, "tile must divide the layer");  \
-        for (int o0 = o_lo; o0 < o_hi; o0 += (OB))                                                \
-            for (int i0 = 0; i0 < (I); i0 += (IV) * VW) {                                        \
+        for (int i0 = 0; i0 < (I); i0 += (IV) * VW) /* inT's columns i0.. in cache for every o */ \
+            for (int o0 = o_lo; o0 < o_hi; o0 += (OB)) {                                          \
                 vf acc[OB][IV];                                                                   \
                 UNROLL for (int o = 0; o < (OB); o++)                                             \
                     UNROLL for (int j = 0; j < (IV); j++) acc[o][j] = splat(0.f);                 \
@@ -584,10 +622,11 @@ static inline vf max4(vf t00, vf t01, vf t10, vf t11) { return vmax(t11, vmax(t1
  * u = c * (H / 2) + py in [u0, u1) (a thread's share: whole block rows, so its pooled outputs
  * and the pixels under them are its own). Without batch norm the caller passes mean 0, istd 1,
  * gamma 1, beta 0, which leave z unchanged bit for bit. With store_xhat the normalised z
- * replaces z (the batch-norm backward needs it); a may be NULL (evaluation). The block is
+ * replaces z (the batch-norm backward needs it); a may be NULL (evaluation), or z itself
+ * without store_xhat (each pixel is read before it is written). The block is
  * visited in the order of model._AvgPool2x2's sum (hence the column-major offsets); the max
  * takes it in torch's row-major order (max4). */
-INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restrict p, int H,
+INLINE void act_pool_fwd_body(float *z, float *a, float *restrict p, int H,
                               const float *mean, const float *istd, const float *gamma, const float *beta,
                               int store_xhat, int u0, int u1, const int relu, const int maxpool)
 {
@@ -618,7 +657,7 @@ INLINE void act_pool_fwd_body(float *restrict z, float *restrict a, float *restr
     }
 }
 
-static void act_pool_fwd(float *restrict z, float *restrict a, float *restrict p, int H,
+static void act_pool_fwd(float *z, float *a, float *restrict p, int H,
                          const float *mean, const float *istd, const float *gamma, const float *beta,
                          int store_xhat, int u0, int u1, int relu, int maxpool)
 {
@@ -978,18 +1017,17 @@ enum { RS1A = 0, RS1B = C1 * H1, RS2A = 2 * C1 * H1, RS2B = 2 * C1 * H1 + C2 * H
        RS_FLOATS = 2 * (C1 * H1 + C2 * H2) };
 typedef struct {
     float *x;          /* [1][32][32][64] padded input */
-    float *z1;         /* [6][28][28][64] conv1 output; with batch norm, normalised in place */
-    float *a1;         /* [6][28][28][64] activation; in the backward, the gradient w.r.t. conv1 output */
+    float *z1;         /* [6][28][28][64] with batch norm, conv1 output, normalised in place */
+    float *a1;         /* [6][28][28][64] activation (without batch norm conv1's output first, in
+                        * place); in the backward, the gradient w.r.t. conv1 output */
     float *p1, *dp1;   /* [6][14][14][64] */
-    float *z2, *a2;    /* [16][10][10][64] */
-    float *dz2;        /* [16][10][10][64] gradient w.r.t. conv2 output */
+    float *z2, *a2;    /* [16][10][10][64], as z1 and a1 */
     float *p2, *dp2;   /* [400][64] */
     float *drop;       /* [120][64] dropout scale */
     float *a3, *da3;   /* [120][64] */
     float *a4, *da4;   /* [84][64] */
     float *lg, *dlg;   /* [10][64] */
     float *mask;       /* [64]: 1 on lanes in use, 0 on padding */
-    float *stage;      /* [64][784]: the chunk's images, copied before the transpose into x */
     float *rs;         /* [RS_FLOATS] */
     int n;             /* lanes in use */
 } chunk;
@@ -997,14 +1035,16 @@ typedef struct {
 /* each buffer's floats, in BATCH-float rows */
 static const size_t CHUNK_ROWS[] = {
     XP * XP, C1 * H1 * H1, C1 * H1 * H1, C1 * Q1 * Q1, C1 * Q1 * Q1, C2 * H2 * H2, C2 * H2 * H2,
-    C2 * H2 * H2, FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, IMGPIX, (RS_FLOATS + BATCH - 1) / BATCH};
+    FEAT, FEAT, F1, F1, F1, F2, F2, F3, F3, 1, (RS_FLOATS + BATCH - 1) / BATCH};
 #define NBUF (sizeof(CHUNK_ROWS) / sizeof(CHUNK_ROWS[0]))
 
 typedef struct {
     int cap;
     chunk *ch;
     float **mem;       /* one allocation per chunk */
-    float *grad;       /* gradients, each slot at GOFF */
+    float *grad;       /* gradients, each slot at goff(slot); zero between steps: the update
+                        * zeroes each gradient it reads (while in cache: a memset at the
+                        * step's start missed a 512 KB cache, 2,800 misses per step) */
     vf *pw1, *pw2;     /* conv weight-gradient partials */
     float *w2t;        /* conv2 weights flipped and transposed: [6][16][5][5] */
     float *featT;      /* [64][400]: fc1's input transposed, for its weight gradient */
@@ -1088,8 +1128,8 @@ static int ws_reserve(ln_ws *ws, int chunks)
             return -1;
         ws->mem[k] = m;
         float **dst[] = {&ch[k].x, &ch[k].z1, &ch[k].a1, &ch[k].p1, &ch[k].dp1, &ch[k].z2, &ch[k].a2,
-                         &ch[k].dz2, &ch[k].p2, &ch[k].dp2, &ch[k].drop, &ch[k].a3, &ch[k].da3,
-                         &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask, &ch[k].stage, &ch[k].rs};
+                         &ch[k].p2, &ch[k].dp2, &ch[k].drop, &ch[k].a3, &ch[k].da3,
+                         &ch[k].a4, &ch[k].da4, &ch[k].lg, &ch[k].dlg, &ch[k].mask, &ch[k].rs};
         _Static_assert(sizeof dst / sizeof dst[0] == NBUF, "a row count per chunk buffer");
         for (size_t i = 0; i < NBUF; i++) {
             *dst[i] = m;
@@ -1166,15 +1206,20 @@ static void augment_image(const augment_t *aug, int64_t i, const float *s, float
     }
 }
 
-/* Lanes [b0, b1) of the chunk's images into the padded [32][32][64] input: the rows are copied
- * first and then transposed (the prototype measured 123 -> 44 us for this order against
- * transposing while gathering). Padding lanes are zero. A thread packs whole 16-lane groups:
- * one 64-byte line of every pixel. */
+#define LANE_GROUPS (BATCH / 16)
+
+/* Lanes [b0, b0 + 16) of the chunk's images into the padded [32][32][64] input: the rows are
+ * copied first and then transposed (the prototype measured 123 -> 44 us for this order against
+ * transposing while gathering), through a 50 KB stage on the stack, which stays in cache (a
+ * 200 KB stage per chunk missed a 512 KB cache on every step: cachegrind, 3,100 misses per
+ * step). Padding lanes are zero. A thread packs whole 16-lane groups: one 64-byte line of
+ * every pixel. */
 static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t first, const augment_t *aug,
-                       int b0, int b1)
+                       int b0)
 {
-    for (int b = b0; b < b1; b++) {
-        float *d = c->stage + b * IMGPIX;
+    float stage[16 * IMGPIX] __attribute__((aligned(64)));
+    for (int b = b0; b < b0 + 16; b++) {
+        float *d = stage + (b - b0) * IMGPIX;
         if (b >= c->n) {
             memset(d, 0, sizeof(float) * IMGPIX);
             continue;
@@ -1186,14 +1231,13 @@ static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t f
             memcpy(d, s, sizeof(float) * IMGPIX);
     }
     for (int y = 0; y < IMG; y++)
-        for (int b = b0; b < b1; b++) {
-            const float *s = c->stage + b * IMGPIX + y * IMG;
+        for (int b = b0; b < b0 + 16; b++) {
+            const float *s = stage + (b - b0) * IMGPIX + y * IMG;
             float *d = c->x + ((size_t)(y + 2) * XP + 2) * BATCH + b;
             for (int x = 0; x < IMG; x++)
                 d[x * BATCH] = s[x];
         }
 }
-#define LANE_GROUPS (BATCH / 16)
 
 /* Cross-entropy, mean over the whole batch of B: its gradient into dlg (0 on padding lanes),
  * the summed loss (in double) and the number of correct argmax predictions into totals. With
@@ -1342,23 +1386,36 @@ static void bn_layer_bwd(chunk *ch, int nch, int which, float *const *P, float *
         if (which == 1)
             bn_bwd(ch[i].a1, ch[i].z1, c0, c1, H1, H1, 0, k, mdy, mdyx, ch[i].mask, gbias);
         else
-            bn_bwd(ch[i].dz2, ch[i].z2, c0, c1, H2, H2, 0, k, mdy, mdyx, ch[i].mask, gbias);
+            bn_bwd(ch[i].a2, ch[i].z2, c0, c1, H2, H2, 0, k, mdy, mdyx, ch[i].mask, gbias);
     }
 }
 
 /* ------------------------------------------------------------------------------------------
  * Optimisers, with torch's arithmetic (torch.optim.Adam/AdamW fused, SGD single-tensor), on a
- * thread's range of one slot's elements. Adam's step count is the slot's, already advanced.
+ * thread's range of one slot's elements, zeroing the gradient as they read it. Adam's step
+ * count is the slot's, already advanced.
  * ------------------------------------------------------------------------------------------ */
-static void adam_update(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int n,
+/* 0.0f, hidden from the optimiser: GCC moves a loop's stores of a constant zero into a memset
+ * after the loop (loop distribution), which then misses the lines the loop had in cache. */
+static inline float hidden_zero(void)
+{
+    int32_t bits = 0;
+    float z;
+    OPAQUE(bits);
+    memcpy(&z, &bits, sizeof z);
+    return z;
+}
+
+static void adam_update(float *restrict p, float *restrict g, float *restrict m, float *restrict v, int n,
                         float step, int decoupled, double lr, double b1, double b2, double eps, double wd)
 {
     const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));
     const float step_size = (float)(lr / bc1), bc2s = (float)bc2_sqrt, fe = (float)eps;
     const float w1 = (float)(1.0 - b1), fb2 = (float)b2, w2 = (float)(1.0 - b2), fwd = (float)wd;
-    const float shrink = (float)(1.0 - lr * wd);
+    const float shrink = (float)(1.0 - lr * wd), zero = hidden_zero();
     for (int i = 0; i < n; i++) {
         float gi = g[i], pi = p[i];
+        g[i] = zero;
         if (decoupled)
             pi *= shrink;
         else
@@ -1372,12 +1429,13 @@ static void adam_update(float *restrict p, const float *restrict g, float *restr
 }
 
 /* A new momentum buffer is zero: 0 * momentum + d is d exactly, torch's first-step clone. */
-static void sgd_update(float *restrict p, const float *restrict g, float *restrict buf, int n,
+static void sgd_update(float *restrict p, float *restrict g, float *restrict buf, int n,
                        double lr, double momentum, double wd)
 {
-    const float flr = (float)lr, fm = (float)momentum, fwd = (float)wd;
+    const float flr = (float)lr, fm = (float)momentum, fwd = (float)wd, zero = hidden_zero();
     for (int i = 0; i < n; i++) {
         float d = g[i] + p[i] * fwd;
+        g[i] = zero;
         if (buf) {
             d = buf[i] * fm + d;
             buf[i] = d;
@@ -1460,7 +1518,7 @@ int ln_args_offsets(int64_t *out, int cap)
  * sees them (a stage's time includes its wait for the slowest thread). */
 #define PROF_STAGES "pack", "conv1_fwd(+act1)", "bn1_fwd", "conv2_fwd(+act2)", "bn2_fwd",             \
     "classifier_fwd+loss", "classifier_bwd", "act2_bwd", "bn2_bwd",                               \
-    "conv2_bwd_input+act1_bwd+conv2_wgrad", "bn1_bwd", "conv1_wgrad", "update"
+    "conv2_wgrad+conv2_bwd_input+act1_bwd(+conv1_wgrad without bn)", "bn1_bwd", "conv1_wgrad", "update"
 enum { S_PACK, S_CONV1, S_BN1, S_CONV2, S_BN2, S_CLSF, S_CLSB, S_ACT2B, S_BN2B, S_BACK2, S_BN1B, S_WG1,
        S_UPD, NSTAGE };
 /* Each thread's busy time per stage too (from the stage's start to its arrival at each
@@ -1562,6 +1620,65 @@ typedef struct {
 /* conv2_bwd_input's output rows cost the kernel rows that overlap the 10-row gradient: 1 to 5 */
 static int conv2_bwd_input_cost(int y) { return (y + 1 > H2 ? H2 + 4 - y : 5) - (y < 4 ? 4 - y : 0); }
 
+/* conv1's pooling row py of chunk c (its rows 2py and 2py + 1 of all maps) into a1, activated
+ * and pooled in place: without batch norm. Written whole and then read back, conv1's 1.2 MB
+ * output went through a 512 KB cache twice (cachegrind: 37,600 misses per step). */
+static void conv1_rows(chunk *c, float *const *P, int py, int relu, int maxpool)
+{
+    conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->a1, 2 * py, 2 * py + 2, 0, C1);
+    for (int m = 0; m < C1; m++)
+        act_pool_fwd(c->a1, c->a1, c->p1, H1, ZEROS, ONES, ONES, ZEROS, 0, m * Q1 + py, m * Q1 + py + 1, relu,
+                     maxpool);
+}
+
+/* conv2's unit u of chunk c (register tile of output maps u / Q2, pooling row u % Q2): with
+ * batch norm into z2; without, into a2, activated and pooled in place. */
+static void conv2_rows(chunk *c, float *const *P, int u, int bn, int relu, int maxpool)
+{
+    const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
+    conv2_fwd(c->p1, P[P_C2W], P[P_C2B], bn ? c->z2 : c->a2, 2 * py, 2 * py + 2, o0, o0 + CONV2_OCB);
+    if (!bn)
+        for (int m = o0; m < o0 + CONV2_OCB; m++)
+            act_pool_fwd(c->a2, c->a2, c->p2, H2, ZEROS, ONES, ONES, ZEROS, 0, m * Q2 + py, m * Q2 + py + 1,
+                         relu, maxpool);
+}
+
+/* conv2's input gradient for chunk c's pooling rows [b0, b1), shared between the threads by
+ * the rows' cost, and act1's backward on each thread's rows (its gradient into a1 in place). */
+static void conv2_bwd_band(chunk *c, const float *w2t, int b0, int b1, int t, int T, int bn, int relu,
+                           int maxpool)
+{
+    int cost[Q1], lo, hi;
+    for (int y = b0; y < b1; y++)
+        cost[y - b0] = conv2_bwd_input_cost(y);
+    share_weighted(cost, b1 - b0, t, T, &lo, &hi);
+    conv2_bwd_input(c->a2, w2t, NULL, c->dp1, b0 + lo, b0 + hi, 0, C1);
+    for (int m = 0; m < C1; m++)
+        act_pool_bwd(c->dp1, c->a1, c->a1, H1, H1, 0, bn ? c->z1 : NULL, c->rs + RS1A, c->rs + RS1B,
+                     m * Q1 + b0 + lo, m * Q1 + b0 + hi, relu, maxpool);
+}
+
+/* The backward of chunk c from act2 to conv1's weight gradient on one thread without batch
+ * norm, row by row, each gradient read while it is in cache: act2's backward by pooling rows,
+ * each followed by conv2's weight gradient over its two rows; then conv2's input gradient
+ * and act1's backward by pooling rows, each followed by conv1's weight gradient over its two
+ * rows (conv2_bwd_band). Every weight's sum runs over the rows in the order of the
+ * stage-by-stage loops. (Interleaving the two passes missed more: conv2's 77 KB of weight
+ * partials and the rows of x were evicted between the rows.) */
+static void conv_backward_rows(chunk *c, ln_ws *ws, int relu, int maxpool)
+{
+    for (int py = 0; py < Q2; py++) {
+        for (int m = 0; m < C2; m++)
+            act_pool_bwd(c->dp2, c->a2, c->a2, H2, H2, 0, NULL, c->rs + RS2A, c->rs + RS2B, m * Q2 + py,
+                         m * Q2 + py + 1, relu, maxpool);
+        conv2_wgrad(c->p1, c->a2, ws->pw2, 0, conv2_wgrad_UNITS, 2 * py, 2 * py + 2);
+    }
+    for (int py = 0; py < Q1; py++) {
+        conv2_bwd_band(c, ws->w2t, py, py + 1, 0, 1, 0, relu, maxpool);
+        conv1_wgrad(c->x, c->a1, ws->pw1, 0, conv1_wgrad_UNITS, 2 * py, 2 * py + 2);
+    }
+}
+
 /* Every stage's outputs are split between the threads by ownership (share): each activation,
  * gradient, weight-gradient and optimiser-state element is computed by one thread, with the
  * arithmetic and in the order of the single-threaded step (register tiles are never split, a
@@ -1569,8 +1686,13 @@ static int conv2_bwd_input_cost(int y) { return (y + 1 > H2 ? H2 + 4 - y : 5) - 
  * activation backward are added up in the old order by sum_rows). So the results are the same
  * bits for any thread count, and the same as the single-threaded step's before the threads.
  * A barrier (SYNC) stands wherever a stage reads another thread's outputs: 12 per step of one
- * chunk without batch norm, 6 more per further chunk, 4 more with batch norm. Small stages run
- * on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's weight flip. */
+ * chunk without batch norm, 7 more per further chunk (6 with batch norm), 4 more with batch
+ * norm. Small stages run on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's
+ * weight flip. On one thread without batch norm the conv layers run their own row-by-row
+ * order (conv1_rows, conv2_rows, conv_backward_rows): the same arithmetic, in a schedule that
+ * keeps each activation's rows in cache from the stage that writes them to the one that reads
+ * them; on several the stages keep their partition (a row pipeline there would need a barrier
+ * per row). */
 static void step_job(void *arg, int t, int T)
 {
     step_ctx *X = arg;
@@ -1586,14 +1708,12 @@ static void step_job(void *arg, int t, int T)
 #define SYNC() (PROF_ARRIVE(t), barrier_wait(bar, T), PROF_LEAVE(t))
     PROF_START(t);
 
-    /* The gradients zeroed, the images packed by 16-lane groups, the dropout scales
-     * transposed by rows, conv2's weights flipped and transposed for its input gradient. */
-    share(goff(NPARAM) / 16, t, T, &lo, &hi);
-    memset(grad + 16 * lo, 0, sizeof(float) * 16 * (hi - lo));
+    /* The images packed by 16-lane groups, the dropout scales transposed by rows, conv2's
+     * weights flipped and transposed for its input gradient. */
     share(nch * LANE_GROUPS, t, T, &lo, &hi);
     for (int u = lo; u < hi; u++) {
         const int k = u / LANE_GROUPS, b0 = u % LANE_GROUPS * 16;
-        pack_input(&ch[k], A->x, idx, (int64_t)k * BATCH, &X->aug, b0, b0 + 16);
+        pack_input(&ch[k], A->x, idx, (int64_t)k * BATCH, &X->aug, b0);
     }
     if (A->drop) {
         share(nch * F1, t, T, &lo, &hi);
@@ -1612,38 +1732,44 @@ static void step_job(void *arg, int t, int T)
     SYNC();
     PROF(t, S_PACK);
 
-    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps), without
-     * batch norm its activation and pooling with them; with batch norm those by channels,
-     * after the statistics. */
-    share(Q1, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++) {
-        conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * lo, 2 * hi, 0, C1);
-        if (!bn)
-            for (int c = 0; c < C1; c++)
-                act_pool_fwd(ch[k].z1, ch[k].a1, ch[k].p1, H1, ZEROS, ONES, ONES, ZEROS, 0, c * Q1 + lo,
-                             c * Q1 + hi, relu, maxpool);
-    }
-    SYNC();
-    PROF(t, S_CONV1);
-    if (bn) {
-        share(C1, t, T, &lo, &hi);
-        bn_layer_fwd(ch, nch, 1, H1, P, A->run, A->nbt[0], A->bn_eps, A->bn_momentum, (int64_t)X->B * H1 * H1,
-                     X->istd1, relu, maxpool, lo, hi, t == 0);
+    /* conv1 by pooling rows (block row py: conv1 rows 2py and 2py + 1 of all maps), conv2 by
+     * (register tile of output maps, pooling row): without batch norm each into a1 or a2,
+     * activated and pooled in place while in cache (conv1_rows, conv2_rows); with batch norm
+     * into z1 or z2, activated and pooled by channels after the statistics. On one thread
+     * without batch norm conv2's pooling row runs as soon as conv1 has made the p1 rows under
+     * it. */
+    if (!bn && T == 1) {
+        for (int k = 0; k < nch; k++)
+            for (int py = 0; py < Q1; py++) {
+                conv1_rows(&ch[k], P, py, relu, maxpool);
+                if (py >= 5 && py % 2) /* p1 rows 2 py2 .. 2 py2 + 5 are made: conv2's row py2 */
+                    for (int u = (py - 5) / 2; u < C2 / CONV2_OCB * Q2; u += Q2)
+                        conv2_rows(&ch[k], P, u, 0, relu, maxpool);
+            }
+        PROF(t, S_CONV1);
+    } else {
+        share(Q1, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            for (int py = lo; py < hi; py++) {
+                if (bn)
+                    conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * py, 2 * py + 2, 0, C1);
+                else
+                    conv1_rows(&ch[k], P, py, relu, maxpool);
+            }
         SYNC();
-    }
-    PROF(t, S_BN1);
-
-    /* conv2 by (register tile of output maps, pooling row) */
-    share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        for (int u = lo; u < hi; u++) {
-            const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
-            conv2_fwd(ch[k].p1, P[P_C2W], P[P_C2B], ch[k].z2, 2 * py, 2 * py + 2, o0, o0 + CONV2_OCB);
-            if (!bn)
-                for (int c = o0; c < o0 + CONV2_OCB; c++)
-                    act_pool_fwd(ch[k].z2, ch[k].a2, ch[k].p2, H2, ZEROS, ONES, ONES, ZEROS, 0, c * Q2 + py,
-                                 c * Q2 + py + 1, relu, maxpool);
+        PROF(t, S_CONV1);
+        if (bn) {
+            share(C1, t, T, &lo, &hi);
+            bn_layer_fwd(ch, nch, 1, H1, P, A->run, A->nbt[0], A->bn_eps, A->bn_momentum,
+                         (int64_t)X->B * H1 * H1, X->istd1, relu, maxpool, lo, hi, t == 0);
+            SYNC();
         }
+        PROF(t, S_BN1);
+        share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            for (int u = lo; u < hi; u++)
+                conv2_rows(&ch[k], P, u, bn, relu, maxpool);
+    }
     SYNC();
     PROF(t, S_CONV2);
     if (bn) {
@@ -1718,54 +1844,62 @@ static void step_job(void *arg, int t, int T)
         PROF(t, S_CLSB);
     }
 
-    /* act2 backward by pooling rows; with batch norm then its backward by channels */
-    share(C2 * Q2, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].dz2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
-                     ch[k].rs + RS2B, lo, hi, relu, maxpool);
-    SYNC();
-    PROF(t, S_ACT2B);
-    if (bn) {
-        share(C2, t, T, &lo, &hi);
-        bn_layer_bwd(ch, nch, 2, P, grad, X->istd2, (int64_t)X->B * H2 * H2, maxpool, lo, hi);
-        SYNC();
-    }
-    PROF(t, S_BN2B);
-
-    /* conv2's input gradient by its output rows (balanced by their cost), act1 backward on the
-     * same pooling rows; conv2's weight gradient by register tiles of weights. */
-    {
-        int cost[Q1];
-        for (int y = 0; y < Q1; y++)
-            cost[y] = conv2_bwd_input_cost(y);
-        share_weighted(cost, Q1, t, T, &lo, &hi);
-    }
-    for (int k = 0; k < nch; k++) {
-        conv2_bwd_input(ch[k].dz2, ws->w2t, NULL, ch[k].dp1, lo, hi, 0, C1);
-        for (int c = 0; c < C1; c++)
-            act_pool_bwd(ch[k].dp1, ch[k].a1, ch[k].a1, H1, H1, 0, bn ? ch[k].z1 : NULL, ch[k].rs + RS1A,
-                         ch[k].rs + RS1B, c * Q1 + lo, c * Q1 + hi, relu, maxpool);
-    }
-    share(conv2_wgrad_UNITS, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        conv2_wgrad(ch[k].p1, ch[k].dz2, ws->pw2, lo, hi);
-    conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), lo, hi);
-    if (!bn && t == 0)
+    /* act2 backward by pooling rows, its gradient into a2 in place; with batch norm then its
+     * backward by channels. conv2's weight gradient by register tiles of weights; conv2's
+     * input gradient and act1's backward by rows (conv2_bwd_band); without batch norm conv1's
+     * weight gradient by register tiles, after a barrier (each tile reads every row). On one
+     * thread without batch norm all of them run row by row (conv_backward_rows). */
+    if (!bn && T == 1) {
+        for (int k = 0; k < nch; k++)
+            conv_backward_rows(&ch[k], ws, relu, maxpool);
+        conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), 0, conv2_wgrad_UNITS);
         for (int c = 0; c < C2; c++)
             grad[goff(P_C2B) + c] += (float)sum_rows(ch, nch, RS2A, c, H2, maxpool ? Q2 : H2);
-    SYNC();
-    PROF(t, S_BACK2);
+        lo = 0, hi = conv1_wgrad_UNITS;
+        PROF(t, S_BACK2);
+    } else {
+        share(C2 * Q2, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            act_pool_bwd(ch[k].dp2, ch[k].a2, ch[k].a2, H2, H2, 0, bn ? ch[k].z2 : NULL, ch[k].rs + RS2A,
+                         ch[k].rs + RS2B, lo, hi, relu, maxpool);
+        SYNC();
+        PROF(t, S_ACT2B);
+        if (bn) {
+            share(C2, t, T, &lo, &hi);
+            bn_layer_bwd(ch, nch, 2, P, grad, X->istd2, (int64_t)X->B * H2 * H2, maxpool, lo, hi);
+            SYNC();
+        }
+        PROF(t, S_BN2B);
+        share(conv2_wgrad_UNITS, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            conv2_wgrad(ch[k].p1, ch[k].a2, ws->pw2, lo, hi, 0, H2);
+        conv2_wgrad_finish(ws->pw2, grad + goff(P_C2W), lo, hi);
+        if (!bn && t == 0)
+            for (int c = 0; c < C2; c++)
+                grad[goff(P_C2B) + c] += (float)sum_rows(ch, nch, RS2A, c, H2, maxpool ? Q2 : H2);
+        share(conv1_wgrad_UNITS, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++) {
+            conv2_bwd_band(&ch[k], ws->w2t, 0, Q1, t, T, bn, relu, maxpool);
+            if (!bn) {
+                SYNC();
+                conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 0, H1);
+            }
+        }
+        if (!bn)
+            PROF(t, S_BACK2);
+    }
     if (bn) {
+        SYNC();
+        PROF(t, S_BACK2);
         share(C1, t, T, &lo, &hi);
         bn_layer_bwd(ch, nch, 1, P, grad, X->istd1, (int64_t)X->B * H1 * H1, maxpool, lo, hi);
         SYNC();
+        PROF(t, S_BN1B);
+        share(conv1_wgrad_UNITS, t, T, &lo, &hi);
+        for (int k = 0; k < nch; k++)
+            conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi, 0, H1);
     }
-    PROF(t, S_BN1B);
-
-    /* conv1's weight gradient by register tiles; Adam's step counts advanced */
-    share(conv1_wgrad_UNITS, t, T, &lo, &hi);
-    for (int k = 0; k < nch; k++)
-        conv1_wgrad(ch[k].x, ch[k].a1, ws->pw1, lo, hi);
+    /* conv1's weight gradient's sums; Adam's step counts advanced */
     conv1_wgrad_finish(ws->pw1, grad + goff(P_C1W), lo, hi);
     if (t == 0) {
         if (!bn)
@@ -1854,11 +1988,21 @@ static void forward_job(void *arg, int t, int T)
     for (int64_t j = chunks * t / T; j < chunks * (t + 1) / T; j++) {
         const int64_t first = j * BATCH;
         set_lanes(c, n - first < BATCH ? (int)(n - first) : BATCH);
-        pack_input(c, A->x, NULL, first, NULL, 0, BATCH);
-        conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 0, H1, 0, C1);
-        act_pool_fwd(c->z1, NULL, c->p1, H1, X->m1, X->s1, X->g1, X->b1, 0, 0, C1 * Q1, relu, maxpool);
-        conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2, 0, H2, 0, C2);
-        act_pool_fwd(c->z2, NULL, c->p2, H2, X->m2, X->s2, X->g2, X->b2, 0, 0, C2 * Q2, relu, maxpool);
+        for (int b0 = 0; b0 < BATCH; b0 += 16)
+            pack_input(c, A->x, NULL, first, NULL, b0);
+        /* each conv by pooling rows, activated and pooled while they are in cache */
+        for (int py = 0; py < Q1; py++) {
+            conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 2 * py, 2 * py + 2, 0, C1);
+            for (int m = 0; m < C1; m++)
+                act_pool_fwd(c->z1, NULL, c->p1, H1, X->m1, X->s1, X->g1, X->b1, 0, m * Q1 + py, m * Q1 + py + 1,
+                             relu, maxpool);
+        }
+        for (int py = 0; py < Q2; py++) {
+            conv2_fwd(c->p1, P[P_C2W], P[P_C2B], c->z2, 2 * py, 2 * py + 2, 0, C2);
+            for (int m = 0; m < C2; m++)
+                act_pool_fwd(c->z2, NULL, c->p2, H2, X->m2, X->s2, X->g2, X->b2, 0, m * Q2 + py, m * Q2 + py + 1,
+                             relu, maxpool);
+        }
         linear_fwd(c->p2, P[P_F1W], P[P_F1B], c->a3, 0, F1, FEAT, FEAT, 1);
         act_inplace(c->a3, F1 * BATCH, relu);
         linear_fwd(c->a3, P[P_F2W], P[P_F2B], c->a4, 0, F2, F1, F1, 1);
