@@ -28,11 +28,9 @@ SOURCE = REPO / "src" / "lenetlab" / "native_step.c"
 
 # name: (text in native_step.c, its replacement, the bug)
 MUTANTS = {
-    "conv1-channel-sign": (
-        "    conv_wgrad_finish(ws->pw1, ws->grad + goff(P_C1W), C1 * 25);\n",
-        "    conv_wgrad_finish(ws->pw1, ws->grad + goff(P_C1W), C1 * 25);\n"
-        "    for (int i = 25; i < 50; i++)\n"
-        "        ws->grad[goff(P_C1W) + i] = -ws->grad[goff(P_C1W) + i];\n",
+    "conv1-channel-sign": (  # IC is 1 in conv1 only: CONV_WGRAD's finish is conv2's too
+        "gw[i] += hsum(pw[i]);",
+        "gw[i] += (IC) == 1 && o == 1 ? -hsum(pw[i]) : hsum(pw[i]);",
         "the weight gradient of conv1's output channel 1 with its sign flipped"),
     "bn-mean-padded-lanes": (
         "const vf d = (LD(z + ((size_t)y * H * NV + j) * VW) - m) * LD(ch[k].mask + (j % NV) * VW);",
@@ -40,12 +38,13 @@ MUTANTS = {
         "                                     * (pass ? LD(ch[k].mask + (j % NV) * VW) : splat(1.f));",
         "batch norm's mean summed over the padding lanes of a short batch too (the variance still masked)"),
     "adam-bias-correction-step": (
-        "const double bc1 = 1.0 - pow(b1, *step), bc2_sqrt = sqrt(1.0 - pow(b2, *step));",
-        "const double bc1 = 1.0 - pow(b1, *step + 1), bc2_sqrt = sqrt(1.0 - pow(b2, *step + 1));",
+        "const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));",
+        "const double bc1 = 1.0 - pow(b1, step + 1), bc2_sqrt = sqrt(1.0 - pow(b2, step + 1));",
         "Adam's bias corrections computed for the step after this one"),
     "dropout-unscaled": (
-        "c->drop[o * BATCH + b] = b < c->n ? drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;",
-        "c->drop[o * BATCH + b] = b < c->n ? (float)(drop[((int64_t)k * BATCH + b) * F1 + o] != 0.f) : 0.f;",
+        "c->drop[o * BATCH + b] = b < c->n ? A->drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;",
+        "c->drop[o * BATCH + b] = b < c->n\n"
+        "                    ? (float)(A->drop[((int64_t)k * BATCH + b) * F1 + o] != 0.f) : 0.f;",
         "dropout's mask applied without the 1 / (1 - p) scale, forward and backward"),
 }
 
