@@ -69,6 +69,14 @@ code { background: #f2f2f2; padding: 0 0.2rem; }
 _IMG = re.compile(r'<img alt="([^"]*)" src="([^"]+\.png)"\s*/?>')
 
 
+def embedded_png(path: Path, alt: str, style: str = "") -> str:
+    """An <img> carrying the PNG file itself (a data URI): the page needs no other file. alt is
+    HTML already (escaped)."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    style = f' style="{style}"' if style else ""
+    return f'<img alt="{alt}"{style} src="data:image/png;base64,{data}">'
+
+
 def build_html(text: str, title: str, run_dir: Path) -> str:
     """report.md's text as one HTML page, its plots read from run_dir and embedded."""
     body = markdown.markdown(text, extensions=["tables"], output_format="html")
@@ -77,8 +85,7 @@ def build_html(text: str, title: str, run_dir: Path) -> str:
         plot = run_dir / html.unescape(match[2])
         if not plot.is_file():  # write_plots just wrote every plot it lists; keep the link otherwise
             return match[0]
-        data = base64.b64encode(plot.read_bytes()).decode("ascii")
-        return f'<img alt="{match[1]}" src="data:image/png;base64,{data}">'
+        return embedded_png(plot, match[1])
 
     body = _IMG.sub(embed, body)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

@@ -8,7 +8,6 @@ asked for, not with lenetlab.
 
 from __future__ import annotations
 
-import base64
 import html
 import shlex
 from pathlib import Path
@@ -18,6 +17,7 @@ from .model import LeNet5V1, load_weights
 from .plots import available_plots
 from .recipes import PUBLISHED
 from .records import SPLITS, Summary, Trial
+from .report import embedded_png
 from .rundir import read_plan, weights_path
 from .summary import read_summary
 
@@ -121,10 +121,9 @@ class Run:
         for plot in available_plots(self.summary, self._curves):
             png = self.path / "plots" / plot.file
             if png.is_file():
-                data = base64.b64encode(png.read_bytes()).decode("ascii")
-                images.append(f'<figure><img alt="{html.escape(plot.caption)}" style="max-width: 100%" '
-                              f'src="data:image/png;base64,{data}"><figcaption>{html.escape(plot.caption)}'
-                              f"</figcaption></figure>")
+                caption = html.escape(plot.caption)
+                images.append(f"<figure>{embedded_png(png, caption, 'max-width: 100%')}"
+                              f"<figcaption>{caption}</figcaption></figure>")
         return (f"<h3>{html.escape(self.summary.name)}: lenetlab {self.summary.kind}</h3>"
                 f"<p><code>{html.escape(str(self.path))}</code>, report: "
                 f"<code>{html.escape(str(self.path / 'report.html'))}</code></p>{table}{''.join(images)}")
