@@ -97,11 +97,12 @@ def _tracking(mlflow: str | bool | None):
     return tracking, "" if mlflow is True else mlflow
 
 
-def _execute(run_dir: Path, go: Callable, quiet: bool, mlflow) -> Run:
-    """Run go(display) -> Summary with Ctrl-C and SIGTERM turned into a resume hint (Stopped)."""
+def _execute(run_dir: Path, go: Callable, quiet: bool, tracked: tuple) -> Run:
+    """Run go(display) -> Summary with Ctrl-C and SIGTERM turned into a resume hint (Stopped);
+    tracked: what _tracking gave."""
     echo = (lambda line: None) if quiet else _echo
     display = Progress(quiet, echo)
-    tracking, uri = _tracking(mlflow)
+    tracking, uri = tracked
     tracker = tracking.Tracker(uri, run_dir, None if quiet else _echo) if tracking else None
     in_main = threading.current_thread() is threading.main_thread()  # not in a thread of an app
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
@@ -150,12 +151,12 @@ def _start(kind: str, configs, seeds: list[int], reference: str | None, *, out, 
     workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
     announce(run.kernels, run.device, configs)
     check_engine(options.check("engine", engine))
-    _tracking(mlflow)
+    tracked = _tracking(mlflow)
     data = load_fashion_mnist(data_dir, quiet=quiet)  # before a run folder exists
     run_dir = new_run_dir(out, name, kind)
     plan = runner.new_plan(kind, run_dir.name, configs, seeds, run, engine, workers, reference)
     return _execute(run_dir, lambda display: runner.start(run_dir, plan, data, address, display, ray_retries),
-                    quiet, mlflow)
+                    quiet, tracked)
 
 
 def _variants(variants: list[str] | str | None) -> list[str]:
@@ -223,10 +224,10 @@ def resume(path: str | Path, *, data_dir: str | Path | None = None, engine: str 
     workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
     announce(plan.options.kernels, plan.options.device, plan.configs)
     check_engine(options.check("engine", engine) or "local")
-    _tracking(mlflow)
+    tracked = _tracking(mlflow)
     data = load_fashion_mnist(data_dir, quiet=quiet)
     return _execute(run_dir, lambda display: runner.resume(run_dir, data, engine, address, workers, display,
-                                                           ray_retries), quiet, mlflow)
+                                                           ray_retries), quiet, tracked)
 
 
 def open_run(path: str | Path) -> Run:
