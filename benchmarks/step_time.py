@@ -60,20 +60,29 @@ float fma_loop(long iters)
 """
 
 
-def fma_peak_gflops(flags: tuple[str, ...] | None = None, seconds: float = 0.5) -> tuple[float, int]:
+def fma_loop(flags: tuple[str, ...] | None = None):
+    """The register-only FMA loop (a function of its iteration count) and its vector lanes."""
     from lenetlab import native
 
     lib = ctypes.CDLL(str(native.build(FMA_LOOP, "fma_peak", flags)))
     lib.fma_loop.restype = ctypes.c_float
     lib.fma_loop.argtypes = [ctypes.c_long]
-    lanes = lib.fma_vector_bytes() // 4
+    return lib.fma_loop, lib.fma_vector_bytes() // 4
+
+
+def fma_gflop(lanes: int, iters: int) -> float:
+    return 2 * lanes * 12 * iters / 1e9  # NACC = 12 vector FMAs per iteration
+
+
+def fma_peak_gflops(flags: tuple[str, ...] | None = None, seconds: float = 0.5) -> tuple[float, int]:
+    run, lanes = fma_loop(flags)
     iters = 1_000_000
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t = time.perf_counter()
-        lib.fma_loop(iters)
-        best = max(best, 2 * lanes * 12 * iters / (time.perf_counter() - t) / 1e9)
+        run(iters)
+        best = max(best, fma_gflop(lanes, iters) / (time.perf_counter() - t))
     return best, lanes * 32
 
 
@@ -180,14 +189,24 @@ def main() -> None:
         m_torch = model()
         opt_torch = make(m_torch.parameters())
         paths["torch"] = lambda idx, keep: torch_step(m_torch, opt_torch, data_x[idx], data_y[idx], keep)
+    # The FMA loop also takes its turn between the blocks: on a shared VM the peak the host gives
+    # varies from second to second (on a Zen 3 VM, 2026-12-02: calls of 2 ms from 36 to 93
+    # GFLOP/s, median 87), so each block's share is also taken against the loop's rate beside it.
+    fma, lanes = fma_loop(flags)
+    paths["fma loop"] = lambda idx, keep: fma(1_000_000)
     times = interleaved(paths, batch, args.rounds, args.block)
+    fma_rates = [fma_gflop(lanes, 1_000_000) / (ms / 1e3) for ms in times.pop("fma loop")]
     peak, bits = fma_peak_gflops(flags)
-    print(f"FMA peak (register-only loop, {bits}-bit vectors): {peak:.1f} GFLOP/s")
+    print(f"FMA peak (register-only loop, {bits}-bit vectors): {peak:.1f} GFLOP/s; beside the blocks: "
+          f"median {statistics.median(fma_rates):.1f} (min {min(fma_rates):.1f})")
     print(f"per batch-{args.batch} step, {args.variant} + {args.optimizer}, median of {args.rounds} blocks "
           f"of {args.block} (includes the batch gather and, for dropout, the mask draw):")
     for name, ms in times.items():
         share = FLOP_PER_STEP * args.batch / 64 / (statistics.median(ms) / 1e3) / 1e9 / peak
-        print(f"  {name:10s} {statistics.median(ms):7.3f} ms  (min {min(ms):.3f})  {share:6.1%} of FMA peak")
+        beside = statistics.median(FLOP_PER_STEP * args.batch / 64 / (t / 1e3) / 1e9 / rate
+                                   for t, rate in zip(ms, fma_rates))
+        print(f"  {name:10s} {statistics.median(ms):7.3f} ms  (min {min(ms):.3f})  {share:6.1%} of FMA peak, "
+              f"{beside:6.1%} of the loop's rate beside each block (median)")
     ref = label("native", counts[0])
     median = {name: statistics.median(ms) for name, ms in times.items()}
     for name in times:
