@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -57,32 +56,11 @@ def load() -> str:
 
 def fma_scaling(seconds: float = 1.0) -> str:
     """Two threads of step_time.py's register-only FMA loop at once, against one: GFLOP/s."""
-    import ctypes
-
     sys.path.insert(0, str(REPO / "src"))
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from step_time import FMA_LOOP
+    from step_time import fma_peak_gflops
 
-    from lenetlab import native
-
-    lib = ctypes.CDLL(str(native.build(FMA_LOOP, "fma_peak")))
-    lib.fma_loop.restype, lib.fma_loop.argtypes = ctypes.c_float, [ctypes.c_long]
-    flop = 2 * lib.fma_vector_bytes() // 4 * 12  # per iteration
-    iters = 5_000_000
-
-    def rate(threads: int) -> float:
-        best, deadline = 0.0, time.perf_counter() + seconds / 2
-        while time.perf_counter() < deadline:
-            workers = [threading.Thread(target=lib.fma_loop, args=(iters,)) for _ in range(threads)]
-            t = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            best = max(best, threads * flop * iters / (time.perf_counter() - t) / 1e9)
-        return best
-
-    one, two = rate(1), rate(2)
+    one, two = (fma_peak_gflops(None, seconds / 2, threads)[0] for threads in (1, 2))
     return f"FMA loop: 1 thread {one:.0f} GFLOP/s, 2 threads {two:.0f} GFLOP/s ({two / one:.2f}x)"
 
 
