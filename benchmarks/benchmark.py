@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
               f"sustains alone ({study_share:.0%} of {cores} cores against {step_share:.0%} of one; "
               f"target >= {TARGET_STUDY_SHARE:.0%}: {'met' if met else 'NOT met'})")
         # The same against what the cores gave together: the part of the shortfall the host's
-        # own scaling accounts for (1.51x for two cores on a Zen 3 VM, 1.84-1.98x on a Zen 5 one).
+        # own scaling accounts for (two cores gave 1.03-1.89x one core's loop on a Zen 3 VM in one
+        # day, 2026-12-02; 1.84-1.98x on a Zen 5 one).
         together = total / lab["seconds"] / peak_together
         print(f"against the peak the {cores} cores gave together: {together / step_share:.0%} "
               f"({together:.0%} of it against the step's {step_share:.0%} of one core's)")

@@ -202,9 +202,10 @@ def main() -> None:
     # varies from second to second (on a Zen 3 VM, 2026-12-02: calls of 2 ms from 36 to 93
     # GFLOP/s, median 87), so each block's share is also taken against the loop's rate beside it.
     fma, lanes = fma_loop(flags)
-    paths["fma loop"] = lambda idx, keep: fma(1_000_000)
+    fma_iters = 1_000_000  # about 2 ms a call
+    paths["fma loop"] = lambda idx, keep: fma(fma_iters)
     times = interleaved(paths, batch, args.rounds, args.block)
-    fma_rates = [fma_gflop(lanes, 1_000_000) / (ms / 1e3) for ms in times.pop("fma loop")]
+    fma_rates = [fma_gflop(lanes, fma_iters) / (ms / 1e3) for ms in times.pop("fma loop")]
     peak, bits = fma_peak_gflops(flags)
     print(f"FMA peak (register-only loop, {bits}-bit vectors): {peak:.1f} GFLOP/s; beside the blocks: "
           f"median {statistics.median(fma_rates):.1f} (min {min(fma_rates):.1f})")
