@@ -14,10 +14,8 @@ from pathlib import Path
 
 from .errors import LenetlabError, RunDirError, SpecError
 from .model import LeNet5V1, load_weights
-from .plots import available_plots
 from .recipes import PUBLISHED
 from .records import SPLITS, Summary, Trial
-from .report import embedded_png
 from .rundir import read_plan, weights_path
 from .summary import read_summary
 
@@ -103,6 +101,8 @@ class Run:
         best configuration), overlay, confusion (the best run's) or per_class."""
         if kind not in PLOT_KINDS:
             raise SpecError(f"kind {kind!r}: expected one of {', '.join(PLOT_KINDS)}")
+        from .plots import available_plots  # matplotlib: see runner.finalize
+
         if kind == "convergence" and config is None:
             config = self.summary.best.name if self.summary.best else self.summary.configs[0].name
         for plot in available_plots(self.summary, self._curves):
@@ -113,6 +113,9 @@ class Run:
 
     def _repr_html_(self) -> str:
         """The table and the report's plots, for a notebook cell."""
+        from .plots import available_plots
+        from .report import embedded_png
+
         try:
             table = self.table().to_html(float_format=lambda v: f"{v:.4f}", na_rep="")
         except LenetlabError as exc:

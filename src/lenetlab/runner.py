@@ -21,7 +21,6 @@ from .engines import DEFAULT_RAY_RETRIES, default_workers, run_local, run_ray, u
 from .errors import RunDirError
 from .recipes import Recipe, get_recipe, scale_epochs
 from .records import RunOptions, Summary, Trial, TrialResult
-from .report import render_report
 from .rundir import RunPlan, hold, plan_path, read_plan, write_plan
 from .summary import write_summary
 from .training import total_epochs
@@ -122,6 +121,10 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
 
 def finalize(run_dir: Path, plan: RunPlan, data: FashionMNIST) -> Summary:
     """Aggregate the recorded trials into metrics.csv, summary.json, best weights and the report."""
+    # Imported here: the report's plots bring matplotlib, 0.7 s of the start of every lenetlab
+    # process and study worker, which only a finished run needs.
+    from .report import render_report
+
     summary, curves = write_summary(run_dir, plan, read_results(run_dir, plan), data.checksums,
                                     str(data.folder))
     render_report(run_dir, summary, curves)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from scipy import stats as scipy_stats
-
 CONFIDENCE = 0.95
 
 
@@ -63,6 +61,10 @@ def paired_difference(
 
 def _t_quantile(degrees_of_freedom: int) -> float:
     """The two-sided 95% Student t factor (4.303 for 2 degrees of freedom)."""
+    # Here, not at the top: scipy.stats took 1.46 s of the 4.5 s every lenetlab process and
+    # study worker spent importing lenetlab, and only a finished run's statistics need it.
+    from scipy import stats as scipy_stats
+
     return float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, degrees_of_freedom))
 
 
