@@ -4,6 +4,8 @@ errors with exit 2 for every bad input, checked before any work starts or any fo
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -342,3 +344,11 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     process.stdout.close()  # before lenetlab writes a line: its first write meets a closed pipe
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141 and err == "", err
+
+
+def test_the_command_starts_without_the_report_libraries():
+    # scipy.stats and matplotlib cost 2.2 s of every process's start; only a finished run needs them
+    code = ("import sys, lenetlab.cli, lenetlab.trials; "
+            "print(' '.join(m for m in ('scipy', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
