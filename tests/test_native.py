@@ -517,6 +517,22 @@ def test_other_batch_sizes_match_torch(build, batch, variant):
     _native_steps(variant, "adam", _random_batches(3, batch), f"batch {batch}", build)
 
 
+def test_batch_norm_statistics_of_maps_far_from_zero(build):
+    """Maps whose mean lies far from zero beside their spread (conv biases of +-40, spread ~1):
+    the step, batch norm's statistics included, still within the rounding bound. Their variance
+    comes from sums of shifted values; unshifted, its float sums would cancel."""
+    model, opt = _fresh(ALL_ON, "adam")
+    with torch.no_grad():
+        model.feature[0].bias.copy_(torch.tensor([40.0, -40.0, 25.0, -10.0, 33.0, 40.0]))
+        model.feature[4].bias.copy_(torch.linspace(-40.0, 40.0, 16))
+    trainer = native.NativeTrainer(model, opt, lib=build)
+    for s, (x, y) in enumerate(_random_batches(2, 150)):
+        scale = _mask(model, len(x), s)[1]
+        want = rounding.step(model, opt, x, y, scale, 0.0)
+        trainer.train_step(x, y, scale)
+        _within(_state(model, opt), want, f"the native step {s}")
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_max_pooling_ties_go_to_the_first(build, activation):
     """Every 2x2 block a tie (conv1's weights zero: each conv1 map is its bias, and then each

@@ -2,9 +2,9 @@
 
 Every stage splits its outputs between the threads so that each element is computed by one
 thread with the single-threaded arithmetic (native_step.c, step_job): parameters, buffers,
-optimiser state and the loss totals are torch.equal for any thread count, and equal to those
-of the library before the threads existed (e056921's native_step.c, driven through its old
-positional interface).
+optimiser state and the loss totals are torch.equal for any thread count, and without batch
+norm equal to those of the library before the threads existed (e056921's native_step.c, driven
+through its old positional interface).
 """
 
 from __future__ import annotations
@@ -115,9 +115,12 @@ def before_threads():
     return native.load_build(flags, src, "native_step_e056921", legacy=True)
 
 
-@pytest.mark.parametrize("case", ["all-relu-max-ls", "tanh-max-batch-150", "baseline", "relu-max-batch-130"])
+@pytest.mark.parametrize("case", ["dropout", "baseline", "relu-max-batch-130"])
 def test_the_same_bits_as_before_the_threads(before_threads, case):
-    """The single-threaded library's numbers, so recorded studies, parity and resume still hold."""
+    """Without batch norm, the single-threaded library's numbers, so recorded studies and resume
+    still hold. (Batch norm's statistics are summed as the convolutions write their rows since,
+    in another order: its training steps agree with that library's within float rounding, as
+    every build's do with PyTorch's path, test_native.py.)"""
     want = _train(CASES[case], 1, lib=before_threads)
     for threads in (1, 2):
         _assert_same(_train(CASES[case], threads), want)
