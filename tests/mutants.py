@@ -33,10 +33,13 @@ MUTANTS = {
         "gw[i] += (IC) == 1 && o == 1 ? -hsum(pw[i]) : hsum(pw[i]);",
         "the weight gradient of conv1's output channel 1 with its sign flipped"),
     "bn-mean-padded-lanes": (
-        "const vf d = (LD(z + ((size_t)y * H * NV + j) * VW) - m) * LD(ch[k].mask + (j % NV) * VW);",
-        "const vf d = (LD(z + ((size_t)y * H * NV + j) * VW) - m)\n"
-        "                                     * (pass ? LD(ch[k].mask + (j % NV) * VW) : splat(1.f));",
+        "a[q] += d;",
+        "a[q] += LD(row + (size_t)(x * NV + v + q) * VW) - k;",
         "batch norm's mean summed over the padding lanes of a short batch too (the variance still masked)"),
+    "bn-variance-unshifted": (
+        "* p1[((size_t)(c * Q1 + 5 + i / 5) * Q1 + 5 + i % 5) * BATCH];\n        K[o] = (float)s;",
+        "* p1[((size_t)(c * Q1 + 5 + i / 5) * Q1 + 5 + i % 5) * BATCH];\n        K[o] = 0.f * (float)s;",
+        "conv2's batch-norm variance from unshifted sums, which cancel where a map's mean is large"),
     "adam-bias-correction-step": (
         "const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));",
         "const double bc1 = 1.0 - pow(b1, step + 1), bc2_sqrt = sqrt(1.0 - pow(b2, step + 1));",
