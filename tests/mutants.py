@@ -37,9 +37,9 @@ MUTANTS = {
         "a[q] += LD(row + (size_t)(x * NV + v + q) * VW) - k;",
         "batch norm's mean summed over the padding lanes of a short batch too (the variance still masked)"),
     "bn-variance-unshifted": (
-        "* p1[((size_t)(c * Q1 + 5 + i / 5) * Q1 + 5 + i % 5) * BATCH];\n        K[o] = (float)s;",
-        "* p1[((size_t)(c * Q1 + 5 + i / 5) * Q1 + 5 + i % 5) * BATCH];\n        K[o] = 0.f * (float)s;",
-        "conv2's batch-norm variance from unshifted sums, which cancel where a map's mean is large"),
+        "K[o] = (float)s;",
+        "K[o] = 0.f * (float)s;",
+        "batch norm's variances from unshifted sums, which cancel where a map's mean is large"),
     "adam-bias-correction-step": (
         "const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));",
         "const double bc1 = 1.0 - pow(b1, step + 1), bc2_sqrt = sqrt(1.0 - pow(b2, step + 1));",

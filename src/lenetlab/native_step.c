@@ -1303,15 +1303,16 @@ static double sum_rows(const chunk *ch, int nch, int off, int c, int H, int R)
 }
 
 /* The per-row sums batch norm's statistics come from, taken as a convolution writes its rows:
- * over rows [y0, y1) of maps [m0, m1) of one chunk, the sums of d and d * d, d = z - K on the
- * lanes in use (mask, or NULL for all), into s1 and s2 (indexed map * H + row). K, one value of
+ * over rows [y0, y1) of maps [m0, m1) of chunk c's output z, the sums of d and d * d, d = z - K
+ * on the lanes in use, into s1 and s2 (indexed map * H + row). K, one value of
  * each map, shifts the data so that the variance from these sums does not cancel. Two passes
  * over the whole output after the layer (the mean, then the deviations, one add chain each)
  * cost 116 us of a 2.9 ms batch-norm step on the Zen 3 VM; these sums cost ~10 us there. */
 _Static_assert(NV % 4 == 0, "bn_row_sums' four chains");
-static void bn_row_sums(const float *z, const float *mask, int H, const float *K, float *s1, float *s2,
+static void bn_row_sums(const chunk *ch, const float *z, int H, const float *K, float *s1, float *s2,
                         int m0, int m1, int y0, int y1)
 {
+    const float *mask = ch->n < BATCH ? ch->mask : NULL; /* NULL: every lane in use */
     for (int c = m0; c < m1; c++) {
         const vf k = splat(K[c]);
         for (int y = y0; y < y1; y++) {
@@ -1321,7 +1322,7 @@ static void bn_row_sums(const float *z, const float *mask, int H, const float *K
                 for (int v = 0; v < NV; v += 4)
                     UNROLL for (int q = 0; q < 4; q++) {
                         vf d = LD(row + (size_t)(x * NV + v + q) * VW) - k;
-                        if (mask) /* NULL for a full chunk: every lane in use */
+                        if (mask)
                             d *= LD(mask + (v + q) * VW);
                         a[q] += d;
                         b[q] += d * d;
@@ -1332,27 +1333,19 @@ static void bn_row_sums(const float *z, const float *mask, int H, const float *K
     }
 }
 
-/* The shifts of bn_row_sums: each conv output map's value at its centre for the batch's first
- * image, from the packed input (any value of a map that every thread computes alike serves;
- * one near the map's mean keeps the most precision). Each thread computes them itself. */
-static void bn1_shift(const float *x, const float *w, const float *bias, float *K)
+/* The shifts of bn_row_sums: each of a conv's OC output maps at (at, at) for the batch's first
+ * image (lane 0), from its input in (IC maps of W x W pixels, its 5x5 window at rows and columns
+ * at..at + 4): any value of a map that every thread computes alike serves, one near the map's
+ * mean keeps the most precision. Each thread computes them itself. */
+static void bn_shift(const float *in, int IC, int W, int at, int OC, const float *w, const float *bias,
+                     float *K)
 {
-    for (int o = 0; o < C1; o++) {
+    for (int o = 0; o < OC; o++) {
         double s = bias[o];
-        for (int i = 0; i < 25; i++) /* output (14, 14) reads padded rows and columns 14..18 */
-            s += (double)w[o * 25 + i] * x[((size_t)(14 + i / 5) * XP + 14 + i % 5) * BATCH];
-        K[o] = (float)s;
-    }
-}
-
-static void bn2_shift(const float *p1, const float *w, const float *bias, float *K)
-{
-    for (int o = 0; o < C2; o++) {
-        double s = bias[o];
-        for (int c = 0; c < C1; c++)
-            for (int i = 0; i < 25; i++) /* output (5, 5) reads p1 rows and columns 5..9 */
-                s += (double)w[(o * C1 + c) * 25 + i]
-                     * p1[((size_t)(c * Q1 + 5 + i / 5) * Q1 + 5 + i % 5) * BATCH];
+        for (int c = 0; c < IC; c++)
+            for (int i = 0; i < 25; i++)
+                s += (double)w[(o * IC + c) * 25 + i]
+                     * in[((size_t)(c * W + at + i / 5) * W + at + i % 5) * BATCH];
         K[o] = (float)s;
     }
 }
@@ -1677,8 +1670,7 @@ static void conv2_rows(chunk *c, float *const *P, int u, const float *K2, int re
     const int o0 = u / Q2 * CONV2_OCB, py = u % Q2;
     conv2_fwd(c->p1, P[P_C2W], P[P_C2B], K2 ? c->z2 : c->a2, 2 * py, 2 * py + 2, o0, o0 + CONV2_OCB);
     if (K2)
-        bn_row_sums(c->z2, c->n < BATCH ? c->mask : NULL, H2, K2, c->rs + RS2A, c->rs + RS2B, o0,
-                    o0 + CONV2_OCB, 2 * py, 2 * py + 2);
+        bn_row_sums(c, c->z2, H2, K2, c->rs + RS2A, c->rs + RS2B, o0, o0 + CONV2_OCB, 2 * py, 2 * py + 2);
     else
         for (int m = o0; m < o0 + CONV2_OCB; m++)
             act_pool_fwd(c->a2, c->a2, c->p2, H2, ZEROS, ONES, ONES, ZEROS, 0, m * Q2 + py, m * Q2 + py + 1,
@@ -1793,13 +1785,13 @@ static void step_job(void *arg, int t, int T)
     } else {
         share(Q1, t, T, &lo, &hi);
         if (bn)
-            bn1_shift(ch[0].x, P[P_C1W], P[P_C1B], K1);
+            bn_shift(ch[0].x, 1, XP, 14, C1, P[P_C1W], P[P_C1B], K1); /* conv1's (14, 14), padded */
         for (int k = 0; k < nch; k++)
             for (int py = lo; py < hi; py++) {
                 if (bn) {
                     conv1_fwd(ch[k].x, P[P_C1W], P[P_C1B], ch[k].z1, 2 * py, 2 * py + 2, 0, C1);
-                    bn_row_sums(ch[k].z1, ch[k].n < BATCH ? ch[k].mask : NULL, H1, K1, ch[k].rs + RS1A,
-                                ch[k].rs + RS1B, 0, C1, 2 * py, 2 * py + 2);
+                    bn_row_sums(&ch[k], ch[k].z1, H1, K1, ch[k].rs + RS1A, ch[k].rs + RS1B, 0, C1, 2 * py,
+                                2 * py + 2);
                 } else
                     conv1_rows(&ch[k], P, py, relu, maxpool);
             }
@@ -1810,7 +1802,7 @@ static void step_job(void *arg, int t, int T)
             bn_layer_fwd(ch, nch, 1, H1, P, A->run, A->nbt[0], A->bn_eps, A->bn_momentum,
                          (int64_t)X->B * H1 * H1, K1, X->istd1, relu, maxpool, lo, hi, t == 0);
             SYNC();
-            bn2_shift(ch[0].p1, P[P_C2W], P[P_C2B], K2); /* on every thread alike: no barrier */
+            bn_shift(ch[0].p1, C1, Q1, 5, C2, P[P_C2W], P[P_C2B], K2); /* every thread alike: no barrier */
         }
         PROF(t, S_BN1);
         share(C2 / CONV2_OCB * Q2, t, T, &lo, &hi);
