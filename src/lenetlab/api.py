@@ -22,7 +22,7 @@ import numpy as np
 
 from . import files, options, prediction, runner, sweeps
 from .data import load_fashion_mnist, make_splits
-from .engines import DEFAULT_RAY_RETRIES, check_engine
+from .engines import DEFAULT_RAY_RETRIES, check_engine, start_local_pool
 from .errors import OptionError, OutputError, SpecError
 from .kernels import announce
 from .model import LeNet5V1, load_weights
@@ -149,8 +149,11 @@ def _start(kind: str, configs, seeds: list[int], reference: str | None, *, out, 
     check_size(len(configs) * len(seeds), options.check("max_trials", max_trials))
     run = options.run_options(device, threads, split_seed, train_subset, kernels)
     workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
+    engine = options.check("engine", engine)
+    if engine != "ray":
+        start_local_pool()  # its imports overlap the checks and the data loading below
     announce(run.kernels, run.device, configs)
-    check_engine(options.check("engine", engine))
+    check_engine(engine)
     tracked = _tracking(mlflow)
     data = load_fashion_mnist(data_dir, quiet=quiet)  # before a run folder exists
     run_dir = new_run_dir(out, name, kind)
@@ -222,8 +225,11 @@ def resume(path: str | Path, *, data_dir: str | Path | None = None, engine: str 
     run_dir = Path(path)
     plan = read_plan(run_dir)  # a folder that is no run is refused before the data is loaded
     workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
+    engine = options.check("engine", engine)
+    if (engine or plan.engine) != "ray":
+        start_local_pool()
     announce(plan.options.kernels, plan.options.device, plan.configs)
-    check_engine(options.check("engine", engine) or "local")
+    check_engine(engine or "local")
     tracked = _tracking(mlflow)
     data = load_fashion_mnist(data_dir, quiet=quiet)
     return _execute(run_dir, lambda display: runner.resume(run_dir, data, engine, address, workers, display,
