@@ -352,3 +352,19 @@ def test_the_command_starts_without_the_report_libraries():
             "print(' '.join(m for m in ('scipy', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_the_command_exits_fast_yet_a_profiler_still_writes_its_results(tmp_path):
+    # run() skips the interpreter's teardown; under a profiler it must exit as usual, or the
+    # profile (written after the program returns) is lost. Output through a pipe stays whole.
+    plain = subprocess.run([sys.executable, "-m", "lenetlab", "variants"], capture_output=True, text=True)
+    assert plain.returncode == 0 and plain.stdout.endswith("as the original did.\n"), plain
+    assert all(name in plain.stdout for name in cli.RECIPES)
+    profile = tmp_path / "variants.prof"
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "lenetlab",
+                               "variants"], capture_output=True, text=True)
+    assert profiled.returncode == 0 and profiled.stdout == plain.stdout
+    assert profile.stat().st_size > 0
+    refused = subprocess.run([sys.executable, "-m", "lenetlab", "study", "--seeds", "0"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
