@@ -161,7 +161,10 @@ def test_train_returns_the_kept_model_and_saves_what_the_cli_saves(tmp_path, dat
     path = tmp_path / "shoe.png"
     Image.fromarray(picture).save(path)
     found = lenetlab.predict(trained, [path, Image.open(path), picture, picture / 255.0])
-    assert len({tuple(p.probabilities) for p in found}) == 1
+    # the same pixels; the probabilities within float rounding, as oneDNN's AVX-512 kernels round
+    # a batch's rows by their place in it (the fourth differed by 1e-10 on a Zen 5 host)
+    assert all(np.array_equal(p.pixels, found[0].pixels) for p in found)
+    assert all(p.probabilities == pytest.approx(found[0].probabilities, rel=1e-6) for p in found)
     # one image alone (a batch of one rounds its sums otherwise than a batch of four)
     alone = lenetlab.predict(trained, path)[0].probabilities
     assert lenetlab.predict(tmp_path / "api" / f"{name}.pth", path)[0].probabilities == alone
