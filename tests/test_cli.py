@@ -4,12 +4,16 @@ errors with exit 2 for every bad input, checked before any work starts or any fo
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, strict_json
+from conftest import assert_gone, assert_one_line_error, children, run_cli, strict_json
 
 from lenetlab import __version__, cli
 from lenetlab.model import LeNet5V1
@@ -352,6 +356,46 @@ def test_the_command_starts_without_the_report_libraries():
             "print(' '.join(m for m in ('scipy', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_a_study_command_leaves_no_forkserver_holding_its_output(tmp_path, data_dir):
+    # The local pool's forkserver inherits the command's stdout and stderr. Stopped the usual
+    # way, it frees torch's modules for a second or more after the command has exited, and a
+    # pipe reading the command stays open that long: the command kills and reaps it first.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenetlab", "study", "--variants", "baseline", "--seeds", "1",
+         "--epochs-scale", "0.09", "--train-subset", "1000", "--out", str(tmp_path), "--name", "s",
+         "--data-dir", str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    servers: list[int] = []
+    while process.poll() is None and not servers:
+        servers = [pid for pid in children(process.pid)
+                   if b"forkserver" in _cmdline(pid)]
+        time.sleep(0.02)
+    assert process.wait(timeout=300) == 0
+    assert servers, "the study started no forkserver"
+    assert_gone(servers, timeout=0.2)
+    output = _read_to_end(process.stdout.fileno(), within=0.5)  # the resource tracker's exit: ms
+    assert b"1 trial(s) done, 0 failed" in output, output
+    assert (tmp_path / "s" / "report.html").is_file()
+
+
+def _read_to_end(fd: int, within: float) -> bytes:
+    """What is left in the pipe fd, asserting that its last writer closes it within `within` s."""
+    deadline, data = time.monotonic() + within, b""
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], "the output pipe is still held open"
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_the_command_exits_fast_yet_a_profiler_still_writes_its_results(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__, api, export, files, options, prediction
 from .data import CLASS_NAMES, load_fashion_mnist, normalise
+from .engines import stop_local_pool
 from .errors import LenetlabError, OptionError, SpecError
 from .evaluation import evaluate
 from .model import architecture_call, architecture_name, load_weights
@@ -335,6 +336,7 @@ def run() -> None:
                    if t is not threading.current_thread())):
         sys.exit(code)
     atexit._run_exitfuncs()  # what the usual exit runs first: multiprocessing, Ray, MLflow, logging
+    stop_local_pool()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

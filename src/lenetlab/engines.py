@@ -78,6 +78,24 @@ def start_local_pool() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+def stop_local_pool() -> None:
+    """Kill this process's forkserver, if it started one, and reap it: for an exit that skips
+    the interpreter's teardown (cli.run). Told to stop the usual way, the forkserver frees
+    torch's modules for 1-1.5 s after this process is gone, holding the stdout and stderr it
+    inherited, so a pipe reading the command stays open that long. It holds nothing else: its
+    workers have finished or been killed by then, and its socket's folder is gone with the
+    exit handlers (multiprocessing's), so only the process is left to end."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):  # gone already
+        pass
+
+
 def check_engine(engine: str) -> None:
     """Refuse an engine that cannot run here, before a run folder is created."""
     if engine == "ray":
