@@ -537,7 +537,9 @@ class NativeTrainer:
         L = _layers(model)
         self._bn = L.bn1
         # the batch norms' buffer dicts: plain dict reads per step, not nn.Module.__getattr__
-        self._bn_buffers = [bn._buffers for bn in (L.bn1, L.bn2) if bn is not None]
+        bn_buffers = [bn._buffers for bn in (L.bn1, L.bn2) if bn is not None]
+        self._bn_dicts = [d for d in bn_buffers for _ in _BN_BUFFERS]
+        self._bn_keys = [k for _ in bn_buffers for k in _BN_BUFFERS]
         self._totals = (ctypes.c_double * 2)()
         self._args = StepArgs(totals=ctypes.addressof(self._totals), optimizer=self._kind)
         self._state_dict: dict | None = None  # the optimizer.state last bound (see _bind)
@@ -588,10 +590,12 @@ class NativeTrainer:
         return s1, s2, steps
 
     def _identity(self) -> tuple:
-        """What the bound pointers rest on: every tensor behind them and the state entries."""
-        return (len(self.optimizer.state), *[t.data_ptr() for t in self._live],
-                *[d[k].data_ptr() for d in self._bn_buffers for k in _BN_BUFFERS],
-                *[id(d.get(k)) for d, k in self._entries])
+        """What the bound pointers rest on: every tensor behind them and the state entries
+        (map() rather than comprehensions: 7 us against 10 per step for tuned's 60 lookups)."""
+        data_ptr = torch.Tensor.data_ptr
+        return (len(self.optimizer.state), *map(data_ptr, self._live),
+                *map(data_ptr, map(dict.__getitem__, self._bn_dicts, self._bn_keys)),
+                *map(id, map(dict.get, self._entry_dicts, self._entry_keys)))
 
     def _bind(self) -> None:
         """The argument record's pointer arrays; rebuilt whenever a tensor behind them was replaced:
@@ -614,8 +618,9 @@ class NativeTrainer:
             self._arrays = arrays  # held: the record points into them
             # state may have been created just now: the identity after creation is the one to keep
             self._state_dict = state
-            self._entries = [(state[p], k) for p in self._live for k, t in state[p].items()
-                             if isinstance(t, torch.Tensor)]
+            entries = [(state[p], k) for p in self._live for k, t in state[p].items()
+                       if isinstance(t, torch.Tensor)]
+            self._entry_dicts, self._entry_keys = [d for d, _ in entries], [k for _, k in entries]
             self._bound = self._identity()
             self._keep = (s1, s2, steps)  # held, so that no new tensor takes a bound one's id
 
@@ -675,7 +680,7 @@ class NativeTrainer:
 
 
 def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None:
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+    if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous() or t.shape != shape:
         raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor of shape {shape}, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
