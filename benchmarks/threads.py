@@ -1,5 +1,5 @@
 """One trial on every core against one thread: `lenetlab train` with its default threads and
-with --threads 1, side by side in one run.
+with --threads 1, side by side in one run, after one untimed warm-up command.
 
     python benchmarks/threads.py                      # baseline, 30 epochs, one run of each
     python benchmarks/threads.py --rounds 2 --epochs 10 --data-dir /path/to/fashion-mnist
@@ -64,9 +64,11 @@ def fma_scaling(seconds: float = 1.0) -> str:
     return f"FMA loop: 1 thread {one:.0f} GFLOP/s, 2 threads {two:.0f} GFLOP/s ({two / one:.2f}x)"
 
 
-def run(variant: str, epochs: int, threads: int | None, data_dir: str | None, out: Path) -> dict:
+def run(variant: str, epochs: int, threads: int | None, data_dir: str | None, out: Path,
+        extra: tuple[str, ...] = ()) -> dict:
     """One `lenetlab train` in a subprocess: its wall time, epoch-line arrival times, sidecar."""
-    cmd = [sys.executable, "-m", "lenetlab", "train", variant, "--epochs", str(epochs), "--out", str(out)]
+    cmd = [sys.executable, "-m", "lenetlab", "train", variant, "--epochs", str(epochs), "--out", str(out),
+           *extra]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     if data_dir:
@@ -94,9 +96,9 @@ def run(variant: str, epochs: int, threads: int | None, data_dir: str | None, ou
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", default="baseline")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--variant", default="baseline", help="the recipe to train (default baseline)")
+    ap.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each command (default 1)")
     ap.add_argument("--data-dir", default=os.environ.get("LENETLAB_DATA"),
                     help="the Fashion-MNIST folder (default: $LENETLAB_DATA)")
@@ -111,6 +113,9 @@ def main() -> None:
     sides = {"default": None, "--threads 1": 1}
     results: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory(prefix="lenetlab-threads-") as tmp:
+        # Untimed, so that neither side pays for what only a first run does: after an idle hour
+        # the first command on the Zen 5 VM took 3 s longer outside its trial than the second.
+        run(args.variant, 1, None, args.data_dir, Path(tmp) / "warm-up", ("--train-subset", "2000"))
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for name in order:
