@@ -358,6 +358,38 @@ def test_the_command_starts_without_the_report_libraries():
     assert result.stdout.strip() == ""
 
 
+def test_a_native_study_imports_no_torch_dynamo_in_any_of_its_processes(tmp_path, data_dir):
+    # Making a torch optimiser imported torch._dynamo (1.4 s of a 4.1 s small `lenetlab train`),
+    # in the command, the forkserver and every worker; the native step needs none of it.
+    # -X importtime is passed on to the forkserver, and its forked workers print through it.
+    from lenetlab import native
+
+    if native.load() is None:
+        pytest.skip(f"the native step cannot be built here: {native.unavailable_reason()}")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "lenetlab", "study", "--variants", "baseline,dropout",
+         "--seeds", "1", "--epochs-scale", "0.09", "--train-subset", "1000", "--kernels", "native",
+         "--out", str(tmp_path), "--name", "s", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 trial(s) done, 0 failed" in result.stdout, result.stdout
+    imports = result.stderr.splitlines()
+    assert sum(line.endswith(" lenetlab.trials") for line in imports) >= 2  # the command's, the forkserver's
+    assert not [line for line in imports if "torch._dynamo" in line]
+
+
+def test_importing_lenetlab_leaves_the_optimisers_compile_wrappers_alone():
+    # Only lenetlab's own processes skip torch._dynamo: a user's torch.compile must still skip
+    # tracing into an optimiser's add_param_group, state_dict, load_state_dict and zero_grad.
+    code = ("import sys, torch, lenetlab, lenetlab.api, lenetlab.training as t; "
+            "p = torch.zeros(2, requires_grad=True); torch.optim.Adam([p]).zero_grad(); "
+            "m = [getattr(vars(torch.optim.Optimizer)[n], '__wrapped__') for n in t._DYNAMO_WRAPPED]; "
+            "print(any(getattr(f, '__dynamo_disable', None) is f for f in m), "
+            "'torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]  # the wrappers ran as torch wrote them
+
+
 def test_a_study_command_leaves_no_forkserver_holding_its_output(tmp_path, data_dir):
     # The local pool's forkserver inherits the command's stdout and stderr. Stopped the usual
     # way, it frees torch's modules for a second or more after the command has exited, and a

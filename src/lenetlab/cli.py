@@ -26,6 +26,7 @@ from .model import architecture_call, architecture_name, load_weights
 from .recipes import FIELDS, RECIPES, extensions, file_name
 from .rundir import MAX_SEEDS
 from .runs import list_runs
+from .training import skip_dynamo_import
 
 
 class _Parser(argparse.ArgumentParser):
@@ -330,6 +331,7 @@ def run() -> None:
     measured on the 2-core VMs) after everything lenetlab writes is closed. The usual exit
     where a thread that is no daemon still runs (it waits for it) or a profiler or tracer
     (cProfile, coverage) has its results still to write."""
+    skip_dynamo_import()
     code = main()
     if (sys.getprofile() is not None or sys.gettrace() is not None
             or any(t.is_alive() and not t.daemon for t in threading.enumerate()

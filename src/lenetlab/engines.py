@@ -41,7 +41,7 @@ from .data import FashionMNIST, Splits, make_splits
 from .errors import OptionError, OutputError
 from .records import RunOptions, Trial, TrialResult
 from .rundir import checkpoint_path, reaches, result_path, token_path
-from .training import FileCheckpoint
+from .training import FileCheckpoint, skip_dynamo_import
 from .trials import execute_trial, read_result, record_failure, record_trial
 
 OnStart = Callable[[Trial], None]
@@ -64,10 +64,10 @@ def default_workers(device: str) -> int:
     return 1 if device.startswith("cuda") else usable_cores()
 
 
-# What the forkserver imports once, before it forks any worker. torch._dynamo too: the first torch
-# optimiser of a process imports it (1.2-1.5 s measured, 822 modules), which every fresh worker
-# would otherwise pay again before its first step.
-WORKER_PRELOAD = ["lenetlab.trials", "torch._dynamo"]
+# What the forkserver imports once, before it forks any worker. Not torch._dynamo (1.2-1.5 s, 822
+# modules): the native step's workers never import it (training.skip_dynamo_import); a worker
+# on PyTorch's step imports it at its first step.
+WORKER_PRELOAD = ["lenetlab.trials"]
 
 
 def start_local_pool() -> None:
@@ -175,6 +175,7 @@ def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, 
     trial alone.
     """
     _die_with(study_pid)
+    skip_dynamo_import()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for everyone
     run = Path(run_dir)
     try:

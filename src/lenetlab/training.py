@@ -75,6 +75,27 @@ def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     return OPTIMIZERS[recipe.optimizer](params, recipe)
 
 
+# torch.optim.Optimizer's add_param_group (which every optimiser's __init__ calls), state_dict,
+# load_state_dict and zero_grad are wrapped by torch._disable_dynamo, whose first call imports
+# torch._dynamo only to mark the method as one compilation must not trace: 1.4 s of the 4.1 s
+# a `lenetlab train` on 2,000 images took (Zen 5 VM, 2026-12-03), in every command and worker.
+# The native step calls nothing else of torch.optim's. The wrapper runs what it caches on the
+# function as its disabled form, and outside compilation that is the method itself.
+_DYNAMO_WRAPPED = ("add_param_group", "state_dict", "load_state_dict", "zero_grad")
+
+
+def skip_dynamo_import() -> None:
+    """Let torch's optimisers be made, saved and restored without importing torch._dynamo.
+    Only for lenetlab's own processes (the command's, the local pool's workers), which compile
+    no optimiser: a user's torch.compile may trace these methods, and must still skip them.
+    PyTorch's step still imports it (its own wrapper); a torch without these wrappers is left
+    as it is."""
+    for name in _DYNAMO_WRAPPED:
+        method = getattr(vars(torch.optim.Optimizer).get(name), "__wrapped__", None)
+        if callable(method) and not hasattr(method, "__dynamo_disable"):
+            setattr(method, "__dynamo_disable", method)
+
+
 def learning_rate(recipe: Recipe, step: int, total: int, warmup: int) -> float:
     """The learning rate at step (0-based) of a phase of total steps, warmup of them warm-up.
 
