@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import random
 import statistics
 import threading
 import time
@@ -114,11 +115,17 @@ def native_flags(args) -> tuple[str, ...]:
 
 
 def interleaved(paths: dict, batch, rounds: int, block: int) -> dict[str, list[float]]:
-    """ms per step of each path, per block; the paths take turns block by block."""
+    """ms per step of each path, per block; the paths take turns block by block, in a shuffled
+    order each round (seeded): in a fixed order the second of two copies of one library ran 1%
+    faster than the first (an Intel Xeon VM, 2026-12-04: one source against itself 0.99x, in
+    both builds)."""
     times: dict[str, list[float]] = {name: [] for name in paths}
+    shuffle = random.Random(0).shuffle
     step = 0
     for _ in range(rounds):
-        for name, run in paths.items():
+        turns = list(paths.items())
+        shuffle(turns)
+        for name, run in turns:
             t = time.perf_counter()
             for _ in range(block):
                 run(*batch(step))
@@ -241,8 +248,11 @@ def main() -> None:
         prof_paths = {key: native_path(prof_libs[name], count)
                       for key, (name, count) in prof_versions.items()}
         out, busy = (ctypes.c_double * 64)(), (ctypes.c_double * (64 * 64))()
+        shuffle = random.Random(0).shuffle
         for _ in range(args.rounds):
-            for key, run in prof_paths.items():
+            turns = list(prof_paths.items())
+            shuffle(turns)  # as in interleaved()
+            for key, run in turns:
                 lib, count = prof_libs[prof_versions[key][0]], prof_versions[key][1]
                 lib.ln_profile(out)  # reset
                 if f"{key} busy" in per_block:
