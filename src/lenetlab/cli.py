@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="finish an interrupted study or sweep as planned")
     p.add_argument("run_dir", help="the run folder")
     options.add_data_options(p)
-    options.add_engine_options(p)
+    options.add_engine_options(p, planned=True)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     options.add_mlflow_option(p, "each trial as it finishes, into the runs logged before, then the summary")
     p.set_defaults(func=cmd_resume)

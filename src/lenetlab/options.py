@@ -210,11 +210,14 @@ def add_mlflow_option(p: argparse.ArgumentParser, what: str) -> None:
                    "default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=CHOICES["engine"], help="local process pool (default) or ray")
+def add_engine_options(p: argparse.ArgumentParser, planned: bool = False) -> None:
+    """The engine flags; planned: resume's, whose defaults are those in the run's run.json."""
+    as_planned = "the run's, as planned in its run.json"
+    p.add_argument("--engine", choices=CHOICES["engine"],
+                   help=f"local process pool or ray (default: {as_planned if planned else 'local'})")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--workers", type=typed("workers"),
-                   help="trials at a time, 1 to 1024 (default: one per usable core)")
+    p.add_argument("--workers", type=typed("workers"), help="trials at a time, 1 to 1024 (default: "
+                   f"{as_planned if planned else 'one per usable core, one on a GPU'})")
     p.add_argument("--ray-retries", type=typed("ray_retries"), default=DEFAULT_RAY_RETRIES,
                    help=f"with --engine ray: times a trial whose worker or host died runs again (from its "
                    f"last checkpoint), 0 to {MAX_RAY_RETRIES} (default {DEFAULT_RAY_RETRIES}); an error "
