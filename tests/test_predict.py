@@ -161,6 +161,26 @@ def test_invert_option(setup, capsys):
         assert [r["inverted"] for r in json_lines(out)] == expected
 
 
+def test_a_blank_picture_is_flagged(setup, capsys, tmp_path):
+    """A picture of one colour becomes an image of one colour, whatever its size or shade: the
+    network still answers, and the output says there was no garment to classify."""
+    weights, folders, _ = setup
+    Image.new("RGB", (60, 40), (255, 255, 255)).save(tmp_path / "white.png")  # light: inverted
+    Image.new("L", (28, 28), 90).save(tmp_path / "grey.png")  # already 28x28: used as it is
+    garment = sorted(folders["png"].iterdir())[0]
+    files = [tmp_path / "grey.png", tmp_path / "white.png", garment]
+    code, out, _ = run(capsys, weights, *files, "--json")
+    assert code == 0
+    flags = [(r["blank"], r["inverted"]) for r in json_lines(out)]
+    assert flags == [(True, False), (True, True), (False, False)]
+    code, out, _ = run(capsys, weights, *files)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3
+    assert lines[0].endswith("  (blank: one colour, no garment to classify)")
+    assert lines[1].endswith("  (inverted)  (blank: one colour, no garment to classify)")
+    assert "blank" not in lines[2]
+
+
 def test_folder_skips_and_counts_non_images(setup, capsys, tmp_path):
     weights, folders, _ = setup
     for name in sorted(p.name for p in folders["png"].iterdir())[:3]:

@@ -60,6 +60,12 @@ class Prediction:
     inverted: bool
     pixels: np.ndarray
 
+    @property
+    def blank(self) -> bool:
+        """The image the network saw is one colour (a blank or uniform picture): its
+        probabilities are the network's answer to no garment at all."""
+        return bool(self.pixels.min() == self.pixels.max())
+
     def top(self, k: int) -> list[tuple[str, float]]:
         order = sorted(range(len(CLASS_NAMES)), key=lambda i: -self.probabilities[i])
         return [(CLASS_NAMES[i], self.probabilities[i]) for i in order[:k]]
@@ -268,7 +274,7 @@ def as_json(prediction: Prediction, explained: Path | None = None) -> dict:
     the image the network saw, with --explain)."""
     (best, probability), = prediction.top(1)
     row = {"file": str(prediction.path), "class": best, "probability": round(probability, 6),
-           "inverted": prediction.inverted,
+           "inverted": prediction.inverted, "blank": prediction.blank,
            "probabilities": {name: round(p, 6) for name, p in zip(CLASS_NAMES, prediction.probabilities)}}
     if explained is not None:
         row["explained"] = str(explained)
@@ -276,9 +282,14 @@ def as_json(prediction: Prediction, explained: Path | None = None) -> dict:
 
 
 def as_line(prediction: Prediction, k: int) -> str:
-    """One line: the file, then the top k classes with their probabilities."""
+    """One line: the file, then the top k classes with their probabilities, and notes."""
     top = "  ".join(f"{name} {p:.4f}" for name, p in prediction.top(k))
-    return f"{prediction.path}: {top}{'  (inverted)' if prediction.inverted else ''}"
+    line = f"{prediction.path}: {top}"
+    if prediction.inverted:
+        line += "  (inverted)"
+    if prediction.blank:
+        line += "  (blank: one colour, no garment to classify)"
+    return line
 
 
 def skipped_note(skipped: list[Path]) -> str:
