@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -76,6 +77,14 @@ def test_in_a_browser_no_request_every_image_decodes_not_blank(browser, html_run
     histogram = shot.histogram()
     assert max(histogram) < 0.98 * sum(histogram), "the screenshot is one colour"
     assert shot.height > 2000  # the whole report, plots included, not a stub
+    # the page does not scroll sideways; the recipe table, a column per field, scrolls in its box
+    page_width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert page_width[0] <= page_width[1], page_width
+    widest = page.evaluate("Math.max(...[...document.querySelectorAll('table')].map(t => t.scrollWidth))")
+    assert widest > page_width[1]  # the case this is about: a table wider than the page
+    # the run configuration is a block of JSON, as report.md has it, not a line of inline code
+    shown = page.evaluate("[...document.querySelectorAll('pre > code')].map(c => c.innerText)")
+    assert [json.loads(block) for block in shown] == [strict_json(run_dir / "summary.json")["config"]]
     # the results table as the browser shows it: summary.json's numbers after the report's rounding
     rows = page.evaluate("[...document.querySelector('table').rows]"
                          ".map(r => [...r.cells].map(c => c.innerText))")

@@ -55,10 +55,14 @@ _STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
        color: #1b1b1b; }
 table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
+/* a table wider than the page (the recipes: a column per field) scrolls in its own box, so the
+   page itself never scrolls sideways */
+@media screen { table { display: block; max-width: 100%; overflow-x: auto; } }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
 th { background: #f2f2f2; }
 img { max-width: 100%; height: auto; display: block; }
 code { background: #f2f2f2; padding: 0 0.2rem; }
+pre { background: #f2f2f2; padding: 0.5rem; overflow-x: auto; }
 @media print {
   body { max-width: none; margin: 0; font-size: 11pt; }
   img, tr, figure { break-inside: avoid; page-break-inside: avoid; }
@@ -79,7 +83,7 @@ def embedded_png(path: Path, alt: str, style: str = "") -> str:
 
 def build_html(text: str, title: str, run_dir: Path) -> str:
     """report.md's text as one HTML page, its plots read from run_dir and embedded."""
-    body = markdown.markdown(text, extensions=["tables"], output_format="html")
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"], output_format="html")
 
     def embed(match: re.Match) -> str:
         plot = run_dir / html.unescape(match[2])
