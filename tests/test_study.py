@@ -234,7 +234,7 @@ def test_study_killed_with_sigkill_resumes_to_the_same_numbers_and_keeps_its_tim
     assert before_kill > 0
     # The killed session's time (one small trial: about 1 s on a fast host) can be shorter than
     # the resume's own start-up, so comparing it with the resume's clock would depend on the host.
-    # A recorded time longer than anything here makes the sum the resume must add to visible.
+    # With a recorded time longer than anything here, whether the resume adds to it shows.
     plan.elapsed_s = before_kill + 1000.0
     write_plan(run, plan)
     started = time.perf_counter()
