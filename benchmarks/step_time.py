@@ -114,18 +114,23 @@ def native_flags(args) -> tuple[str, ...]:
     return native.library_flags(native.target_flags(extra=extra) or (), extra)
 
 
-def interleaved(paths: dict, batch, rounds: int, block: int) -> dict[str, list[float]]:
-    """ms per step of each path, per block; the paths take turns block by block, in a shuffled
-    order each round (seeded): in a fixed order the second of two copies of one library ran 1%
-    faster than the first (an Intel Xeon VM, 2026-12-04: one source against itself 0.99x, in
-    both builds)."""
-    times: dict[str, list[float]] = {name: [] for name in paths}
+def turns(paths: dict, rounds: int):
+    """Each round's (name, path) pairs in a shuffled order (seeded): in a fixed order the second
+    of two copies of one library ran 1% faster than the first (an Intel Xeon VM, 2026-12-04: one
+    source against itself 0.99x, in both builds)."""
     shuffle = random.Random(0).shuffle
-    step = 0
     for _ in range(rounds):
-        turns = list(paths.items())
-        shuffle(turns)
-        for name, run in turns:
+        order = list(paths.items())
+        shuffle(order)
+        yield order
+
+
+def interleaved(paths: dict, batch, rounds: int, block: int) -> dict[str, list[float]]:
+    """ms per step of each path, per block; the paths take turns block by block (turns())."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    step = 0
+    for this_round in turns(paths, rounds):
+        for name, run in this_round:
             t = time.perf_counter()
             for _ in range(block):
                 run(*batch(step))
@@ -248,11 +253,8 @@ def main() -> None:
         prof_paths = {key: native_path(prof_libs[name], count)
                       for key, (name, count) in prof_versions.items()}
         out, busy = (ctypes.c_double * 64)(), (ctypes.c_double * (64 * 64))()
-        shuffle = random.Random(0).shuffle
-        for _ in range(args.rounds):
-            turns = list(prof_paths.items())
-            shuffle(turns)  # as in interleaved()
-            for key, run in turns:
+        for this_round in turns(prof_paths, args.rounds):  # not `order`: batch() reads that
+            for key, run in this_round:
                 lib, count = prof_libs[prof_versions[key][0]], prof_versions[key][1]
                 lib.ln_profile(out)  # reset
                 if f"{key} busy" in per_block:
