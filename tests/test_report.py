@@ -55,14 +55,14 @@ def fake_result(trial: Trial, run_id: str, base: float, options: RunOptions) -> 
 
 def make_run(run_dir: Path, configs: list[dict], kind: str = "study", reference: str | None = "baseline",
              seeds: tuple[int, ...] = (0, 1), options: RunOptions | None = None,
-             elapsed_s: float = 3725.5) -> dict:
+             elapsed_s: float = 3725.5, name: str = "synthetic-run") -> dict:
     """A run folder as lenetlab leaves it, for configs given as {"name", "base" (accuracy level),
     "recipe" (default: the published one of that name), "failed" (seeds), "offsets" ({seed: extra
     test accuracy})}: trial results recorded by trials.py, then runner.finalize."""
     run_dir.mkdir(parents=True, exist_ok=True)
     options = options or RunOptions()
     recipes = [(c["name"], c.get("recipe") or RECIPES[c["name"]]) for c in configs]
-    plan = RunPlan(kind, "synthetic-run", recipes, list(seeds), options, reference, elapsed_s=elapsed_s)
+    plan = RunPlan(kind, name, recipes, list(seeds), options, reference, elapsed_s=elapsed_s)
     write_plan(run_dir, plan)
     for config, (name, recipe) in zip(configs, recipes):
         for seed in seeds:

@@ -18,6 +18,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from . import files
@@ -30,6 +31,8 @@ SPLIT_LABELS = {"train": "train", "val": "validation", "test": "test"}
 SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 HEATMAP_ABOVE = 6  # more configurations than this: per-class accuracy as a heatmap
 DPI = 120
+# Names are text: '$' in one is a dollar sign, not the start of a formula that could fail the plot.
+PLAIN_TEXT = {"text.parse_math": False}
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,14 @@ def _distinct_colours(count: int) -> list:
 class ShownFigure(Figure):
     """A Figure that a notebook shows as a PNG (IPython asks for _repr_png_): made without
     pyplot, it has no backend that would show it."""
+
+    def draw(self, renderer) -> None:
+        """Every text as the characters it holds: no mathtext, also in the tick labels that are
+        made while drawing."""
+        for text in self.findobj(Text):
+            text.set_parse_math(False)
+        with matplotlib.rc_context(PLAIN_TEXT):
+            super().draw(renderer)
 
     def _repr_png_(self) -> bytes:
         buffer = io.BytesIO()

@@ -18,10 +18,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import markdown
-
 from . import files
 from .errors import RunDirError
+from .markup import Md, code, md, plain, to_html
 from .plots import seed_count, write_plots
 from .recipes import ORIGINAL_FIELDS, PUBLISHED, RECIPES, extensions
 from .records import SPLITS, ConfigSummary, Stat, Summary
@@ -83,7 +82,8 @@ def embedded_png(path: Path, alt: str, style: str = "") -> str:
 
 def build_html(text: str, title: str, run_dir: Path) -> str:
     """report.md's text as one HTML page, its plots read from run_dir and embedded."""
-    body = markdown.markdown(text, extensions=["tables", "fenced_code"], output_format="html")
+    own_plots = {f"plots/{png.name}" for png in (run_dir / "plots").glob("*.png")}
+    body = to_html(text, image_sources=own_plots)
 
     def embed(match: re.Match) -> str:
         plot = run_dir / html.unescape(match[2])
@@ -94,7 +94,7 @@ def build_html(text: str, title: str, run_dir: Path) -> str:
     body = _IMG.sub(embed, body)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(title)}: lenetlab report</title>\n<style>{_STYLE}</style>\n"
+            f"<title>{html.escape(plain(title))}: lenetlab report</title>\n<style>{_STYLE}</style>\n"
             f"</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
@@ -102,8 +102,8 @@ def build_markdown(summary: Summary, plots: list[tuple[str, str]]) -> str:
     """The whole report.md text: results first, provenance last."""
     kind = summary.kind
     configs = _ordered_configs(summary)
-    lines = [f"# {summary.name}: lenetlab {kind} report", "",
-             f"Created {summary.created} by lenetlab {summary.lenetlab_version}.", ""]
+    lines = [Md("# {}: lenetlab {} report").format(summary.name, kind), "",
+             Md("Created {} by lenetlab {}.").format(summary.created, summary.lenetlab_version), ""]
     lines += _how_to_read(kind)
     lines += _results_section(summary, configs)
     lines += _comparisons_section(summary)
@@ -161,7 +161,7 @@ def _results_section(summary: Summary, configs: list[ConfigSummary]) -> list[str
         header.append("Failures")
     lines = ["## Results", "", _table_row(header), _table_row(["---"] * len(header))]
     for config in configs:
-        cells = [config.name, f"{len(config.completed_seeds)}/{len(config.seeds)}"]
+        cells = [md(config.name), f"{len(config.completed_seeds)}/{len(config.seeds)}"]
         if config.final is None:
             cells += ["failed"] * 3
         else:
@@ -192,14 +192,14 @@ def _results_section(summary: Summary, configs: list[ConfigSummary]) -> list[str
         ]
         shortened = _shortened(summary, configs)
         if shortened:
-            lines += [f"**Not comparable with the published figures:** this run {shortened}, while "
-                      "the original trained 12 epochs (20 for l2_optimized) on all 54,000 training "
-                      "images.", ""]
+            lines += [Md("**Not comparable with the published figures:** this run {}, while "
+                         "the original trained 12 epochs (20 for l2\\_optimized) on all 54,000 training "
+                         "images.").format(shortened), ""]
     lines += _result_sentences(configs)
     if summary.best is not None:
         lines += [
-            f"The best single run is {summary.best.name} seed {summary.best.seed}, with test accuracy "
-            f"{summary.best_test_accuracy:.4f}; its confusion matrix is among the plots.",
+            Md("The best single run is {} seed {}, with test accuracy {:.4f}; its confusion matrix is "
+               "among the plots.").format(summary.best.name, summary.best.seed, summary.best_test_accuracy),
             "",
         ]
     return lines
@@ -224,8 +224,8 @@ def _result_sentences(configs: list[ConfigSummary]) -> list[str]:
     top = max(finished, key=lambda c: c.final["test"].mean)
     top_test = top.final["test"]
     sentences = [
-        f"The highest mean test accuracy is **{top.name}**'s: {_format_stat(top_test)} "
-        f"over {seed_count(top_test.n)}."
+        Md("The highest mean test accuracy is **{}**'s: {} over {}.").format(
+            top.name, _format_stat(top_test), seed_count(top_test.n))
     ]
     reaching = [c for c in finished if c.final["test"].mean >= TARGET_ACCURACY]
     confident = [
@@ -236,20 +236,20 @@ def _result_sentences(configs: list[ConfigSummary]) -> list[str]:
     sentences.append(f"The original study aimed at a test accuracy of {TARGET_ACCURACY:.2f} (88%).")
     single_seeds = all(c.final["test"].n < 2 for c in reaching)
     if reaching and single_seeds:
-        sentences.append(f"Mean test accuracy reaches it for {_join([c.name for c in reaching])}; "
-                         "with one seed there is no interval to say how sure that is.")
+        sentences.append(Md("Mean test accuracy reaches it for {}; with one seed there is no interval "
+                            "to say how sure that is.").format(_join([c.name for c in reaching])))
     elif reaching:
         if len(confident) == len(reaching):
             interval_text = ", and for each of them the whole 95% interval lies above it."
         elif confident:
-            interval_text = f"; for {_join(confident)} the whole 95% interval lies above it."
+            interval_text = Md("; for {} the whole 95% interval lies above it.").format(_join(confident))
         else:
             interval_text = "; for none of them does the whole 95% interval lie above it."
-        sentences.append(f"Mean test accuracy reaches it for {_join([c.name for c in reaching])}"
-                         f"{interval_text}")
+        sentences.append(Md("Mean test accuracy reaches it for {}{}").format(
+            _join([c.name for c in reaching]), Md(interval_text)))
     if missing:
-        sentences.append(f"It stays below {TARGET_ACCURACY:.2f} for {_join(missing)}.")
-    return [" ".join(sentences), ""]
+        sentences.append(Md("It stays below {:.2f} for {}.").format(TARGET_ACCURACY, _join(missing)))
+    return [Md(" ").join(map(Md, sentences)), ""]
 
 
 def _comparisons_section(summary: Summary) -> list[str]:
@@ -257,18 +257,18 @@ def _comparisons_section(summary: Summary) -> list[str]:
     comparisons = summary.comparisons
     if not comparisons:
         reason = (
-            "No reference configuration was set"
+            Md("No reference configuration was set")
             if summary.reference is None
-            else f"No configuration could be paired with the reference {summary.reference!r}"
+            else Md("No configuration could be paired with the reference {!r}").format(summary.reference)
         )
-        return lines + [f"{reason}, so there are no paired comparisons.", ""]
+        return lines + [Md("{}, so there are no paired comparisons.").format(reason), ""]
     header = ["Configuration", "Reference", "Paired seeds", "Test accuracy difference",
               "95% interval", "Excludes zero"]
     lines += [_table_row(header), _table_row(["---"] * len(header))]
     for c in comparisons:
         interval = "n/a, 1 seed" if c.n < 2 else f"[{c.ci95[0]:+.4f}, {c.ci95[1]:+.4f}]"
         lines.append(_table_row([
-            c.name, c.reference, str(c.n), f"{c.mean_diff:+.4f}", interval,
+            md(c.name), md(c.reference), str(c.n), f"{c.mean_diff:+.4f}", interval,
             "yes" if c.excludes_zero else "no",
         ]))
     lines += ["", "Differences are configuration minus reference, in test accuracy "
@@ -278,19 +278,17 @@ def _comparisons_section(summary: Summary) -> list[str]:
     single = [c.name for c in comparisons if c.n < 2]
     sentences = []
     if excluded:
-        described = [f"{c.name} ({'better' if c.mean_diff > 0 else 'worse'} by "
-                     f"{abs(c.mean_diff):.4f})" for c in excluded]
-        sentences.append(f"The 95% interval excludes zero for {_join(described)}.")
+        described = [Md("{} ({} by {:.4f})").format(c.name, "better" if c.mean_diff > 0 else "worse",
+                                                     abs(c.mean_diff)) for c in excluded]
+        sentences.append(Md("The 95% interval excludes zero for {}.").format(_join(described)))
     else:
         sentences.append("No comparison has a 95% interval that excludes zero.")
     if included:
-        sentences.append(
-            f"For {_join([c.name for c in included])} the interval includes zero: the "
-            "difference is within the seed-to-seed noise of this run."
-        )
+        sentences.append(Md("For {} the interval includes zero: the difference is within the "
+                            "seed-to-seed noise of this run.").format(_join([c.name for c in included])))
     if single:
-        sentences.append(f"{_join(single)} paired only one seed, which gives no interval.")
-    return lines + [" ".join(sentences), ""]
+        sentences.append(Md("{} paired only one seed, which gives no interval.").format(_join(single)))
+    return lines + [Md(" ").join(map(Md, sentences)), ""]
 
 
 def _failures_section(configs: list[ConfigSummary]) -> list[str]:
@@ -299,9 +297,9 @@ def _failures_section(configs: list[ConfigSummary]) -> list[str]:
         return []
     lines = ["## Failed trials", ""]
     for name, failure in failures:
-        # one line, in a code span so that *, _ or < in a traceback stay literal
-        error = " ".join(str(failure.error).split()).replace("`", "'")
-        lines.append(f"- {name}, seed {failure.seed}: `{error}`")
+        # one line, in a code span where it fits in one
+        error = " ".join(str(failure.error).split())
+        lines.append(Md("- {}, seed {}: {}").format(name, failure.seed, code(error)))
     return lines + [""]
 
 
@@ -310,7 +308,7 @@ def _plots_section(plots: list[tuple[str, str]]) -> list[str]:
     if not plots:
         return lines + ["No plots: no seed completed.", ""]
     for caption, relative_path in plots:
-        lines += [f"### {caption}", "", f"![{caption}]({relative_path})", ""]
+        lines += [Md("### {}").format(caption), "", Md("![{}]({})").format(caption, Md(relative_path)), ""]
     return lines
 
 
@@ -320,25 +318,27 @@ def _provenance_section(summary: Summary) -> list[str]:
     lines += _recipe_table(summary.configs)
     lines += ["### Run configuration", "", "```json", json.dumps(summary.settings.to_dict(), indent=2),
               "```", ""]
-    lines += [f"Trained with the {' and '.join(summary.kernels) or 'no'} kernels (native: lenetlab's own "
-              "CPU training step; torch: PyTorch's).", ""]
+    lines += [Md("Trained with the {} kernels (native: lenetlab's own CPU training step; torch: "
+                 "PyTorch's).").format(Md(" and ").join(summary.kernels) or "no"), ""]
     # the native builds, whose rounding the numbers carry (TrainedOn.build; none in older results)
     builds = sorted({b for c in summary.configs for b in c.builds if b != "torch"})
     if builds:
-        lines += [f"Native build{'s' if len(builds) > 1 else ''}: {'; '.join(f'`{b}`' for b in builds)} "
-                  "(the same seed on the same build gives the same numbers).", ""]
+        lines += [Md("Native build{}: {} (the same seed on the same build gives the same numbers).").format(
+            Md("s" if len(builds) > 1 else ""), Md("; ").join(code(b) for b in builds)), ""]
     mixed = [c for c in summary.configs if len(c.builds) > 1]
     if mixed:  # its seeds differ by where they ran, not only by seed
-        lines += ["**Mixed builds:** " + "; ".join(
-            f"{c.name}'s seeds were trained by different builds ({' | '.join(c.builds)})"
-            for c in mixed) + ": their spread includes the builds' rounding, not only the seeds'.", ""]
-    lines += ["### Data", "", f"Folder: `{summary.data_folder}`", "",
+        lines += [Md("**Mixed builds:** {}: their spread includes the builds' rounding, not only the "
+                     "seeds'.").format(Md("; ").join(
+                         Md("{}'s seeds were trained by different builds ({})").format(
+                             c.name, Md(" | ").join(c.builds)) for c in mixed)), ""]
+    lines += ["### Data", "", Md("Folder: {}").format(code(summary.data_folder)), "",
               _table_row(["File", "SHA-256"]), _table_row(["---", "---"])]
-    lines += [_table_row([file, f"`{digest}`"]) for file, digest in summary.data_sha256.items()]
+    lines += [_table_row([md(file), code(digest)]) for file, digest in summary.data_sha256.items()]
     lines.append("")
     for title, values in (("Versions", summary.versions), ("Machine", summary.machine)):
-        lines += [f"### {title}", ""] + [f"- {name}: {value}" for name, value in values.items()] + [""]
-    lines += ["### Wall time", "", _format_duration(summary.wall_time_s), ""]
+        lines += [f"### {title}", ""] + [Md("- {}: {}").format(name, value) for name, value in values.items()]
+        lines += [""]
+    lines += ["### Wall time", "", md(_format_duration(summary.wall_time_s)), ""]
     return lines
 
 
@@ -352,8 +352,8 @@ def _recipe_table(configs: list[ConfigSummary]) -> list[str]:
     lines = ["### Recipes", "", _table_row(["Configuration", "Variant", *keys]),
              _table_row(["---"] * (len(keys) + 2))]
     for config in configs:
-        lines.append(_table_row([config.name, config.variant,
-                                 *(_format_value(getattr(config.recipe, key)) for key in keys)]))
+        lines.append(_table_row([md(config.name), md(config.variant),
+                                 *(md(_format_value(getattr(config.recipe, key))) for key in keys)]))
     return lines + [""]
 
 
@@ -390,11 +390,15 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _join(items: list[str]) -> str:
+def _join(items: list[str]) -> Md:
+    """a, b and c, each item escaped unless it is Markdown already."""
+    items = [md(item) for item in items]
     if len(items) <= 1:
-        return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
+        return Md("").join(items)
+    return Md("{} and {}").format(Md(", ").join(items[:-1]), items[-1])
 
 
-def _table_row(cells: list[str]) -> str:
-    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+def _table_row(cells: list) -> Md:
+    """A table row: cells that are Md are kept as they are; numbers and our own headers are text
+    (escaped like any value, which also escapes the column separator)."""
+    return Md("| {} |").format(Md(" | ").join(cell if isinstance(cell, Md) else md(cell) for cell in cells))

@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from .errors import LenetlabError, RunDirError, SpecError
+from .markup import plain
 from .model import LeNet5V1, load_weights
 from .recipes import PUBLISHED
 from .records import SPLITS, Summary, Trial
@@ -127,6 +128,6 @@ class Run:
                 caption = html.escape(plot.caption)
                 images.append(f"<figure>{embedded_png(png, caption, 'max-width: 100%')}"
                               f"<figcaption>{caption}</figcaption></figure>")
-        return (f"<h3>{html.escape(self.summary.name)}: lenetlab {self.summary.kind}</h3>"
-                f"<p><code>{html.escape(str(self.path))}</code>, report: "
-                f"<code>{html.escape(str(self.path / 'report.html'))}</code></p>{table}{''.join(images)}")
+        return (f"<h3>{html.escape(plain(self.summary.name))}: lenetlab {self.summary.kind}</h3>"
+                f"<p><code>{html.escape(plain(self.path))}</code>, report: "
+                f"<code>{html.escape(plain(self.path / 'report.html'))}</code></p>{table}{''.join(images)}")
