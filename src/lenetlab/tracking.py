@@ -386,8 +386,11 @@ def log_weights(uri: str | None, weights: Path) -> str:
     """`lenetlab log-mlflow WEIGHTS.pth`: one run for weights `lenetlab train` saved (experiment
     lenetlab-train), found again by the weights' SHA-256; the line that says where to see it.
     WeightsError for a file that is not lenetlab's, OutputError when the store fails."""
+    from .model import load_weights
+
     uri, weights = resolve_uri(uri), Path(weights)
     trial, history, record = read_sidecar(weights)
+    load_weights(weights)  # what is uploaded is a LeNet5V1 state_dict, read without running any code
     digest = files.sha256_file(weights)
     try:
         mlflow_client = client(uri)
