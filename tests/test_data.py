@@ -171,3 +171,25 @@ def test_downloads_into_the_cache_when_nothing_is_local(http_server, tmp_path, m
     loaded = load_fashion_mnist(quiet=True)
     assert loaded.folder == tmp_path / "cache" / "lenetlab" / "fashion-mnist"
     assert len(loaded.train_labels) == 60_000
+
+
+def test_a_gz_that_inflates_far_past_its_records_is_refused_without_filling_memory(tmp_path):
+    """A decompression bomb: a valid label header, then 1 GiB of zeros that gzip squeezes into
+    about 1 MB. It is read only as far as a well-formed file goes, then refused in one line."""
+    import resource
+    import zlib
+
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 24)
+    with open(path, "wb") as out:
+        out.write(packer.compress((2049).to_bytes(4, "big") + (10_000).to_bytes(4, "big")))
+        for _ in range(64):
+            out.write(packer.compress(chunk))
+        out.write(packer.flush())
+    assert path.stat().st_size < 4 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match="trailing data"):
+        read_idx(path, 1, 10_000)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 << 10, f"the peak grew by {grown_kib >> 10} MiB"

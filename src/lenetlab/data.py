@@ -7,7 +7,6 @@ out of those tensors instead of going through a per-sample Dataset.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import os
@@ -60,13 +59,17 @@ def read_idx(path: Path, kind: int, records: int | None = None) -> np.ndarray:
     kind 3 is an image file (N x 28 x 28 uint8), kind 1 a label file (N uint8 in 0-9).
     Raises DataError naming the file and what is wrong.
     """
+    header = 4 + 4 * kind
+    # the most a well-formed file holds (one byte more tells trailing data): a .gz that inflates
+    # far past it is cut there instead of filling memory
+    most = records or max(n for k, n, _ in FILES.values() if k == kind)
+    limit = header + most * (784 if kind == 3 else 1)
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            raw = _inflate(raw, limit + 1)
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({exc})") from None
-    header = 4 + 4 * kind
     if len(raw) < header:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
     magic = int.from_bytes(raw[0:4], "big")
@@ -86,6 +89,22 @@ def read_idx(path: Path, kind: int, records: int | None = None) -> np.ndarray:
     if kind == 1 and array.size and array.max() > 9:
         raise DataError(f"{path}: label {int(array.max())} out of range 0-9")
     return array
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """gzip data (one member or several, as gzip.decompress reads it) inflated to at most limit bytes."""
+    out = bytearray()
+    while data and len(out) < limit:
+        if data[:2] != b"\x1f\x8b":
+            raise EOFError("data after the compressed stream is not gzip")
+        member = zlib.decompressobj(wbits=31)
+        out += member.decompress(data, limit - len(out))
+        if member.unconsumed_tail:  # the limit was reached inside this member
+            break
+        if not member.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        data = member.unused_data
+    return bytes(out)
 
 
 def _find(folder: Path, name: str) -> Path | None:
