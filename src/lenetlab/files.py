@@ -13,6 +13,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -122,14 +123,34 @@ def write_record(path: Path, kind: str, body: dict) -> None:
     atomic_write(path, to_json({**stamped, "sha256": _digest(stamped)}).encode("utf-8"))
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: strict JSON has no infinity
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
+def strict_json(text: str):
+    """JSON as write_record writes it: no NaN or infinity; ValueError for anything else, nesting
+    too deep for the parser included."""
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
 def read_record(path: Path, kind: str) -> dict:
     """The body of a record write_record wrote; RunDirError on anything else (missing, damaged, edited)."""
     try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        record = strict_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RunDirError(f"{path}: unreadable ({str(exc).splitlines()[0][:80]})") from None
+        raise RunDirError(f"{path}: unreadable ({(str(exc).splitlines() or [''])[0][:80]})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("file") != kind:
         raise RunDirError(f"{path}: not a lenetlab {kind} file of format {FORMAT}")
     claimed = record.pop("sha256", None)

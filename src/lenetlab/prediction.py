@@ -30,6 +30,10 @@ from .errors import ImageError
 from .model import LeNet5V1, fast_forward
 
 MAX_SIDE = 100_000  # a side of this many pixels or more is refused as a decompression bomb
+MAX_PIXELS = 50_000_000  # a 50-megapixel camera's pictures; more is refused as a decompression bomb
+# Pictures are shrunk by a whole factor to at most this many pixels a side before the conversion
+# (which makes 28x28 of them): a 50-megapixel photo then costs tens of MB of memory, not GBs.
+WORK_SIDE = 2048
 
 
 @dataclass
@@ -134,8 +138,10 @@ def load_image(path: Path, invert: str = "auto") -> PreparedImage:
                 size = im.size
                 _check_size(path, size)
                 im.seek(0)  # the first frame of a GIF or an animated WebP
+                if im.format == "JPEG":  # decoded at a reduced scale, where the format can
+                    im.draft(None, (WORK_SIDE, WORK_SIDE))
                 im.load()
-                picture = _to_pixels(_upright(im))
+                picture = _to_pixels(_upright(_shrunk(im)), sixteen_bit=im.mode.startswith("I;16"))
         except ImageError:
             raise
         except UnidentifiedImageError:
@@ -156,7 +162,8 @@ def prepare_picture(im: Image.Image, label: str, invert: str = "auto") -> Prepar
     """A picture already in memory (the Python API's PIL images and arrays), prepared as a file's
     is; label names it in errors and predictions."""
     _check_size(label, im.size)
-    pixels, inverted = prepare(_to_pixels(_upright(im)), invert)
+    picture = _to_pixels(_upright(_shrunk(im)), sixteen_bit=im.mode.startswith("I;16"))
+    pixels, inverted = prepare(picture, invert)
     return PreparedImage(label, pixels, inverted, im.size)
 
 
@@ -188,9 +195,23 @@ def _check_size(path: Path | str, size: tuple[int, int]) -> None:
     if min(width, height) < 1 or max(width, height) >= MAX_SIDE:
         raise ImageError(f"{path}: {width}x{height} pixels, refused (a side must be 1 to "
                          f"{MAX_SIDE - 1:,} pixels; larger ones are decompression bombs)")
-    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+    if width * height > MAX_PIXELS:
         raise ImageError(f"{path}: {width}x{height} pixels, refused as a possible decompression bomb "
-                         f"(more than {Image.MAX_IMAGE_PIXELS:,} pixels)")
+                         f"(more than {MAX_PIXELS:,} pixels)")
+
+
+def _shrunk(im: Image.Image) -> Image.Image:
+    """im reduced by a whole factor (the mean of each block) to at most WORK_SIDE pixels a side."""
+    factor = -(-max(im.size) // WORK_SIDE)
+    if factor <= 1:
+        return im
+    if im.mode == "1":  # modes reduce() does not take, as modes it does, the same colours
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    return im.reduce(factor)
 
 
 def _upright(im: Image.Image) -> Image.Image:
@@ -201,13 +222,13 @@ def _upright(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_pixels(im: Image.Image) -> np.ndarray:
+def _to_pixels(im: Image.Image, sixteen_bit: bool = False) -> np.ndarray:
     """uint8 pixels, (height, width) for a grey picture and (height, width, 3) RGB for any other
     (palette, CMYK, ...): the trim compares colours. Transparent pixels are laid on white;
-    16-bit and float grey are scaled to 8 bits."""
+    16-bit (sixteen_bit: also once shrunk into mode I) and float grey are scaled to 8 bits."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) > 255):
+        if sixteen_bit or im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) > 255):
             values = values / 257.0
         elif im.mode == "F" and values.max(initial=0) <= 1.0:
             values = values * 255.0

@@ -170,8 +170,25 @@ def with_fields(base: Recipe, changes: dict, where: str = "") -> Recipe:
 
 
 def recipe_from_dict(entry: dict) -> Recipe:
-    """A Recipe from its recorded fields (run plans, trial results, checkpoints lenetlab wrote)."""
-    return Recipe(**{f.name: entry[f.name] for f in fields(Recipe) if f.name in entry})
+    """A Recipe from its recorded fields (run plans, trial results, checkpoints lenetlab wrote),
+    each checked as a flag is: ValueError or TypeError naming the field for one a file from
+    someone else got wrong."""
+    from .checked import checked
+
+    if not isinstance(entry, dict):
+        raise TypeError(f"recipe: expected a table of fields, got {type(entry).__name__}")
+    known = {f.name: entry[f.name] for f in fields(Recipe) if f.name in entry}
+    try:
+        recipe = Recipe(**{key: check_field(key, value, "recipe.") if key in FIELDS else value
+                           for key, value in known.items()})
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+    checked(recipe, "recipe")
+    if recipe.warm_start_from is not None and recipe.warm_start_from not in RECIPES:
+        raise ValueError(f"recipe.warm_start_from: unknown variant {recipe.warm_start_from!r}")
+    if not 0 <= recipe.warm_start_epochs <= 1000:
+        raise ValueError(f"recipe.warm_start_epochs: {recipe.warm_start_epochs} is not 0 to 1000")
+    return recipe
 
 
 def scale_epochs(recipe: Recipe, scale: float) -> Recipe:

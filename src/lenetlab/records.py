@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .checked import checked, is_folder_name, is_inside, is_name, require
 from .evaluation import Evaluation
 from .model import LeNet5V1
 from .recipes import Recipe, describe_start, recipe_from_dict
@@ -27,6 +28,13 @@ class RunOptions:
     split_seed: int = 0
     train_subset: int | None = None  # train on the first N images of the split (quick checks)
     kernels: str = "auto"  # native, torch, or auto (native on CPU where it builds)
+
+    def check(self) -> None:
+        """ValueError for options no lenetlab run was made with (a run.json from someone else)."""
+        require(1 <= self.threads <= 256, f"threads: {self.threads} is not 1 to 256")
+        require(0 <= self.split_seed < 2**32, f"split_seed: {self.split_seed} is not 0 to 2**32-1")
+        require(self.train_subset is None or 1 <= self.train_subset <= 54_000, "train_subset: not 1 to 54000")
+        require(self.kernels in ("auto", "native", "torch"), f"kernels: {self.kernels!r} is unknown")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,11 @@ class EpochMetrics:
     split: str  # train, val or test
     loss: float
     accuracy: float
+
+
+def _evaluation_fits(evaluation: Evaluation) -> bool:
+    matrix = evaluation.confusion_matrix
+    return len(evaluation.per_class_accuracy) == len(matrix) == 10 and all(len(r) == 10 for r in matrix)
 
 
 def final_accuracies(history: list[EpochMetrics], epoch: int | None = None) -> dict[str, float]:
@@ -162,7 +175,20 @@ class TrialResult:
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),
             epoch_threads=record.get("epoch_threads", []),
             trained_on=TrainedOn(**record["trained_on"]) if record.get("trained_on") else None,
-        )
+        )._checked()
+
+    def _checked(self) -> TrialResult:
+        """self, once its fields have their types and fit together (TypeError, ValueError)."""
+        checked(self, "trial result")
+        require(is_name(self.trial.config) and 0 <= self.trial.seed < 2**32, "trial: bad config or seed")
+        require(self.status in ("done", "failed"), f"status: {self.status!r} is not done or failed")
+        require(all(row.split in SPLITS and row.epoch >= 1 for row in self.history), "history: bad rows")
+        if self.done:
+            require(self.test is not None and _evaluation_fits(self.test), "test: not ten classes")
+            require(set(final_accuracies(self.history, self.kept_epoch)) >= set(SPLITS),
+                    "history: no accuracy of every split at the kept epoch")
+            require(is_inside(self.weights), f"weights: {self.weights!r} is not a path inside the run folder")
+        return self
 
 
 # ----------------------------------------------------------------------------- the run's summary
@@ -229,6 +255,21 @@ class ConfigSummary:
     @property
     def keeps_best_val(self) -> bool:
         return self.recipe.checkpoint == "best_val"
+
+    def fits(self) -> None:
+        """ValueError unless its seeds, statistics and matrices agree with each other."""
+        where = f"configs: {self.name!r}"
+        require(set(self.completed_seeds) <= set(self.seeds), f"{where}: completed seeds not planned")
+        stats = [*(self.final or {}).values(), *([self.test_flip] if self.test_flip else [])]
+        require(self.final is None or set(self.final) == set(SPLITS), f"{where}: final is not per split")
+        for stat in stats:
+            require(stat.n == len(stat.values) and len(stat.ci95) == 2
+                    and set(stat.values) <= set(self.completed_seeds), f"{where}: statistics do not fit")
+        require(self.best_seed is None or self.best_seed in self.completed_seeds, f"{where}: best seed")
+        matrices = self.confusion_matrix.values()
+        require(all(len(row) == 10 for row in self.per_class_test_accuracy.values())
+                and all(len(m) == 10 and all(len(row) == 10 for row in m) for m in matrices),
+                f"{where}: per-class accuracy or confusion matrix is not ten classes")
 
     def to_dict(self) -> dict:
         record = {"name": self.name, "variant": self.variant, "recipe": asdict(self.recipe),
@@ -362,15 +403,36 @@ class Summary:
 
     @classmethod
     def from_dict(cls, record: dict) -> Summary:
+        """summary.json's body as a Summary, checked: TypeError or ValueError naming what does not fit."""
         best = record["best"]
-        return cls(
+        return checked(cls(
             lenetlab_version=record["lenetlab_version"], kind=record["kind"], name=record["name"],
             created=record["created"], wall_time_s=record["wall_time_s"],
             settings=RunSettings.from_dict(record["config"]), data_folder=record["data"]["folder"],
             data_sha256=record["data"]["sha256"], versions=record["versions"], machine=record["machine"],
             reference=record["reference"], configs=[ConfigSummary.from_dict(c) for c in record["configs"]],
             comparisons=[Comparison(**c) for c in record["comparisons"]],
-            best=Best(best["name"], best["seed"]) if best else None, files_sha256=record["files_sha256"])
+            best=Best(best["name"], best["seed"]) if best else None, files_sha256=record["files_sha256"]),
+            "summary")._fits()
+
+    def _fits(self) -> Summary:
+        """self, once its parts agree: ValueError naming the first that does not."""
+        names = [config.name for config in self.configs]
+        require(self.kind in ("study", "sweep") and is_folder_name(self.name), "kind or name: not a run's")
+        require(all(map(is_name, names)) and len(set(names)) == len(names),
+                "configs: expected distinct names")
+        for config in self.configs:
+            config.fits()
+        require(self.reference is None or self.reference in names, "reference: none of the configurations")
+        for comparison in self.comparisons:
+            require({comparison.name, comparison.reference} <= set(names) and len(comparison.ci95) == 2,
+                    f"comparisons: {comparison.name!r} does not fit the configurations")
+        if self.best is not None:
+            config = next((c for c in self.configs if c.name == self.best.name), None)
+            require(config is not None and config.final is not None
+                    and self.best.seed in config.final["test"].values, "best: no such completed seed")
+        require(all(map(is_inside, self.files_sha256)), "files_sha256: a path outside the run folder")
+        return self
 
 
 @dataclass(frozen=True)

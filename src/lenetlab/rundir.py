@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import files
+from .checked import checked, is_folder_name, is_name, require
 from .errors import OptionError, RunDirError, SpecError
 from .provenance import library_versions
 from .recipes import Recipe, file_name, recipe_from_dict
@@ -32,12 +33,6 @@ MAX_SEEDS = 1000
 # A sweep larger than this is refused unless --max-trials raises the cap: each trial takes
 # minutes, and a plan of millions would take gigabytes before the first one ran.
 MAX_TRIALS = 1000
-
-
-def is_folder_name(name: object) -> bool:
-    """A single printable folder name: no separators or control characters, not '.' or '..'."""
-    return (isinstance(name, str) and bool(name) and Path(name).name == name
-            and name not in (".", "..") and name.isprintable())
 
 
 def parse_seeds(value) -> list[int]:
@@ -89,7 +84,18 @@ class RunPlan:
     @classmethod
     def from_dict(cls, body: dict) -> RunPlan:
         configs = [(entry["name"], recipe_from_dict(entry["recipe"])) for entry in body["configs"]]
-        return cls(**{**body, "configs": configs, "options": RunOptions(**body["options"])})
+        plan = checked(cls(**{**body, "configs": configs, "options": RunOptions(**body["options"])}), "run")
+        names = [name for name, _ in plan.configs]
+        require(plan.kind in ("study", "sweep"), f"kind: {plan.kind!r} is not study or sweep")
+        require(is_folder_name(plan.name), f"name: {plan.name!r} is not a folder name")
+        require(bool(names) and all(map(is_name, names)) and len(set(names)) == len(names),
+                "configs: expected distinct names")
+        parse_seeds(plan.seeds)
+        require(plan.reference is None or plan.reference in names, "reference: none of the configurations")
+        require(plan.engine in ("local", "ray") and 1 <= plan.workers <= 1024, "engine or workers: unknown")
+        require(plan.elapsed_s >= 0, "elapsed_s: negative")
+        plan.options.check()
+        return plan
 
 
 def plan_path(run_dir: Path) -> Path:
@@ -110,7 +116,7 @@ def read_plan(run_dir: Path) -> RunPlan:
     body = files.read_record(plan_path(run_dir), "run-plan")
     try:
         return RunPlan.from_dict(body)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as exc:
         raise RunDirError(f"{plan_path(run_dir)}: not a run plan this lenetlab reads ({exc})") from None
 
 

@@ -142,4 +142,7 @@ def read_summary(run_dir: Path) -> tuple[Summary, Curves]:
         if files.sha256_file(run_dir / relative) != digest:
             raise RunDirError(f"{run_dir / relative}: missing, damaged or edited since the run "
                               f"wrote it (its SHA-256 is not the one summary.json recorded)")
-    return summary, curves_from_csv((run_dir / "metrics.csv").read_text(encoding="utf-8"))
+    try:
+        return summary, curves_from_csv((run_dir / "metrics.csv").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise RunDirError(f"{run_dir / 'metrics.csv'}: not the metrics lenetlab writes ({exc})") from None

@@ -123,7 +123,7 @@ def read_result(run_dir: Path, trial: Trial, run_id: str) -> TrialResult | None:
     when its weights file is not the one it recorded: then the trial runs again."""
     try:
         result = TrialResult.from_dict(files.read_record(result_path(run_dir, trial), "trial"))
-    except (RunDirError, KeyError, TypeError):
+    except (RunDirError, KeyError, TypeError, ValueError, AttributeError):  # damaged: the trial runs again
         return None
     if result.run_id != run_id or result.trial != trial:
         return None
