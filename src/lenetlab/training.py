@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import files, native
 from .augment import Augmentation, EpochDraws, draw
+from .checked import checked, require
 from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
 from .kernels import choose as choose_kernels
@@ -236,9 +237,41 @@ def _load_checkpoint(store: CheckpointStore, recipe: Recipe, seed: int) -> dict 
     try:
         if recipe_from_dict(state["recipe"]) != recipe:  # fields a checkpoint predates: their defaults
             return None
-    except TypeError:  # not a recipe lenetlab wrote
+        _restorable(state, recipe, seed)
+    except Exception:  # damaged, or not lenetlab's: only costs the epochs since the start
         return None
     return state
+
+
+def _restorable(state: dict, recipe: Recipe, seed: int) -> None:
+    """Raise unless train_trial's restore of state succeeds whole: tried on a scratch model and
+    optimiser, so that a checkpoint from someone else cannot stop a trial halfway."""
+    epoch = state["epoch"]
+    require(type(epoch) is int and 1 <= epoch <= total_epochs(recipe), "epoch: out of range")
+    require(all(checked(EpochMetrics(**row)).epoch <= epoch for row in state["history"]), "history")
+    model = build_model(recipe, seed)
+    model.load_state_dict(state["model"])
+    kept = Kept(model, recipe)
+    kept.restore(state)
+    if kept.best is not None:
+        require(type(kept.best["epoch"]) is int and type(kept.best["val"]) is float, "best")
+        kept.choose(epoch, None)  # loads its weights and makes its Evaluation
+        checked(Evaluation(**kept.best["test"]))
+    phase = next((p for p in phases(recipe) if p.first_epoch <= epoch < p.last_epoch), None)
+    if phase is None:  # the last epoch was done: no optimiser to resume
+        return
+    optimizer = make_optimizer(phase.recipe, model.parameters())
+    fresh = [dict(group) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, made in zip(optimizer.param_groups, fresh, strict=True):
+        require(all(type(group.get(key)) is type(value) for key, value in made.items() if key != "params"),
+                "optimizer: settings of other types")
+        for param in group["params"]:
+            for value in optimizer.state.get(param, {}).values():
+                require(value is None or (isinstance(value, torch.Tensor) and value.device.type == "cpu"
+                                          and value.is_contiguous() and value.isfinite().all()
+                                          and (value.shape == param.shape and value.dtype == param.dtype
+                                               or value.dim() == 0)), "optimizer: a state of another shape")
 
 
 def _save_checkpoint(store: CheckpointStore, model: LeNet5V1, optimizer: torch.optim.Optimizer, kept: Kept,
