@@ -173,10 +173,37 @@ def test_md_and_code_give_the_characters_back_through_both_converters(value):
     """Each way a value enters report.md renders to exactly its characters."""
     import markdown
 
-    from lenetlab.markup import TextOnly
+    from lenetlab.markup import text_only
 
     shown = plain(value)
     for text in (md(value), code(value), Md("**{}**").format(value)):
-        ours = Tree(markdown.markdown(text, extensions=["tables", TextOnly()])).root.text()
+        ours = Tree(markdown.markdown(text, extensions=["tables", text_only()])).root.text()
         commonmark = Tree(MarkdownIt("commonmark", {"html": True}).render(text)).root.text()
         assert ours.strip() == commonmark.strip() == shown
+
+
+def test_the_terminal_gets_names_with_control_characters_as_escapes(tmp_path, hostile_run):
+    """A folder or file name may hold a terminal's escape sequences or a newline: each command
+    prints it as text on its one line, never as the codes themselves."""
+    import shutil
+
+    from conftest import run_cli
+    from PIL import Image
+
+    odd = "x\x1b[2J\x1b]0;owned\x07\ny"
+    runs = tmp_path / "runs"
+    shutil.copytree(hostile_run, runs / odd)
+    listed = run_cli("runs", runs)
+    assert listed.returncode == 0
+    assert listed.stdout.count("\n") == 1 and "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    assert listed.stdout.startswith(plain(odd))
+
+    picture = tmp_path / f"{odd}.png"
+    Image.new("L", (28, 28), 200).save(picture)
+    missing = run_cli("evaluate", tmp_path / f"{odd}.pth")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "\x1b" not in missing.stderr
+    weights = next(hostile_run.glob("models/seed0/*.pth"))
+    predicted = run_cli("predict", weights, picture)
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.count("\n") == 1 and "\x1b" not in predicted.stdout
+    assert plain(picture) in predicted.stdout

@@ -22,6 +22,7 @@ from .data import CLASS_NAMES, load_fashion_mnist, normalise
 from .engines import stop_local_pool
 from .errors import LenetlabError, OptionError, SpecError
 from .evaluation import evaluate
+from .markup import plain
 from .model import architecture_call, architecture_name, load_weights
 from .recipes import FIELDS, RECIPES, extensions, file_name
 from .rundir import MAX_SEEDS
@@ -80,7 +81,7 @@ def cmd_evaluate(args) -> int:
                           "confusion_matrix": result.confusion_matrix,
                           "classes": list(CLASS_NAMES)}, allow_nan=False))
         return 0
-    print(f"{args.weights}: {architecture_call(model)} [{variant}; {model.architecture_source}]")
+    print(f"{plain(args.weights)}: {architecture_call(model)} [{variant}; {model.architecture_source}]")
     print(f"test accuracy {result.accuracy:.4f}  (loss {result.loss:.4f}, 10,000 images)")
     for name, acc in zip(CLASS_NAMES, result.per_class_accuracy):
         print(f"  {name:<12} {acc:.4f}")
@@ -307,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OptionError as exc:
-        print(f"lenetlab: error: {exc.on_command_line()}", file=sys.stderr)
+        print(f"lenetlab: error: {plain(exc.on_command_line())}", file=sys.stderr)
         return 2
     except LenetlabError as exc:
-        print(f"lenetlab: error: {exc}", file=sys.stderr)
+        print(f"lenetlab: error: {plain(exc)}", file=sys.stderr)
         return 2
     except api.Stopped as exc:  # said how to resume already
         return exc.status
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
         return 141  # 128 + SIGPIPE, what a program stopped by the signal reports
     except OSError as exc:  # a file system refusing a write (full, read-only, a file in the way)
-        print(f"lenetlab: error: {files.write_problem(exc.filename or '', exc)}", file=sys.stderr)
+        print(f"lenetlab: error: {plain(files.write_problem(exc.filename or '', exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nlenetlab: interrupted", file=sys.stderr)

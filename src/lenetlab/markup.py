@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import re
 import string
-from xml.etree import ElementTree
-
-import markdown
-from markdown.extensions import Extension
-from markdown.treeprocessors import Treeprocessor
 
 # Characters Markdown reads as syntax inside a line (CommonMark escapes any ASCII punctuation
 # with a backslash; these are the ones that matter mid-line, plus $ for math and ~ for
@@ -80,47 +75,44 @@ _NO_HTML = ("html", "entity", "link", "reference", "short_reference", "image_ref
             "short_image_ref", "autolink", "automail")
 
 
-class _OwnImagesOnly(Treeprocessor):
-    """Every <img> whose source is not one of the page's own plots becomes its alt text."""
+def text_only(image_sources: set[str] = frozenset()):
+    """A Python-Markdown extension: no raw HTML (it has no switch for that: its html_block
+    preprocessor and html pattern are removed), entities or links; images only from
+    image_sources. markdown is imported here, not with the commands that print plain text."""
+    from xml.etree.ElementTree import Element
 
-    def __init__(self, md_instance: markdown.Markdown, sources: set[str]) -> None:
-        super().__init__(md_instance)
-        self.sources = sources
+    from markdown.extensions import Extension
+    from markdown.treeprocessors import Treeprocessor
 
-    def run(self, root: ElementTree.Element) -> None:
-        for parent in root.iter():
-            for child in list(parent):
-                if child.tag == "img" and child.get("src") not in self.sources:
-                    index = list(parent).index(child)
-                    parent.remove(child)
-                    alt = (child.get("alt") or "") + (child.tail or "")
-                    if index:
-                        previous = parent[index - 1]
-                        previous.tail = (previous.tail or "") + alt
-                    else:
-                        parent.text = (parent.text or "") + alt
+    class OwnImagesOnly(Treeprocessor):
+        """Every <img> whose source is not one of the page's own plots becomes its alt text."""
 
+        def run(self, root: Element) -> None:
+            for parent in root.iter():
+                for index, child in reversed(list(enumerate(parent))):
+                    if child.tag == "img" and child.get("src") not in image_sources:
+                        parent.remove(child)
+                        text = (child.get("alt") or "") + (child.tail or "")
+                        if index:
+                            parent[index - 1].tail = (parent[index - 1].tail or "") + text
+                        else:
+                            parent.text = (parent.text or "") + text
 
-class TextOnly(Extension):
-    """Python-Markdown without raw HTML (it has no switch for that: its html_block
-    preprocessor and html pattern are removed), entities or links; images only from sources."""
+    class TextOnly(Extension):
+        def extendMarkdown(self, md_instance) -> None:  # noqa: N802 (Markdown's name)
+            md_instance.preprocessors.deregister("html_block")
+            for name in _NO_HTML:
+                md_instance.inlinePatterns.deregister(name, strict=False)
+            md_instance.ESCAPED_CHARS = sorted(set(md_instance.ESCAPED_CHARS) | set(_SPECIAL))
+            # after the inline patterns (priority 20) have made the elements
+            md_instance.treeprocessors.register(OwnImagesOnly(md_instance), "own_images", 15)
 
-    def __init__(self, image_sources: set[str] = frozenset(), **kwargs) -> None:
-        self.image_sources = set(image_sources)
-        super().__init__(**kwargs)
-
-    def extendMarkdown(self, md_instance: markdown.Markdown) -> None:  # noqa: N802 (Markdown's name)
-        md_instance.preprocessors.deregister("html_block")
-        for name in _NO_HTML:
-            md_instance.inlinePatterns.deregister(name, strict=False)
-        md_instance.ESCAPED_CHARS = sorted(set(md_instance.ESCAPED_CHARS) | set(_SPECIAL))
-        # after the inline patterns (priority 20) have made the elements
-        md_instance.treeprocessors.register(_OwnImagesOnly(md_instance, self.image_sources), "own_images", 15)
+    return TextOnly()
 
 
 def to_html(text: str, image_sources: set[str] = frozenset()) -> str:
     """report.md's text as HTML in which no text from outside can be an element."""
-    converter = markdown.Markdown(extensions=["tables", "fenced_code", TextOnly(image_sources)],
-                                  output_format="html")
-    return converter.convert(text)
+    import markdown
 
+    return markdown.markdown(text, extensions=["tables", "fenced_code", text_only(image_sources)],
+                             output_format="html")

@@ -27,6 +27,7 @@ from . import files
 from .conversion import prepare
 from .data import CLASS_NAMES, normalise
 from .errors import ImageError
+from .markup import plain
 from .model import LeNet5V1, fast_forward
 
 MAX_SIDE = 100_000  # a side of this many pixels or more is refused as a decompression bomb
@@ -305,7 +306,7 @@ def as_json(prediction: Prediction, explained: Path | None = None) -> dict:
 def as_line(prediction: Prediction, k: int) -> str:
     """One line: the file, then the top k classes with their probabilities, and notes."""
     top = "  ".join(f"{name} {p:.4f}" for name, p in prediction.top(k))
-    line = f"{prediction.path}: {top}"
+    line = f"{plain(prediction.path)}: {top}"  # a file name is shown, never sent to the terminal as is
     if prediction.inverted:
         line += "  (inverted)"
     if prediction.blank:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunDirError
+from .markup import plain
 from .rundir import plan_path, read_plan
 from .runner import read_results
 from .summary import load_summary
@@ -31,8 +32,8 @@ class RunState:
 
     def line(self) -> str:
         best = f"best {self.best[0]} {self.best[1]:.4f}" if self.best else "best -"
-        return (f"{self.path.name}  {self.kind}  {self.configs} config(s) x {self.seeds} seed(s)  "
-                f"{self.done} done, {self.failed} failed  {best}  {self.state}")
+        return plain(f"{self.path.name}  {self.kind}  {self.configs} config(s) x {self.seeds} seed(s)  "
+                     f"{self.done} done, {self.failed} failed  {best}  {self.state}")
 
 
 def _holder(run_dir: Path) -> str | None:

@@ -53,7 +53,7 @@ class Sweep:
 def _check(key: str, value, where: str):
     if key != "variant":
         return check_field(key, value, where)
-    if value not in RECIPES:
+    if not isinstance(value, str) or value not in RECIPES:
         raise SpecError(f"{where}variant: invalid value {value!r} (one of {', '.join(RECIPES)})")
     return value
 

@@ -1,0 +1,66 @@
+"""Every reader of outside input, fuzzed from valid files: IDX data (raw and gzip), sweep specs,
+weights and their sidecars, images, and run folders (run.json, trial results, summary.json,
+metrics.csv, checkpoints), forged with valid checksums. Every input gives a result or
+lenetlab's typed error, within 5 s, and the process grows by less than 512 MiB in all.
+`python tests/fuzz_campaign.py` runs the same targets on many more inputs."""
+
+from __future__ import annotations
+
+import random
+import resource
+
+import pytest
+from conftest import REPO
+from fuzzing import (
+    MEMORY_LIMIT_MIB,
+    checkpoint_target,
+    idx_target,
+    image_target,
+    make_checkpoints,
+    run_folder_targets,
+    spec_target,
+    weights_target,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_report import STUDY, make_run
+
+BASELINE_KIB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+SEEDS = st.integers(0, 2**64 - 1)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module")
+def targets(work, small_splits) -> dict:
+    seed_run = work / "seed-run"
+    make_run(seed_run, STUDY)
+    found = {target.name: target for target in [
+        idx_target(work), spec_target(work, REPO), weights_target(work), image_target(work),
+        *run_folder_targets(work, seed_run),
+        checkpoint_target(work, make_checkpoints(work / "checkpoints", small_splits))]}
+    return found
+
+
+@pytest.mark.parametrize("name", ["idx", "spec", "weights", "image", "run.json", "trial result",
+                                  "summary.json", "metrics.csv", "checkpoint"])
+def test_a_reader_gives_a_result_or_its_typed_error(name, targets):
+    outcomes = []
+
+    @FUZZ
+    @given(seed=SEEDS)
+    def one(seed):
+        outcomes.append(targets[name].run_one(random.Random(seed)))
+
+    one()
+    assert "refused" in outcomes, "no mutation was refused: the fuzzing reached nothing"
+
+
+def test_the_fuzzing_grew_the_process_by_less_than_the_limit(targets):
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - BASELINE_KIB) / 1024
+    assert grown_mib < MEMORY_LIMIT_MIB, f"{grown_mib:.0f} MiB"
