@@ -207,3 +207,23 @@ def test_the_terminal_gets_names_with_control_characters_as_escapes(tmp_path, ho
     assert predicted.returncode == 0, predicted.stderr
     assert predicted.stdout.count("\n") == 1 and "\x1b" not in predicted.stdout
     assert plain(picture) in predicted.stdout
+
+
+def test_mlflow_keeps_the_names_as_written(hostile_run, tmp_path):
+    """log-mlflow into a real store: the experiment, each trial's run name, tags and parameters
+    hold the names as written (MLflow's own pages show them as text)."""
+    mlflow = pytest.importorskip("mlflow")
+    from conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logged = run_cli("log-mlflow", hostile_run, "--mlflow", uri)
+    assert logged.returncode == 0, logged.stderr
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(RUN_NAME)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    trials = [run for run in runs if "lenetlab.trial" in run.data.tags]
+    assert {run.data.tags["config"] for run in trials} == set(NAMES)
+    assert {run.data.params["config"] for run in trials} == set(NAMES)
+    keys = {f"{name}__seed{seed}" for name in NAMES for seed in (0, 1)}
+    assert {run.info.run_name for run in trials} == keys
