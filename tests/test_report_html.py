@@ -132,3 +132,32 @@ def test_printing_cuts_no_plot_across_pages(browser, html_run, tmp_path):
     assert len(reader.pages) >= 2
     assert len(pages_of) == len(_data_images(page_html))
     assert all(len(pages) == 1 for pages in pages_of.values()), list(pages_of.values())
+
+
+def test_in_a_browser_with_scripts_on_a_hostile_name_is_only_text(browser, tmp_path):
+    """Names that would be live markup if passed through (an event handler, an image that errors,
+    a javascript: link), in a browser that runs scripts: nothing fires, no such element exists,
+    and the heading reads as the name was written."""
+    from lenetlab.recipes import RECIPES
+
+    run_name = "<b onmouseover=alert(1)>x"
+    names = ["<img src=x onerror=alert(2)>", "[go](javascript:alert(3))", "<svg onload=alert(4)>"]
+    make_run(tmp_path / "run", [{"name": n, "base": 0.85, "recipe": RECIPES["baseline"]} for n in names],
+             kind="sweep", reference=None, seeds=(0,), name=run_name)
+    context = browser.new_context(java_script_enabled=True, viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto((tmp_path / "run" / "report.html").as_uri())
+    for y in range(0, 3000, 50):  # hover over the whole page: an onmouseover would fire
+        page.mouse.move(300, y % 900)
+        page.mouse.wheel(0, 50)
+    assert dialogs == []
+    made = page.evaluate("""() => [...document.querySelectorAll('*')].filter(e =>
+        ['B', 'A', 'SVG', 'SCRIPT'].includes(e.tagName.toUpperCase()) ||
+        [...e.attributes].some(a => a.name.startsWith('on'))).map(e => e.outerHTML.slice(0, 80))""")
+    assert made == []
+    assert page.inner_text("h1") == f"{run_name}: lenetlab sweep report"
+    cells = page.eval_on_selector_all("table tr td:first-child", "cells => cells.map(c => c.textContent)")
+    assert set(names) <= set(cells)
+    context.close()
