@@ -228,17 +228,14 @@ def _load_checkpoint(store: CheckpointStore, recipe: Recipe, seed: int) -> dict 
     data = store.load()
     if data is None:
         return None
-    try:
+    try:  # a damaged checkpoint, or another's, only costs the epochs since the start: restart
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception:
-        return None  # a damaged checkpoint only costs the epochs since the last good one: restart
-    if not isinstance(state, dict) or state.get("seed") != seed or not isinstance(state.get("recipe"), dict):
-        return None
-    try:
+        if not (isinstance(state, dict) and type(state.get("seed")) is int and state["seed"] == seed):
+            return None
         if recipe_from_dict(state["recipe"]) != recipe:  # fields a checkpoint predates: their defaults
             return None
         _restorable(state, recipe, seed)
-    except Exception:  # damaged, or not lenetlab's: only costs the epochs since the start
+    except Exception:
         return None
     return state
 
