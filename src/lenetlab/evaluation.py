@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .model import LeNet5V1, fast_forward
-
-
-@dataclass
-class Evaluation:
-    loss: float
-    accuracy: float
-    per_class_accuracy: list[float]
-    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+from .records import Evaluation  # the record, without torch: run folders read it too
 
 
 @contextlib.contextmanager

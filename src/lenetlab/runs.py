@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunDirError
-from .rundir import plan_path, read_plan
-from .runner import read_results
+from .rundir import plan_path, read_plan, read_results
 from .summary import load_summary
 
 

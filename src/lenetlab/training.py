@@ -32,7 +32,8 @@ from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
 from .kernels import choose as choose_kernels
 from .model import LeNet5V1, fast_forward
-from .recipes import OPTIMIZERS, RECIPES, Recipe, recipe_from_dict
+from .optimizers import make_optimizer
+from .recipes import RECIPES, Recipe, recipe_from_dict
 from .records import Diverged, EpochMetrics
 
 
@@ -69,10 +70,6 @@ def derived_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed for one random stream (0: data order, 1: dropout, 2:
     augmentation) of one epoch."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
-    return OPTIMIZERS[recipe.optimizer](params, recipe)
 
 
 # torch.optim.Optimizer's add_param_group (which every optimiser's __init__ calls), state_dict,

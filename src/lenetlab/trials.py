@@ -19,7 +19,6 @@ import torch
 
 from . import files
 from .data import Splits
-from .errors import RunDirError
 from .kernels import choose as choose_kernels
 from .provenance import library_versions, machine_info, trained_on
 from .recipes import architecture
@@ -115,18 +114,4 @@ def record_failure(run_dir: Path, trial: Trial, run_id: str, error: str) -> Tria
     """Record a trial that failed or whose worker died; its checkpoint stays for resume."""
     result = TrialResult(trial, run_id, "failed", error=error)
     files.write_record(result_path(run_dir, trial), "trial", result.to_dict())
-    return result
-
-
-def read_result(run_dir: Path, trial: Trial, run_id: str) -> TrialResult | None:
-    """This run's recorded result of trial, or None when missing, damaged, another run's, or
-    when its weights file is not the one it recorded: then the trial runs again."""
-    try:
-        result = TrialResult.from_dict(files.read_record(result_path(run_dir, trial), "trial"))
-    except (RunDirError, KeyError, TypeError):
-        return None
-    if result.run_id != run_id or result.trial != trial:
-        return None
-    if result.done and files.sha256_file(Path(run_dir) / result.weights) != result.weights_sha256:
-        return None
     return result
