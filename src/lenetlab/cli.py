@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `lenetlab` command: main(), its exit handlers, then the exit without the
-    interpreter's teardown, which frees torch's thousands of modules one by one (0.7-1.2 s
-    measured on the 2-core VMs) after everything lenetlab writes is closed. The usual exit
+    interpreter's teardown, which frees torch's thousands of modules one by one, after
+    everything lenetlab writes is closed. The usual exit
     where a thread that is no daemon still runs (it waits for it) or a profiler or tracer
     (cProfile, coverage) has its results still to write."""
     code = main()

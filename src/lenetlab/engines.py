@@ -7,7 +7,7 @@ local worker is a fresh process per trial, started from a forkserver that has
 already imported torch; a worker that dies (killed, out of memory) costs only
 its own trial, which is recorded as failed. The splits are made once per run, in
 this process, in shared memory: every worker maps the same tensors instead of
-decoding the IDX files and normalising the images again (about 1 s per trial).
+decoding the IDX files and normalising the images again for each trial.
 Once no trial is waiting for a worker, the cores of the workers that finish go
 to the trials still running, from their next epoch on (_Cores).
 

@@ -11,8 +11,8 @@ import signal
 from multiprocessing import context as mp_context
 from multiprocessing import popen_forkserver, reduction, spawn, util
 
-# What the forkserver imports once, before it forks any worker. Not torch._dynamo (1.2-1.5 s, 822
-# modules): the native step's workers never import it (training.skip_dynamo_import); a worker
+# What the forkserver imports once, before it forks any worker. Not torch._dynamo (slow, hundreds
+# of modules): the native step's workers never import it (training.skip_dynamo_import); a worker
 # on PyTorch's step imports it at its first step.
 WORKER_PRELOAD = ["lenetlab.engines"]
 
@@ -50,7 +50,7 @@ class Worker(mp_context.ForkServerProcess):
 
 def start_local_pool() -> None:
     """Start the forkserver that local workers fork from now, not at the first trial: its
-    imports (WORKER_PRELOAD, 2-3 s of one core) then run beside the run's own checks and data
+    imports (WORKER_PRELOAD, torch's above all) then run beside the run's own checks and data
     loading on another core. Idempotent; the forkserver exits with this process."""
     multiprocessing.forkserver.set_forkserver_preload(WORKER_PRELOAD)
     multiprocessing.forkserver.ensure_running()
@@ -59,7 +59,7 @@ def start_local_pool() -> None:
 def stop_local_pool() -> None:
     """Kill this process's forkserver, if it started one, and reap it: for an exit that skips
     the interpreter's teardown (cli.run). Told to stop the usual way, the forkserver frees
-    torch's modules for 1-1.5 s after this process is gone, holding the stdout and stderr it
+    torch's modules for a second or more after this process is gone, holding the stdout and stderr it
     inherited, so a pipe reading the command stays open that long. It holds nothing else: its
     workers have finished or been killed by then, and its socket's folder is gone with the
     exit handlers (multiprocessing's), so only the process is left to end."""

@@ -111,8 +111,7 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
 
 def finalize(run_dir: Path, plan: RunPlan, data: FashionMNIST) -> Summary:
     """Aggregate the recorded trials into metrics.csv, summary.json, best weights and the report."""
-    # Imported here: the report's plots bring matplotlib, 0.7 s of the start of every lenetlab
-    # process and study worker, which only a finished run needs.
+    # Imported here: the report's plots bring matplotlib, which only a finished run needs.
     from .report import render_report
 
     summary, curves = write_summary(run_dir, plan, read_results(run_dir, plan), data.checksums,

@@ -9,6 +9,7 @@ makes them once per run (or per Ray worker), not once per trial.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import files, native
 from .data import Splits
 from .kernels import choose as choose_kernels
-from .provenance import library_versions, machine_info, trained_on
+from .provenance import library_versions, machine_info
 from .recipes import architecture
-from .records import Diverged, RunOptions, Trial, TrialResult
+from .records import Diverged, RunOptions, TrainedOn, Trial, TrialResult
 from .rundir import checkpoint_path, result_path, weights_path
 from .training import CheckpointStore, train_trial
 
@@ -115,3 +116,20 @@ def record_failure(run_dir: Path, trial: Trial, run_id: str, error: str) -> Tria
     result = TrialResult(trial, run_id, "failed", error=error)
     files.write_record(result_path(run_dir, trial), "trial", result.to_dict())
     return result
+
+
+def trained_on(kernels: str, device: str = "cpu") -> TrainedOn:
+    """This process's host, CPU and the build of the step that trained with kernels here: called
+    where a trial trains (a Ray worker's host is not the driver's, nor its native build)."""
+    vector_bytes = compiler = target = None
+    flags = ""
+    if kernels == "native":
+        lib = native.load()
+        vector_bytes = lib.ln_vector_bytes() if lib is not None else None
+        compiler, flags = native.compiler(), " ".join(native.extra_flags())
+        target = " ".join(native.build_target() or ())
+    info = machine_info(device)
+    return TrainedOn(host=socket.gethostname(), cpu=info["cpu"], kernels=kernels,
+                     vector_bytes=vector_bytes, compiler=compiler, target=target, flags=flags,
+                     platform=info["platform"],
+                     cpu_count=info["cpu_count"], gpu=info.get("gpu"))
