@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("sweep", help="a grid over recipe fields, each over several seeds")
-    p.add_argument("spec", nargs="?", help="a TOML spec (see the README); or give the grid as flags")
+    p.add_argument("spec", nargs="?", help="a TOML spec (see docs/cli.md); or give the grid as flags")
     p.add_argument("--seeds", type=options.typed("seeds"),
                    help=f"seeds per configuration, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
     p.add_argument("--variant", type=options.list_of(str), help="comma-separated published recipes to start "

@@ -1,6 +1,8 @@
-"""The local pool's processes: its forkserver, started early and stopped fast, and its workers,
-launched without the user's main module. No torch here: the command starts the forkserver
-before it imports torch itself, so that both import it at once on two cores."""
+"""The local pool's processes: its forkserver, started early and stopped fast, and its workers.
+
+The workers are launched without the user's main module. No torch here: the command starts the
+forkserver before it imports torch itself, so that both import it at once on two cores.
+"""
 
 from __future__ import annotations
 
