@@ -45,8 +45,9 @@ def heavy(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if m.split(".")[0] in HEAVY)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["study", "--help"],
-                                  ["sweep", "--help"], ["predict", "--help"], ["variants"]])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["variants"]] + [
+    [command, "--help"] for command in ("train", "evaluate", "predict", "export", "study", "sweep", "resume",
+                                        "runs", "report", "log-mlflow")])
 def test_the_command_answers_without_torch_or_numpy(args):
     assert heavy(command_loads(*args)) == []
 
@@ -74,6 +75,7 @@ def test_public_names_load_when_used():
         for name in lenetlab.__all__:
             assert getattr(lenetlab, name) is not None, name
         assert set(lenetlab.__all__) <= set(dir(lenetlab))
+        assert lenetlab.training.train_trial is not None  # a submodule, by attribute
         try:
             lenetlab.no_such_name
         except AttributeError:

@@ -12,6 +12,7 @@ command's --help and a trial's worker load no torch, numpy or PIL they do not ne
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -40,6 +41,8 @@ __all__ = [
 
 def __getattr__(name: str):
     if name not in _WHERE:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: lenetlab.training
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'lenetlab' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     globals()[name] = value  # the next access is a plain module attribute
