@@ -26,6 +26,10 @@ from .rundir import MAX_SEEDS
 # at once without them.
 
 
+# Whether this process is the `lenetlab` command (run()), not a caller of main() in Python.
+_is_command = False
+
+
 def _api(local_run: bool = False):
     """The Python API, for the commands that train or predict. local_run: a run on the local pool,
     whose forkserver starts first, to import torch on another core while this process does."""
@@ -34,9 +38,11 @@ def _api(local_run: bool = False):
 
         start_local_pool()
     from . import api
-    from .training import skip_dynamo_import
 
-    skip_dynamo_import()
+    if _is_command:  # its own process: no caller's torch.compile to keep working
+        from .training import skip_dynamo_import
+
+        skip_dynamo_import()
     return api
 
 
@@ -355,6 +361,8 @@ def run() -> None:
     everything lenetlab writes is closed. The usual exit
     where a thread that is no daemon still runs (it waits for it) or a profiler or tracer
     (cProfile, coverage) has its results still to write."""
+    global _is_command
+    _is_command = True
     code = main()
     if (sys.getprofile() is not None or sys.gettrace() is not None
             or any(t.is_alive() and not t.daemon for t in threading.enumerate()
