@@ -323,10 +323,9 @@ def run_folder_targets(work: Path, seed_run: Path) -> list[Target]:
     from lenetlab import files
     from lenetlab.markup import to_html
     from lenetlab.report import build_markdown
-    from lenetlab.rundir import read_plan
+    from lenetlab.rundir import read_plan, read_result, result_path
     from lenetlab.runs import describe
     from lenetlab.summary import read_summary
-    from lenetlab.trials import read_result, result_path
 
     plan = read_plan(seed_run)
     trial = plan.trials()[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from lenetlab import kernels, native, recipes
+from lenetlab import kernels, native, optimizers, recipes
 from lenetlab.recipes import RECIPES, Recipe
 from lenetlab.training import train_trial
 
@@ -21,8 +21,10 @@ needs_native = pytest.mark.skipif(native.load() is None, reason="no native step 
 
 @pytest.fixture
 def rmsprop(monkeypatch):
-    """RMSprop added as recipes.py tells a user to add an optimiser: one OPTIMIZERS entry."""
-    monkeypatch.setitem(recipes.OPTIMIZERS, "rmsprop", lambda params, r: torch.optim.RMSprop(
+    """RMSprop added as recipes.py tells a user to add an optimiser: its name there, its
+    constructor in optimizers.py."""
+    monkeypatch.setattr(recipes, "OPTIMIZERS", (*recipes.OPTIMIZERS, "rmsprop"))
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "rmsprop", lambda params, r: torch.optim.RMSprop(
         params, lr=r.lr, weight_decay=r.weight_decay))
 
 

@@ -15,7 +15,7 @@ import pytest
 import rounding
 import test_native as parity  # its models, batches and the element-by-element check
 
-from lenetlab import kernels, native, provenance
+from lenetlab import kernels, native, trials
 from lenetlab.recipes import RECIPES
 
 APPLE = "clang: error: the clang compiler does not support '{}'"
@@ -50,7 +50,7 @@ def test_a_refused_flag_leads_to_the_next_candidate(tmp_path, monkeypatch):
     build record says which flag it was built with (none)."""
     if native.target_candidates() != native.TARGET_FLAGS["x86_64"]:
         pytest.skip("the candidates of x86-64; on this machine see the aarch64 order test")
-    default = provenance.trained_on("native")
+    default = trials.trained_on("native")
     assert default.target == "-march=native" and ", -march=native" in default.build
     log = _wrapper(tmp_path, "-march=native", monkeypatch)
     lib = native.load()
@@ -66,7 +66,7 @@ def test_a_refused_flag_leads_to_the_next_candidate(tmp_path, monkeypatch):
     want = rounding.step(model, opt, x, y, scale, variant.smoothing)
     native.NativeTrainer(model, opt, label_smoothing=variant.smoothing).train_step(x, y, scale)
     parity._within(parity._state(model, opt), want, "the step built without -march=native")
-    record = provenance.trained_on("native")
+    record = trials.trained_on("native")
     assert record.target == "" and record.vector_bytes == 16 and record.compiler == native.compiler()
     assert record.build == f"native, 16-byte vectors, {native.compiler()}, no target flag"
 
@@ -97,7 +97,7 @@ def test_a_compiler_that_refuses_everything_leaves_the_pytorch_path_with_one_not
         kernels.announce("auto", "cpu", [(name, RECIPES[name]) for name in ("baseline", "tuned")])
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and "PyTorch's kernels" in lines[0] and "unavailable" in lines[0], lines
-    assert provenance.trained_on("torch").build == "torch"
+    assert trials.trained_on("torch").build == "torch"
 
 
 def test_windows_looks_for_clang_never_cl(monkeypatch, tmp_path):

@@ -32,9 +32,8 @@ from lenetlab import files
 from lenetlab.model import load_weights
 from lenetlab.recipes import RECIPES
 from lenetlab.records import RunOptions
-from lenetlab.rundir import RunPlan, read_plan, write_plan
+from lenetlab.rundir import RunPlan, read_plan, read_result, write_plan
 from lenetlab.runner import read_results
-from lenetlab.trials import read_result
 
 QUICK = ["--epochs-scale", "0.1", "--train-subset", "2000", "--threads", "1", "--quiet"]
 WEIGHTS = {"baseline": "lenet5_baseline_fashionmnist", "dropout": "lenet5_dropout_fashionmnist",

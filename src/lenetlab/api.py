@@ -22,10 +22,12 @@ import numpy as np
 
 from . import files, options, prediction, runner, sweeps
 from .data import load_fashion_mnist, make_splits
-from .engines import DEFAULT_RAY_RETRIES, check_engine, start_local_pool
-from .errors import OptionError, OutputError, SpecError
+from .engines import check_engine
+from .errors import OptionError, OutputError, SpecError, Stopped
 from .kernels import announce
+from .localpool import start_local_pool
 from .model import LeNet5V1, load_weights
+from .options import DEFAULT_RAY_RETRIES
 from .progress import Progress
 from .recipes import (
     FIELDS,
@@ -41,15 +43,6 @@ from .records import SPLITS, Summary, Trained, Trial
 from .results import Run
 from .rundir import MAX_TRIALS, check_size, new_run_dir, parse_seeds, read_plan
 from .trials import execute_trial, save_weights
-
-
-class Stopped(KeyboardInterrupt):
-    """A run stopped by Ctrl-C (status 130) or SIGTERM (143), after its finished trials and
-    each running trial's last epoch were saved and the line saying how to resume was printed."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
 
 
 class _Terminated(KeyboardInterrupt):

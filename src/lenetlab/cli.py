@@ -17,17 +17,34 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__, api, export, files, options, prediction
-from .data import CLASS_NAMES, load_fashion_mnist, normalise
-from .engines import stop_local_pool
-from .errors import LenetlabError, OptionError, SpecError
-from .evaluation import evaluate
+from . import __version__, files, options
+from .errors import LenetlabError, OptionError, SpecError, Stopped
 from .markup import plain
-from .model import architecture_call, architecture_name, load_weights
 from .recipes import FIELDS, RECIPES, extensions, file_name
 from .rundir import MAX_SEEDS
-from .runs import list_runs
-from .training import skip_dynamo_import
+
+# torch, numpy and PIL come in with the commands that use them: --help, variants and runs start
+# at once without them.
+
+
+# Whether this process is the `lenetlab` command (run()), not a caller of main() in Python.
+_is_command = False
+
+
+def _api(local_run: bool = False):
+    """The Python API, for the commands that train or predict. local_run: a run on the local pool,
+    whose forkserver starts first, to import torch on another core while this process does."""
+    if local_run:
+        from .localpool import start_local_pool
+
+        start_local_pool()
+    from . import api
+
+    if _is_command:  # its own process: no caller's torch.compile to keep working
+        from .training import skip_dynamo_import
+
+        skip_dynamo_import()
+    return api
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,13 +75,18 @@ def cmd_variants(args) -> int:
 
 def cmd_train(args) -> int:
     changes = {key: getattr(args, key) for key in FIELDS if getattr(args, key) is not None}
-    api.train(args.variant, seed=args.seed, warm_start=args.warm_start, out=args.out, data_dir=args.data_dir,
-              device=args.device, kernels=args.kernels, threads=args.threads, split_seed=args.split_seed,
-              train_subset=args.train_subset, mlflow=args.mlflow, quiet=args.quiet, **changes)
+    _api().train(args.variant, seed=args.seed, warm_start=args.warm_start, out=args.out,
+                 data_dir=args.data_dir, device=args.device, kernels=args.kernels, threads=args.threads,
+                 split_seed=args.split_seed,
+                 train_subset=args.train_subset, mlflow=args.mlflow, quiet=args.quiet, **changes)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from .data import CLASS_NAMES, load_fashion_mnist, normalise
+    from .evaluation import evaluate
+    from .model import architecture_call, architecture_name, load_weights
+
     model = load_weights(args.weights)
     device = options.resolve_device(args.device)
     data = load_fashion_mnist(args.data_dir, quiet=True)
@@ -102,6 +124,7 @@ def _status(run) -> int:
 
 
 def cmd_study(args) -> int:
+    api = _api(local_run=args.engine == "local")
     return _status(api.study(args.variants, seeds=args.seeds, epochs_scale=args.epochs_scale,
                              warm_start=args.warm_start, **_run_options(args)))
 
@@ -114,19 +137,21 @@ def cmd_sweep(args) -> int:
             raise SpecError(f"{args.spec}: the spec sets the seeds and the grid; "
                             f"put {', '.join(given)} in it instead")
     spec = args.spec or {"seeds": args.seeds or options.DEFAULT_SEEDS, "grid": grid}
-    return _status(api.sweep(spec, **_run_options(args)))
+    return _status(_api(local_run=args.engine == "local").sweep(spec, **_run_options(args)))
 
 
 def cmd_resume(args) -> int:
-    return _status(api.resume(args.run_dir, data_dir=args.data_dir, engine=args.engine, address=args.address,
-                              workers=args.workers, ray_retries=args.ray_retries, mlflow=args.mlflow,
-                              quiet=args.quiet))
+    return _status(_api().resume(args.run_dir, data_dir=args.data_dir, engine=args.engine,
+                                 address=args.address, workers=args.workers, ray_retries=args.ray_retries,
+                                 mlflow=args.mlflow, quiet=args.quiet))
 
 
 def cmd_predict(args) -> int:
     if args.explain is not None:
         files.writable_dir(args.explain)  # before the weights and the images, not after them
-    predictions = api.predict(args.weights, args.images, args.invert)
+    from . import prediction
+
+    predictions = _api().predict(args.weights, args.images, args.invert)
     explained = (prediction.write_explained(predictions, args.explain) if args.explain is not None
                  else [None] * len(predictions))
     for found, seen in zip(predictions, explained):
@@ -136,6 +161,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from . import export
+    from .data import load_fashion_mnist
+
     export.require_extra()
     data = load_fashion_mnist(args.data_dir, quiet=True)
     result = export.export_onnx(args.weights, args.onnx, data.test_images, data.test_labels)
@@ -156,6 +184,8 @@ def cmd_log_mlflow(args) -> int:
 
 
 def cmd_runs(args) -> int:
+    from .runs import list_runs
+
     found = list_runs(Path(args.dir))
     for state in found:
         print(state.line())
@@ -220,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("sweep", help="a grid over recipe fields, each over several seeds")
-    p.add_argument("spec", nargs="?", help="a TOML spec (see the README); or give the grid as flags")
+    p.add_argument("spec", nargs="?", help="a TOML spec (see docs/cli.md); or give the grid as flags")
     p.add_argument("--seeds", type=options.typed("seeds"),
                    help=f"seeds per configuration, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
     p.add_argument("--variant", type=options.list_of(str), help="comma-separated published recipes to start "
@@ -313,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     except LenetlabError as exc:
         print(f"lenetlab: error: {plain(exc)}", file=sys.stderr)
         return 2
-    except api.Stopped as exc:  # said how to resume already
+    except Stopped as exc:  # said how to resume already
         return exc.status
     except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
@@ -328,18 +358,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `lenetlab` command: main(), its exit handlers, then the exit without the
-    interpreter's teardown, which frees torch's thousands of modules one by one (0.7-1.2 s
-    measured on the 2-core VMs) after everything lenetlab writes is closed. The usual exit
+    interpreter's teardown, which frees torch's thousands of modules one by one, after
+    everything lenetlab writes is closed. The usual exit
     where a thread that is no daemon still runs (it waits for it) or a profiler or tracer
     (cProfile, coverage) has its results still to write."""
-    skip_dynamo_import()
+    global _is_command
+    _is_command = True
     code = main()
     if (sys.getprofile() is not None or sys.gettrace() is not None
             or any(t.is_alive() and not t.daemon for t in threading.enumerate()
                    if t is not threading.current_thread())):
         sys.exit(code)
     atexit._run_exitfuncs()  # what the usual exit runs first: multiprocessing, Ray, MLflow, logging
-    stop_local_pool()
+    pool = sys.modules.get("lenetlab.localpool")  # a run may have started the local pool
+    if pool is not None:
+        pool.stop_local_pool()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -14,7 +14,7 @@ function a step, on uint8 pixels, (height, width) grey or (height, width, 3) RGB
     centre      on a black 28x28 canvas, the odd pixel left and top as in the data set
 
 The choices below were measured with benchmarks/predict_agreement.py (2,000 test images per
-shape; the README has the table). No sharpening step: an unsharp mask of radius 1 after the
+shape; docs/prediction.md has the table). No sharpening step: an unsharp mask of radius 1 after the
 resize lowered agreement on every shape, by 0.1-0.5 points at 50% and 1.1-1.6 at 100%.
 A picture that is already 28x28 is used as it is (inverted if its background is light): the
 data set's own images keep their exact pixels.

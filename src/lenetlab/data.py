@@ -23,6 +23,7 @@ import torch
 
 from .errors import DataError
 from .files import FILE_MODE
+from .records import TRAIN_SIZE, VAL_SIZE
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -30,7 +31,6 @@ CLASS_NAMES = (
 )
 # The training images' mean and standard deviation on a 0-1 scale, as the original used.
 MEAN, STD = 0.2860, 0.3530
-TRAIN_SIZE, VAL_SIZE = 54_000, 6_000
 
 # name -> (kind, records, official MD5 of the .gz). Kind: 3 = images, 1 = labels.
 FILES = {

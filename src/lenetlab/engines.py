@@ -7,7 +7,7 @@ local worker is a fresh process per trial, started from a forkserver that has
 already imported torch; a worker that dies (killed, out of memory) costs only
 its own trial, which is recorded as failed. The splits are made once per run, in
 this process, in shared memory: every worker maps the same tensors instead of
-decoding the IDX files and normalising the images again (about 1 s per trial).
+decoding the IDX files and normalising the images again for each trial.
 Once no trial is waiting for a worker, the cores of the workers that finish go
 to the trials still running, from their next epoch on (_Cores).
 
@@ -26,7 +26,6 @@ retried. Either way the trial is recorded once, here, when its task returns.
 from __future__ import annotations
 
 import multiprocessing as mp
-import multiprocessing.forkserver
 import os
 import select
 import signal
@@ -39,17 +38,16 @@ from pathlib import Path
 from . import files
 from .data import FashionMNIST, Splits, make_splits
 from .errors import OptionError, OutputError
+from .localpool import Worker, start_local_pool
+from .options import DEFAULT_RAY_RETRIES
 from .records import RunOptions, Trial, TrialResult
-from .rundir import checkpoint_path, reaches, result_path, token_path
+from .rundir import checkpoint_path, reaches, read_result, result_path, token_path
 from .training import FileCheckpoint, skip_dynamo_import
-from .trials import execute_trial, read_result, record_failure, record_trial
+from .trials import execute_trial, record_failure, record_trial
 
 OnStart = Callable[[Trial], None]
 OnDone = Callable[[TrialResult], None]
 
-# How many times Ray reruns a trial whose worker process or host died (--ray-retries).
-DEFAULT_RAY_RETRIES = 3
-MAX_RAY_RETRIES = 100
 
 
 def usable_cores() -> int:
@@ -62,38 +60,6 @@ def usable_cores() -> int:
 def default_workers(device: str) -> int:
     """One worker per core on CPU; one on a GPU, where a single process already fills the queue."""
     return 1 if device.startswith("cuda") else usable_cores()
-
-
-# What the forkserver imports once, before it forks any worker. Not torch._dynamo (1.2-1.5 s, 822
-# modules): the native step's workers never import it (training.skip_dynamo_import); a worker
-# on PyTorch's step imports it at its first step.
-WORKER_PRELOAD = ["lenetlab.trials"]
-
-
-def start_local_pool() -> None:
-    """Start the forkserver that local workers fork from now, not at the first trial: its
-    imports (WORKER_PRELOAD, 2-3 s of one core) then run beside the run's own checks and data
-    loading on another core. Idempotent; the forkserver exits with this process."""
-    multiprocessing.forkserver.set_forkserver_preload(WORKER_PRELOAD)
-    multiprocessing.forkserver.ensure_running()
-
-
-def stop_local_pool() -> None:
-    """Kill this process's forkserver, if it started one, and reap it: for an exit that skips
-    the interpreter's teardown (cli.run). Told to stop the usual way, the forkserver frees
-    torch's modules for 1-1.5 s after this process is gone, holding the stdout and stderr it
-    inherited, so a pipe reading the command stays open that long. It holds nothing else: its
-    workers have finished or been killed by then, and its socket's folder is gone with the
-    exit handlers (multiprocessing's), so only the process is left to end."""
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    pid = getattr(server, "_forkserver_pid", None)
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):  # gone already
-        pass
 
 
 def check_engine(engine: str) -> None:
@@ -209,7 +175,7 @@ def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptio
                 result_path(run_dir, trial).unlink(missing_ok=True)
                 receive, send = context.Pipe(duplex=False)
                 slot = cores.take()
-                process = context.Process(
+                process = Worker(
                     target=_local_worker, name=f"lenetlab-{trial.key}",
                     args=(trial, run_id, str(run_dir), options, splits, data.checksums, cores.shares, slot,
                           os.getpid(), send))

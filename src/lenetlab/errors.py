@@ -1,4 +1,7 @@
-"""Typed errors: the Python API raises them; the CLI turns each into one line on stderr and exit status 2."""
+"""Typed errors: the Python API raises them; the CLI turns each into one line on stderr and exit status 2.
+
+Stopped is no error: a run stopped by the user, which the CLI ends with its status.
+"""
 
 
 class LenetlabError(Exception):
@@ -43,3 +46,12 @@ class OptionError(SpecError):
 
     def on_command_line(self) -> str:
         return self.message.replace("{option}", self.flag)
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (status 130) or SIGTERM (143), after its finished trials and
+    each running trial's last epoch were saved and the line saying how to resume was printed."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status

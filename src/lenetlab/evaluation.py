@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .model import LeNet5V1, fast_forward
-
-
-@dataclass
-class Evaluation:
-    loss: float
-    accuracy: float
-    per_class_accuracy: list[float]
-    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+from .records import Evaluation  # the record, without torch: run folders read it too
 
 
 @contextlib.contextmanager
 def _one_torch_thread():
-    """torch on one thread for a few tiny ops (0.2 us to switch). On several, a tiny op still
-    starts torch's OpenMP team (log_softmax does, on 500 x 10), whose workers then spin ~8 ms
-    on the cores that the native forward's threads need for the next batch: evaluation on two
-    threads was no faster than on one. These ops' results do not depend on the thread count."""
+    """torch on one thread for a few tiny ops: on several, a tiny op (log_softmax on 500 x 10)
+    wakes torch's OpenMP team, whose spinning workers take the cores that the native forward's
+    threads need for the next batch. These ops' results do not depend on the thread count."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield

@@ -18,7 +18,8 @@ import torch
 from . import native
 from .errors import OptionError
 from .model import LeNet5V1
-from .recipes import OPTIMIZERS, RECIPES, Recipe
+from .optimizers import OPTIMIZERS
+from .recipes import RECIPES, Recipe
 
 # The recipe fields whose every valid value the native path trains exactly: the step itself
 # (layers, loss, optimiser hyperparameters, batch) or the Python loop around it, shared by both

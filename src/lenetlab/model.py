@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
+from .recipes import ACTIVATIONS, POOLS
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
-POOLS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
+# The layers of each name a recipe may use.
+ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+POOL_LAYERS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 
 class LeNet5V1(nn.Module):
@@ -45,7 +47,7 @@ class LeNet5V1(nn.Module):
         self.use_batch_norm = use_batch_norm
         self.activation = activation
         self.pool = pool
-        act, pooling = ACTIVATIONS[activation], POOLS[pool]
+        act, pooling = ACTIVATION_LAYERS[activation], POOL_LAYERS[pool]
         feature: list[nn.Module] = [nn.Conv2d(1, 6, kernel_size=5, stride=1, padding=2)]
         if use_batch_norm:
             feature.append(nn.BatchNorm2d(6))

@@ -14,16 +14,17 @@ import os
 import re
 from dataclasses import dataclass
 
-from .data import TRAIN_SIZE
-from .engines import DEFAULT_RAY_RETRIES, MAX_RAY_RETRIES
 from .errors import OptionError, SpecError
 from .recipes import FIELDS, check_field
-from .records import RunOptions
+from .records import TRAIN_SIZE, RunOptions
 from .rundir import MAX_SEEDS, MAX_TRIALS
 
 DEFAULT_SEEDS = 3
 MAX_THREADS = 256
 MAX_EPOCHS_SCALE = 50.0
+# How many times Ray reruns a trial whose worker process or host died (--ray-retries).
+DEFAULT_RAY_RETRIES = 3
+MAX_RAY_RETRIES = 100
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Change a published hyperparameter in RECIPES and nowhere else. Add a recipe field by adding
 it to Recipe and to FIELDS (type, range, short name, help): `train` flags, sweep specs, run
-plans and configuration names pick it up from there. Add an optimiser with one OPTIMIZERS entry.
-Either trains on PyTorch's path until the native step learns it (kernels.py decides).
+plans and configuration names pick it up from there. Add an optimiser by its name in OPTIMIZERS
+here and its constructor in optimizers.py. Either trains on PyTorch's path until the native
+step learns it (kernels.py decides). No torch here: the command line reads recipes without it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from .errors import OptionError, SpecError
-from .model import ACTIVATIONS, POOLS
+
+# The names a recipe may use; model.py, optimizers.py and the native step map each to its code.
+ACTIVATIONS = ("tanh", "relu")
+POOLS = ("avg", "max")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # weight decay is Adam's coupled L2, as in the original
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ RECIPES: dict[str, Recipe] = {
     "batch_norm": Recipe("batch_norm", use_batch_norm=True),
     "l2_optimized": Recipe("l2_optimized", epochs=20, weight_decay=0.001),
 }
-PUBLISHED_RECIPES = tuple(RECIPES)  # what `lenetlab study` runs by default
+# What `lenetlab study` runs by default: the original study's five, by name.
+PUBLISHED_RECIPES = ("baseline", "dropout", "l2_regularization", "batch_norm", "l2_optimized")
 
 # Not in the original: the best LeNet-5 lenetlab found, with LeNet-5's own layer sizes
 # (61,750 parameters with batch norm), every choice made on validation accuracy only (test
@@ -78,14 +82,6 @@ RECIPES["tuned"] = Recipe(
     # ends at a tiny rate; best_val would pick among the last epochs' validation noise
     checkpoint="last",
 )
-
-# name -> constructor. Weight decay is Adam's coupled L2, as in the original.
-OPTIMIZERS: dict[str, Callable[[object, Recipe], torch.optim.Optimizer]] = {
-    "adam": lambda params, r: torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay, fused=True),
-    "adamw": lambda params, r: torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay, fused=True),
-    "sgd": lambda params, r: torch.optim.SGD(params, lr=r.lr, momentum=0.9, weight_decay=r.weight_decay),
-}
-
 
 @dataclass(frozen=True)
 class Field:
@@ -202,7 +198,9 @@ def scale_epochs(recipe: Recipe, scale: float) -> Recipe:
 
 
 _NAMES = [f.name for f in fields(Recipe)]
-ORIGINAL_FIELDS = _NAMES[:_NAMES.index("warm_start_epochs") + 1]  # the rest are lenetlab's additions
+# The fields the original study had; the rest are lenetlab's additions.
+ORIGINAL_FIELDS = ("name", "use_dropout", "use_batch_norm", "dropout_rate", "epochs", "batch_size", "lr",
+                   "weight_decay", "optimizer", "warm_start_from", "warm_start_epochs")
 
 
 def extensions(recipe: Recipe) -> dict:

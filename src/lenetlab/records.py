@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checked import checked, is_folder_name, is_inside, is_name, require
-from .evaluation import Evaluation
-from .model import LeNet5V1
 from .recipes import Recipe, describe_start, recipe_from_dict
 
+if TYPE_CHECKING:  # for annotations only: a run folder's records are read without torch
+    from .model import LeNet5V1
+
+
+@dataclass
+class Evaluation:
+    """A model on one split: accuracy, loss, per-class accuracy and the confusion matrix."""
+
+    loss: float
+    accuracy: float
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+
 SPLITS = ("train", "val", "test")
+TRAIN_SIZE, VAL_SIZE = 54_000, 6_000  # the training split and the validation split, of 60,000 images
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .checked import checked, is_folder_name, is_name, require
 from .errors import OptionError, RunDirError, SpecError
 from .provenance import library_versions
 from .recipes import Recipe, file_name, recipe_from_dict
-from .records import RunOptions, Trial
+from .records import RunOptions, Trial, TrialResult
 
 MAX_SEEDS = 1000
 # A sweep larger than this is refused unless --max-trials raises the cap: each trial takes
@@ -177,3 +177,27 @@ def checkpoint_path(run_dir: Path, trial: Trial) -> Path:
 
 def weights_path(run_dir: Path, trial: Trial) -> Path:
     return Path(run_dir) / "models" / f"seed{trial.seed}" / file_name(trial.config)
+
+
+def read_result(run_dir: Path, trial: Trial, run_id: str) -> TrialResult | None:
+    """This run's recorded result of trial, or None when missing, damaged, another run's, or
+    when its weights file is not the one it recorded: then the trial runs again."""
+    try:
+        result = TrialResult.from_dict(files.read_record(result_path(run_dir, trial), "trial"))
+    except (RunDirError, KeyError, TypeError, ValueError, AttributeError):  # damaged: the trial runs again
+        return None
+    if result.run_id != run_id or result.trial != trial:
+        return None
+    if result.done and files.sha256_file(Path(run_dir) / result.weights) != result.weights_sha256:
+        return None
+    return result
+
+
+def read_results(run_dir: Path, plan: RunPlan) -> dict[str, TrialResult]:
+    """This run's results recorded so far, by trial key; missing or damaged ones are left out."""
+    results = {}
+    for trial in plan.trials():
+        result = read_result(run_dir, trial, plan.run_id)
+        if result is not None:
+            results[trial.key] = result
+    return results

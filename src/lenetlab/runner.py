@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Protocol
 
 from .data import FashionMNIST
-from .engines import DEFAULT_RAY_RETRIES, default_workers, run_local, run_ray, usable_cores
+from .engines import default_workers, run_local, run_ray, usable_cores
 from .errors import RunDirError
+from .options import DEFAULT_RAY_RETRIES
 from .recipes import Recipe, get_recipe, scale_epochs
 from .records import RunOptions, Summary, Trial, TrialResult
-from .rundir import RunPlan, hold, plan_path, read_plan, write_plan
+from .rundir import RunPlan, hold, plan_path, read_plan, read_results, write_plan
 from .summary import write_summary
 from .training import total_epochs
-from .trials import read_result
 
 
 class Display(Protocol):
@@ -75,16 +75,6 @@ def resume(run_dir: Path, data: FashionMNIST, engine: str | None = None, address
         return execute(run_dir, plan, data, address, workers or plan.workers, display, ray_retries)
 
 
-def read_results(run_dir: Path, plan: RunPlan) -> dict[str, TrialResult]:
-    """This run's results recorded so far, by trial key; missing or damaged ones are left out."""
-    results = {}
-    for trial in plan.trials():
-        result = read_result(run_dir, trial, plan.run_id)
-        if result is not None:
-            results[trial.key] = result
-    return results
-
-
 def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | None, workers: int,
             display: Display | None = None, ray_retries: int = DEFAULT_RAY_RETRIES) -> Summary:
     """Run every trial of the plan that has not finished, then finalize the run folder."""
@@ -121,8 +111,7 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
 
 def finalize(run_dir: Path, plan: RunPlan, data: FashionMNIST) -> Summary:
     """Aggregate the recorded trials into metrics.csv, summary.json, best weights and the report."""
-    # Imported here: the report's plots bring matplotlib, 0.7 s of the start of every lenetlab
-    # process and study worker, which only a finished run needs.
+    # Imported here: the report's plots bring matplotlib, which only a finished run needs.
     from .report import render_report
 
     summary, curves = write_summary(run_dir, plan, read_results(run_dir, plan), data.checksums,

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from .errors import RunDirError
 from .markup import plain
-from .rundir import plan_path, read_plan
-from .runner import read_results
+from .rundir import plan_path, read_plan, read_results
 from .summary import load_summary
 
 

@@ -61,8 +61,7 @@ def paired_difference(
 
 def _t_quantile(degrees_of_freedom: int) -> float:
     """The two-sided 95% Student t factor (4.303 for 2 degrees of freedom)."""
-    # Here, not at the top: scipy.stats took 1.46 s of the 4.5 s every lenetlab process and
-    # study worker spent importing lenetlab, and only a finished run's statistics need it.
+    # Here, not at the top: scipy.stats is slow to import, and only a finished run's statistics need it.
     from scipy import stats as scipy_stats
 
     return float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, degrees_of_freedom))

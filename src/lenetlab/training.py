@@ -33,7 +33,8 @@ from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
 from .kernels import choose as choose_kernels
 from .model import LeNet5V1, fast_forward
-from .recipes import OPTIMIZERS, RECIPES, Recipe, recipe_from_dict
+from .optimizers import make_optimizer
+from .recipes import RECIPES, Recipe, recipe_from_dict
 from .records import Diverged, EpochMetrics
 
 
@@ -72,14 +73,9 @@ def derived_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
-    return OPTIMIZERS[recipe.optimizer](params, recipe)
-
-
 # torch.optim.Optimizer's add_param_group (which every optimiser's __init__ calls), state_dict,
 # load_state_dict and zero_grad are wrapped by torch._disable_dynamo, whose first call imports
-# torch._dynamo only to mark the method as one compilation must not trace: 1.4 s of the 4.1 s
-# a `lenetlab train` on 2,000 images took (Zen 5 VM, 2026-12-03), in every command and worker.
+# torch._dynamo (a second or more) only to mark the method as one compilation must not trace.
 # The native step calls nothing else of torch.optim's. The wrapper runs what it caches on the
 # function as its disabled form, and outside compilation that is the method itself.
 _DYNAMO_WRAPPED = ("add_param_group", "state_dict", "load_state_dict", "zero_grad")

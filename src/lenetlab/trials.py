@@ -9,6 +9,7 @@ makes them once per run (or per Ray worker), not once per trial.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import files, native
 from .data import Splits
-from .errors import RunDirError
 from .kernels import choose as choose_kernels
-from .provenance import library_versions, machine_info, trained_on
+from .provenance import library_versions, machine_info
 from .recipes import architecture
-from .records import Diverged, RunOptions, Trial, TrialResult
+from .records import Diverged, RunOptions, TrainedOn, Trial, TrialResult
 from .rundir import checkpoint_path, result_path, weights_path
 from .training import CheckpointStore, train_trial
 
@@ -118,15 +118,18 @@ def record_failure(run_dir: Path, trial: Trial, run_id: str, error: str) -> Tria
     return result
 
 
-def read_result(run_dir: Path, trial: Trial, run_id: str) -> TrialResult | None:
-    """This run's recorded result of trial, or None when missing, damaged, another run's, or
-    when its weights file is not the one it recorded: then the trial runs again."""
-    try:
-        result = TrialResult.from_dict(files.read_record(result_path(run_dir, trial), "trial"))
-    except (RunDirError, KeyError, TypeError, ValueError, AttributeError):  # damaged: the trial runs again
-        return None
-    if result.run_id != run_id or result.trial != trial:
-        return None
-    if result.done and files.sha256_file(Path(run_dir) / result.weights) != result.weights_sha256:
-        return None
-    return result
+def trained_on(kernels: str, device: str = "cpu") -> TrainedOn:
+    """This process's host, CPU and the build of the step that trained with kernels here: called
+    where a trial trains (a Ray worker's host is not the driver's, nor its native build)."""
+    vector_bytes = compiler = target = None
+    flags = ""
+    if kernels == "native":
+        lib = native.load()
+        vector_bytes = lib.ln_vector_bytes() if lib is not None else None
+        compiler, flags = native.compiler(), " ".join(native.extra_flags())
+        target = " ".join(native.build_target() or ())
+    info = machine_info(device)
+    return TrainedOn(host=socket.gethostname(), cpu=info["cpu"], kernels=kernels,
+                     vector_bytes=vector_bytes, compiler=compiler, target=target, flags=flags,
+                     platform=info["platform"],
+                     cpu_count=info["cpu_count"], gpu=info.get("gpu"))
