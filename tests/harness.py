@@ -35,13 +35,13 @@ _TYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32
 
 
 def source() -> str:
-    """The harness with native_step.c in place of its #include: one text, so that the build
-    cache's key covers both files."""
-    step = native.SOURCE.read_text()
+    """The harness with the native library's source (native.source_text()) in place of its
+    #include: one text, so that the build cache's key covers every file."""
+    step = native.source_text()
     text = HARNESS.read_text()
-    include = '#include "native_step.c"\n'
-    assert include in text, f"{HARNESS} no longer includes native_step.c"
-    return text.replace(include, f'#line 1 "native_step.c"\n{step}\n#line {_line_after(text, include)} '
+    include = f'#include "{native.ROOT}"\n'
+    assert include in text, f"{HARNESS} no longer includes {native.ROOT}"
+    return text.replace(include, f'#line 1 "{native.ROOT}"\n{step}\n#line {_line_after(text, include)} '
                                   f'"native_harness.c"\n')
 
 
@@ -60,14 +60,14 @@ def _counts() -> dict:
     comments in native_step.c), and of each slot of its arrays of pointers (from the model)."""
     with torch.random.fork_rng(devices=[]):  # a throwaway model: no other test's draws move
         model = LeNet5V1(True, True)
-    params = [t.numel() for t in native._slots(model)]
+    params = [t.numel() for t in native.binding.slots(model)]
     return {
         "buffers": {"x": lambda a: a.rows * 784, "y": lambda a: a.rows, "idx": lambda a: a.batch,
                     "drop": lambda a: a.batch * 120, "totals": lambda a: 2, "out": lambda a: a.rows * 10,
                     "move": lambda a: a.batch, "erase_rows": lambda a: a.batch * 28,
                     "erase_cols": lambda a: a.batch * 28},
         "slots": {"params": params, "s1": params, "s2": params, "steps": [1] * len(params),
-                  "run": [t.numel() for t in native._buffers(model)[:4]], "nbt": [1, 1]},
+                  "run": [t.numel() for t in native.binding.buffers(model)[:4]], "nbt": [1, 1]},
     }
 
 

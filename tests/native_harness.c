@@ -1,4 +1,4 @@
-/* native_harness.c: one concern, replaying calls of native_step.c's entry points from files in a
+/* native_harness.c: one concern, replaying calls of the native library's entry points from files in a
  * plain C process, with no Python in it: tests/test_native_harness.py runs it natively and, built
  * for aarch64, under qemu-aarch64; cachegrind can run it too (--steps N, one thread).
  *
@@ -20,12 +20,12 @@
  *     native_harness --info     the build: vector bytes, the record's ABI, and per field of the
  *                               record its kind, element type and whether the call writes it
  * Built as one translation unit with the step's source:
- *     cc -O3 -march=native -std=gnu11 -ffp-contract=fast -pthread -Isrc/lenetlab \
+ *     cc -O3 -march=native -std=gnu11 -ffp-contract=fast -pthread -Isrc/lenetlab/native \
  *        tests/native_harness.c -lm
- * (tests/harness.py inlines native_step.c in place of the #include, so that its build cache's
- * key covers both files.)
+ * (tests/harness.py inlines the library's source, native.source_text(), in place of the
+ * #include, so that its build cache's key covers every file.)
  */
-#include "native_step.c"
+#include "lenet5.c"
 
 #include <stdio.h>
 

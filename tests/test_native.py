@@ -144,7 +144,7 @@ CHECKS = {"warnings": (*native.build_flags(), *WARNINGS),
 def compiled():
     """Every build and compile check of this module, started together on a thread pool (the
     compiler runs in subprocesses) and cached by native.build: futures by name."""
-    src = native.SOURCE.read_text()
+    src = native.source_text()
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         jobs = {name: pool.submit(native.load_build, _flags(name), src)
                 for name in BUILDS if name != "default" and _skip_reason(name) is None}

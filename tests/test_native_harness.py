@@ -71,7 +71,7 @@ def _cross_flags(name: str) -> tuple[str, str, tuple[str, ...]]:
     target = native.target_flags("aarch64", cc, extra)
     if target is None:
         raise Unavailable(f"{cc} {' '.join(extra)} builds nothing for aarch64 here: "
-                          f"{native._refusal(cc, native.library_flags((), extra))}")
+                          f"{native.toolchain.refusal(cc, native.library_flags((), extra))}")
     return cc, " ".join(target), (*native.library_flags(target, extra), "-static")
 
 
@@ -155,7 +155,7 @@ def _params() -> list:
 def test_replayed(built, test, kwargs, monkeypatch):
     """The x86 parity test's case with the harness as the native library: passed as its build
     where it takes one, and as what native.load() gives for its own NativeTrainers."""
-    monkeypatch.setattr(native, "load", lambda: built)
+    monkeypatch.setattr(native.library, "load", lambda: built)
     if "build" in inspect.signature(test).parameters:
         kwargs = {**kwargs, "build": built}
     test(**kwargs)
@@ -180,7 +180,7 @@ def test_the_aarch64_build_is_the_neon_one(harnesses, name):
     assert not macros & {"__AVX__", "__AVX512F__", "__SSE__"}
     assert lib.ln_vector_bytes() == 16
     if name == "aarch64-gcc":  # a cross compiler cannot name the host CPU: the probe walks down to none
-        assert target == "" and all(native._refusal(cc, native.library_flags(t, ()))
+        assert target == "" and all(native.toolchain.refusal(cc, native.library_flags(t, ()))
                                     for t in native.target_candidates("aarch64")[:-1])
 
 

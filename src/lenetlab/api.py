@@ -24,8 +24,8 @@ from . import files, options, prediction, runner, sweeps
 from .data import load_fashion_mnist, make_splits
 from .engines import DEFAULT_RAY_RETRIES, check_engine, start_local_pool
 from .errors import OptionError, OutputError, SpecError
-from .kernels import announce
 from .model import LeNet5V1, load_weights
+from .native.gate import announce
 from .progress import Progress
 from .recipes import (
     FIELDS,

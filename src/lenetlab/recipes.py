@@ -3,7 +3,7 @@
 Change a published hyperparameter in RECIPES and nowhere else. Add a recipe field by adding
 it to Recipe and to FIELDS (type, range, short name, help): `train` flags, sweep specs, run
 plans and configuration names pick it up from there. Add an optimiser with one OPTIMIZERS entry.
-Either trains on PyTorch's path until the native step learns it (kernels.py decides).
+Either trains on PyTorch's path until the native step learns it (native/gate.py decides).
 """
 
 from __future__ import annotations

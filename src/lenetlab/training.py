@@ -30,8 +30,8 @@ from . import files, native
 from .augment import Augmentation, EpochDraws, draw
 from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
-from .kernels import choose as choose_kernels
 from .model import LeNet5V1, fast_forward
+from .native.gate import choose as choose_kernels
 from .recipes import OPTIMIZERS, RECIPES, Recipe, recipe_from_dict
 from .records import Diverged, EpochMetrics
 
