@@ -75,13 +75,14 @@ def fma_loop(flags: tuple[str, ...] | None = None):
 
 
 def legacy_driver(source: str):
-    """The driver of a source from before the argument record (tests/support/legacy.py), else None."""
-    if "LN_ARGS" in source:
+    """The driver of an older source (tests/support/legacy.py: before the argument record, or
+    before constants.h), else None."""
+    if "LN_ARGS" in source and "ln_constants" in source:
         return None
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.legacy import Legacy
+    from support.legacy import driver
 
-    return Legacy
+    return driver(source)
 
 
 def fma_gflop(lanes: int, iters: int) -> float:

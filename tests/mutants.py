@@ -30,9 +30,9 @@ FOLDER = PACKAGE / "native"
 
 # name: (the C file, text in it, its replacement, the bug)
 MUTANTS = {
-    "conv1-channel-sign": (  # IC is 1 in conv1 only: CONV_WGRAD's finish is conv2's too
-        "conv.c", "gw[i] += hsum(pw[i]);",
-        "gw[i] += (IC) == 1 && o == 1 ? -hsum(pw[i]) : hsum(pw[i]);",
+    "conv1-channel-sign": (  # ic is 1 in conv1 only: conv_wgrad_sum is conv2's too
+        "conv.c", "dw[i] += hsum(pw[i]);",
+        "dw[i] += ic == 1 && o == 1 ? -hsum(pw[i]) : hsum(pw[i]);",
         "the weight gradient of conv1's output channel 1 with its sign flipped"),
     "bn-mean-padded-lanes": (
         "batchnorm.c", "a[q] += d;",

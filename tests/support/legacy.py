@@ -1,6 +1,9 @@
-"""A library from a source before the argument record (e056921 and older), driven by its old interface.
+"""Libraries from older sources of the native step, for a baseline: each driven as its source expects.
 
-tests/fixtures/native_step_e056921.c is that source, checked in so that no test reads git history.
+Legacy: a source before the argument record (e056921 and older), driven by its old positional
+interface; tests/fixtures/native_step_e056921.c is one, checked in so that no test reads git
+history. before_constants: a source with the record but before constants.h (4af1912, the
+single native_step.c before the split), whose record the stamp still checks.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from lenetlab.native import StepArgs
+from lenetlab.native import StepArgs, abi
 
 BEFORE_THREADS = Path(__file__).resolve().parents[1] / "fixtures" / "native_step_e056921.c"
 
@@ -43,3 +46,23 @@ class Legacy:
 
     def ln_forward(self, ws, a: StepArgs) -> int:
         return self._lib.ln_forward(a.params, a.run, a.bn_eps, a.x, a.rows, a.out, a.relu, a.maxpool)
+
+
+def before_constants(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """A library whose record is this StepArgs but which reports no constants (4af1912 and
+    before): its record checked, then declared as a current one. Its constants are the ones
+    constants.h has (they had not changed when it was written)."""
+    problem = abi._record_problem(lib)
+    if problem is not None:
+        raise ValueError(f"not a library of this argument record: {problem[1]}")
+    abi.declare(lib)
+    return lib
+
+
+def driver(source: str):
+    """The driver load_build(legacy=) takes for a library built from source, None for a current one."""
+    if "LN_ARGS" not in source:
+        return Legacy
+    if "ln_constants" not in source:
+        return before_constants
+    return None

@@ -9,7 +9,7 @@ logits. Both run on torch.get_num_threads() threads unless told otherwise (threa
 same results for any count. load_build() builds with other flags, for tests and benchmarks that
 compare builds in one process (passed as lib= to NativeTrainer, supports and forward).
 
-Python and C exchange one argument record (StepArgs, native_step.c's ln_args), whose layout
+Python and C exchange one argument record (StepArgs, record.c's ln_args), whose layout
 the library reports and load() checks before any other call. The cache holds each library
 with its SHA-256 beside it, written by the build: a library is loaded only if it still has that
 checksum, and anything else (a truncated or replaced file, one whose record differs) is

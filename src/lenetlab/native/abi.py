@@ -1,24 +1,36 @@
 """The argument record Python and the C library exchange (StepArgs), and its stamp, checked before any call.
 
-The library reports its record's version, size, field names and offsets (record.c); a library
-whose record differs from StepArgs is refused (rebuilt, never called).
+The library reports its record's version, size, field names and offsets (record.c), and the
+constants it was built with (constants.h, which this module reads for Python's values too); a
+library whose record or constants differ from these is refused (rebuilt, never called).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
+from pathlib import Path
 
-ABI = 1  # native_step.c's LN_ABI: the version of the argument record below
-MAX_THREADS = 64  # native_step.c's LN_MAX_THREADS: more run as this many
+ABI = 1  # record.c's LN_ABI: the version of the argument record below
+
+
+def read_constants(path: Path | None = None) -> dict[str, int]:
+    """constants.h's table (X(NAME, value) entries), in its order."""
+    path = path or Path(__file__).with_name("constants.h")
+    return {name: int(value) for name, value in re.findall(r"X\((\w+), (-?\d+)\)", path.read_text())}
+
+
+CONSTANTS = read_constants()
+MAX_THREADS = CONSTANTS["LN_MAX_THREADS"]  # more threads run as this many
 
 _P, _I64, _D, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int32
 
 
 class StepArgs(ctypes.Structure):
-    """native_step.c's ln_args: every argument of ln_train_step and ln_forward in one record.
+    """record.c's ln_args: every argument of ln_train_step and ln_forward in one record.
 
-    The order, names and types of the fields must match LN_ARGS in native_step.c one for one.
+    The order, names and types of the fields must match LN_ARGS in record.c one for one.
     load_build() compares the names, byte offsets and size with the library's own and refuses
     (rebuilds, never calls) a library whose record differs."""
 
@@ -34,9 +46,27 @@ class StepArgs(ctypes.Structure):
 
 def stamp_problem(lib: ctypes.CDLL) -> tuple[str, str] | None:
     """None if the library's argument record is StepArgs (its ABI, field names and offsets and
-    size), else (kind, what differs): kind "none" for a library without the stamp (a source
-    from before the record), "differs" for another version of it. Calls only the stamp's own
-    functions, which read constants."""
+    size) and its constants are CONSTANTS, else (kind, what differs): kind "none" for a library
+    without the stamp (a source from before the record), "constants" for one that reports no
+    constants (a source from before constants.h), "differs" for another version of either.
+    Calls only the stamp's own functions, which read constants."""
+    return _record_problem(lib) or _constants_problem(lib)
+
+
+def _constants_problem(lib: ctypes.CDLL) -> tuple[str, str] | None:
+    if not hasattr(lib, "ln_constants"):
+        return "constants", "it reports no constants (built from a source older than constants.h)"
+    lib.ln_constants.restype, lib.ln_constants.argtypes = ctypes.c_char_p, []
+    theirs = (lib.ln_constants() or b"").decode()
+    ours = "".join(f"{name}={value}," for name, value in CONSTANTS.items())
+    if theirs != ours:
+        diff = next((f"{a} against {b}" for a, b in zip(theirs.split(","), ours.split(",")) if a != b),
+                    f"{theirs.count(',')} constants against {ours.count(',')}")
+        return "differs", f"its constants differ from constants.h's ({diff})"
+    return None
+
+
+def _record_problem(lib: ctypes.CDLL) -> tuple[str, str] | None:
     try:
         for fn, restype in (("ln_abi", ctypes.c_int), ("ln_args_size", ctypes.c_int64),
                             ("ln_args_names", ctypes.c_char_p)):
@@ -71,7 +101,8 @@ def unload(lib: ctypes.CDLL) -> None:
 
 def declare(lib: ctypes.CDLL) -> None:
     p, i, i64, args = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(StepArgs)
-    signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
+    signatures = {"ln_vector_bytes": (i, []), "ln_constants": (ctypes.c_char_p, []), "ln_ws_new": (p, []),
+                  "ln_ws_free": (None, [p]),
                   "ln_train_step": (i, [p, args]), "ln_forward": (i, [p, args]),
                   "ln_tanh": (None, [p, p, i64]), "ln_profile": (i, [p]),
                   "ln_profile_names": (ctypes.c_char_p, [])}

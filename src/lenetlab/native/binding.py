@@ -7,34 +7,46 @@ import ctypes
 import torch
 
 from ..model import LeNet5V1, _layers
-from .abi import MAX_THREADS
+from .abi import CONSTANTS, MAX_THREADS
 
-OPTIMIZERS = {torch.optim.Adam: 0, torch.optim.AdamW: 1, torch.optim.SGD: 2}
-ACTIVATIONS = {"tanh": 0, "relu": 1}  # native_step.c's relu flag
+C = CONSTANTS
+OPTIMIZERS = {torch.optim.Adam: C["OPT_ADAM"], torch.optim.AdamW: C["OPT_ADAMW"],
+              torch.optim.SGD: C["OPT_SGD"]}
+ACTIVATIONS = {"tanh": 0, "relu": 1}  # ln_args' relu flag
 POOLS = {"avg": 0, "max": 1}  # its maxpool flag
 UNSUPPORTED = ("maximize", "differentiable", "capturable", "amsgrad", "nesterov", "dampening")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def slots(model: LeNet5V1) -> list[torch.Tensor | None]:
-    """The 14 parameter slots of native_step.c, in model.parameters() order (None: no batch norm)."""
+    """The parameter slots of ln_args.params, each at its index of constants.h (None: no batch norm)."""
     L = _layers(model)
     bn1, bn2 = ((bn.weight, bn.bias) if bn is not None else (None, None) for bn in (L.bn1, L.bn2))
-    return [L.conv1.weight, L.conv1.bias, *bn1, L.conv2.weight, L.conv2.bias, *bn2,
-            L.fc1.weight, L.fc1.bias, L.fc2.weight, L.fc2.bias, L.fc3.weight, L.fc3.bias]
+    by_name = {"P_C1W": L.conv1.weight, "P_C1B": L.conv1.bias, "P_BN1W": bn1[0], "P_BN1B": bn1[1],
+               "P_C2W": L.conv2.weight, "P_C2B": L.conv2.bias, "P_BN2W": bn2[0], "P_BN2B": bn2[1],
+               "P_F1W": L.fc1.weight, "P_F1B": L.fc1.bias, "P_F2W": L.fc2.weight, "P_F2B": L.fc2.bias,
+               "P_F3W": L.fc3.weight, "P_F3B": L.fc3.bias}
+    out: list[torch.Tensor | None] = [None] * C["NPARAM"]
+    for name, tensor in by_name.items():
+        out[C[name]] = tensor
+    return out
 
 
 def buffers(model: LeNet5V1) -> list[torch.Tensor | None]:
-    """running_mean/var of both batch norms, then their num_batches_tracked (None without)."""
+    """ln_args.run's running_mean/var of both batch norms, each at its index of constants.h, then
+    their num_batches_tracked (None without)."""
     L = _layers(model)
     if L.bn1 is None:
         return [None] * 6
-    return [L.bn1.running_mean, L.bn1.running_var, L.bn2.running_mean, L.bn2.running_var,
-            L.bn1.num_batches_tracked, L.bn2.num_batches_tracked]
+    run: list[torch.Tensor] = [None] * 4  # type: ignore[list-item]
+    for name, tensor in (("R_MEAN1", L.bn1.running_mean), ("R_VAR1", L.bn1.running_var),
+                         ("R_MEAN2", L.bn2.running_mean), ("R_VAR2", L.bn2.running_var)):
+        run[C[name]] = tensor
+    return [*run, L.bn1.num_batches_tracked, L.bn2.num_batches_tracked]
 
 
 def variant(model: LeNet5V1) -> tuple[int, int]:
-    """The (relu, maxpool) flags of native_step.c for the model's activation and pooling."""
+    """The (relu, maxpool) flags of ln_args for the model's activation and pooling."""
     activation, pool = getattr(model, "activation", None), getattr(model, "pool", None)
     if activation not in ACTIVATIONS or pool not in POOLS:
         raise ValueError(f"activation {activation!r} and pool {pool!r} (the native step has "

@@ -59,13 +59,13 @@ static void forward_job(void *arg, int t, int T)
  * with the running statistics (a->run, a->bn_eps), no dropout, a->relu and a->maxpool as for
  * the step, a->threads threads each on its own run of 64-image chunks (a row's logits do not
  * depend on the chunking), in workspace ws (its buffers and threads kept for the next call:
- * evaluation calls this per 500 images), or in a temporary one where ws is NULL. Returns 0, or
- * -3 out of memory. */
+ * evaluation calls this per 500 images), or in a temporary one where ws is NULL. Returns LN_OK,
+ * or LN_NO_MEMORY. */
 int ln_forward(ln_ws *ws, const ln_args *a)
 {
     const int64_t chunks = (a->rows + BATCH - 1) / BATCH;
     if (chunks < 1)
-        return 0;
+        return LN_OK;
     int threads = a->threads < 1 ? 1 : a->threads > LN_MAX_THREADS ? LN_MAX_THREADS : a->threads;
     if (threads > chunks)
         threads = (int)chunks;
@@ -74,7 +74,7 @@ int ln_forward(ln_ws *ws, const ln_args *a)
         ws = own;
     if (!ws || ws_reserve(ws, threads)) {
         ln_ws_free(own);
-        return -3;
+        return LN_NO_MEMORY;
     }
     float *const *P = a->params;
     float m1[C1], s1[C1], m2[C2], s2[C2];
@@ -92,5 +92,5 @@ int ln_forward(ln_ws *ws, const ln_args *a)
     }
     pool_run(&ws->pool, threads, forward_job, &X);
     ln_ws_free(own);
-    return 0;
+    return LN_OK;
 }

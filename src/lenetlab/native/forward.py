@@ -10,7 +10,7 @@ import torch
 
 from ..model import LeNet5V1, _layers
 from . import library
-from .abi import StepArgs
+from .abi import CONSTANTS, StepArgs
 from .binding import buffers, check_tensor, model_problem, pointers, slots, thread_count, variant
 
 _forward_workspaces: dict[int, tuple] = {}  # id(lib) -> (lib, its workspace, the workspace's lock)
@@ -59,6 +59,6 @@ def forward(model: LeNet5V1, x: torch.Tensor, *, lib: ctypes.CDLL | None = None,
                 lock.release()
         else:
             rc = lib.ln_forward(None, a)
-    if rc != 0:
+    if rc != CONSTANTS["LN_OK"]:
         raise MemoryError("native forward: out of memory")
     return out

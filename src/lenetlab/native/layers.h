@@ -10,9 +10,7 @@ enum {
     FEAT = C2 * Q2 * Q2, F1 = 120, F2 = 84, F3 = 10,
 };
 
-/* Parameter slots, in LeNet5V1.parameters() order (batch-norm slots NULL when absent). */
-enum { P_C1W, P_C1B, P_BN1W, P_BN1B, P_C2W, P_C2B, P_BN2W, P_BN2B,
-       P_F1W, P_F1B, P_F2W, P_F2B, P_F3W, P_F3B, NPARAM };
+/* Parameter slots (constants.h), in LeNet5V1.parameters() order: batch-norm slots NULL when absent. */
 /* Every register tile divides what it tiles, at every width and blocking (the loops assume it). */
 _Static_assert(NV % CONV_VB == 0 && NV % CONV2_VB == 0 && NV % LIN_VB == 0, "batch vector tiles");
 _Static_assert(C1 % CONV1_OCB == 0 && C2 % CONV2_OCB == 0 && C1 % CONVI_OCB == 0, "conv channel tiles");
@@ -25,6 +23,9 @@ _Static_assert(F2 % LWG_OB == 0 && F1 % LWG_IB == 0 && F3 % 2 == 0 && F2 % LWG_I
 _Static_assert(F1 % DA3_ROWS == 0 && DA3_ROWS % LINI_OB == 0 && DA3_ROWS % LWT_OB == 0, "fc1 backward units");
 _Static_assert(F2 % 4 == 0 && 4 % LINI84_OB == 0 && 4 % (F1_FITS_VECTORS ? LWT2_OB : LWG_OB) == 0, "fc2 backward units");
 _Static_assert(FEAT % 16 == 0 && FEAT % LINI_OB == 0 && F1 % LIN_OB == 0 && F2 % LIN_OB == 0, "classifier units");
+_Static_assert(CONV1_OCB <= TILE_MAX_O && CONV2_OCB <= TILE_MAX_O && CONVI_OCB <= TILE_MAX_O
+               && WG1_OCB <= TILE_MAX_O && WG2_OCB <= TILE_MAX_O && LIN_OB <= TILE_MAX_O && LINI_OB <= TILE_MAX_O
+               && LWG_OB <= TILE_MAX_O && LWT_OB <= TILE_MAX_O && LWT2_OB <= TILE_MAX_O, "tiles' output rows");
+_Static_assert(CONV_VB <= TILE_MAX_V && CONV2_VB <= TILE_MAX_V && LIN_VB <= TILE_MAX_V && LWG_IB <= TILE_MAX_V,
+               "tiles' vectors");
 static const int PSIZE[NPARAM] = {150, 6, 6, 6, 2400, 16, 16, 16, 48000, 120, 10080, 84, 840, 10};
-enum { R_MEAN1, R_VAR1, R_MEAN2, R_VAR2 };
-enum { OPT_ADAM, OPT_ADAMW, OPT_SGD };

@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include "simd.h"
 #include "tiles.h"
+#include "constants.h"
 #include "layers.h"
 #include "vmath.c"
 #include "conv.c"

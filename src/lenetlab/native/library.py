@@ -25,9 +25,9 @@ def load_build(flags: tuple[str, ...], source_text: str | None = None, name: str
     exactly these flags,
     verified, loaded and declared, bypassing load()'s memo. One whose argument record is not
     StepArgs is closed uncalled and rebuilt once; if the rebuilt one still differs, this raises
-    NativeBuildError. With legacy, a library without the stamp (an old source: a test's
-    baseline) is returned as legacy(lib) instead: a driver of its old positional interface
-    (tests/support/legacy.py). Raises NativeBuildError or OSError."""
+    NativeBuildError. With legacy, a library from an old source (a test's or a benchmark's
+    baseline) without the stamp, or without constants, is returned as legacy(lib) instead: a
+    driver the caller chose for that source (tests/support/legacy.py). Raises NativeBuildError or OSError."""
     text = step_source() if source_text is None else source_text
     stale = None
     for _ in range(2):
@@ -37,7 +37,7 @@ def load_build(flags: tuple[str, ...], source_text: str | None = None, name: str
         if problem is None:
             declare(lib)
             return lib
-        if legacy is not None and problem[0] == "none":
+        if legacy is not None and problem[0] in ("none", "constants"):
             return legacy(lib)
         unload(lib)
         stale = digest

@@ -1,10 +1,10 @@
-/* record.c: one concern, the argument record ln_args and the ABI stamp that native.py checks. */
+/* record.c: one concern, the argument record ln_args and the ABI stamp that abi.py checks. */
 
 /* ------------------------------------------------------------------------------------------
  * The argument record: every argument of ln_train_step and ln_forward in one struct, which
- * native.py mirrors field for field with a ctypes.Structure (StepArgs). LN_ARGS is its only
+ * lenetlab/native/abi.py mirrors field for field with a ctypes.Structure (StepArgs). LN_ARGS is its only
  * definition: the struct, and the names and offsets that ln_args_names and ln_args_offsets
- * report, are generated from it, so native.py checks the whole layout at load (with LN_ABI for
+ * report, are generated from it, so abi.py checks the whole layout at load (with LN_ABI for
  * a change of meaning) and refuses a library whose record differs instead of calling it.
  * ------------------------------------------------------------------------------------------ */
 #define LN_ABI 1
@@ -51,11 +51,14 @@ typedef struct {
 static const char ARGS_NAMES[] = LN_ARGS(LN_NAME);
 static const int64_t ARGS_OFFSETS[] = {LN_ARGS(LN_OFFSET)};
 
-/* The stamp native.py checks before any other call: the record's version, size, and its
- * fields' names (comma-separated, in order) and byte offsets. */
+/* The stamp lenetlab/native/abi.py checks before any other call: the record's version, size,
+ * and its fields' names (comma-separated, in order) and byte offsets, and the constants. */
 int ln_abi(void) { return LN_ABI; }
 int64_t ln_args_size(void) { return (int64_t)sizeof(ln_args); }
 const char *ln_args_names(void) { return ARGS_NAMES; }
+/* The constants of constants.h as this library has them: "NAME=value," for each, in order. */
+#define LN_CONSTANT_TEXT(name, value) #name "=" #value ","
+const char *ln_constants(void) { return LN_CONSTANTS(LN_CONSTANT_TEXT); }
 /* Copies up to cap offsets into out; returns the number of fields. */
 int ln_args_offsets(int64_t *out, int cap)
 {

@@ -9,7 +9,6 @@
  * depend on the thread count). pthreads, not OpenMP: torch ships its own OpenMP runtime, which
  * a second one in the process would fight, and clang would need libomp.
  * ------------------------------------------------------------------------------------------ */
-#define LN_MAX_THREADS 64
 /* How long a barrier spins before it sleeps: well above a stage's imbalance between two
  * running threads (a few us), short enough that a thread whose partner was descheduled on a
  * busy machine soon gives its core back. A worker waiting for the next job spins longer, over

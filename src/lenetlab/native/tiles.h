@@ -66,3 +66,9 @@
 #else
 #define F1_FITS_VECTORS (120 % (5 * VW) == 0)
 #endif
+/* The largest register tile, output rows (maps) by batch vectors: the kernels' accumulator arrays
+ * have this size, of which a tile's own constant shape uses a corner (arrays sized by the shape
+ * itself, variable-length, kept GCC from keeping them in registers). */
+#define TILE_MAX_O 8
+#define TILE_MAX_V 4
+

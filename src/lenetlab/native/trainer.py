@@ -15,7 +15,7 @@ import torch
 from ..augment import EpochDraws
 from ..model import LeNet5V1, _layers
 from . import library
-from .abi import StepArgs
+from .abi import CONSTANTS, StepArgs
 from .binding import (
     BN_BUFFERS,
     OPTIMIZERS,
@@ -99,14 +99,14 @@ class NativeTrainer:
         s1, s2, steps = [], [], []
         for p in self._params:
             state = {} if p is None else self.optimizer.state[p]
-            if p is not None and self._kind == 2:
+            if p is not None and self._kind == CONSTANTS["OPT_SGD"]:
                 if momentum and state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif p is not None and not state:
                 state.update(step=torch.zeros((), dtype=torch.float32),
                              exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                              exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-            s1.append(state.get("momentum_buffer" if self._kind == 2 else "exp_avg"))
+            s1.append(state.get("momentum_buffer" if self._kind == CONSTANTS["OPT_SGD"] else "exp_avg"))
             s2.append(state.get("exp_avg_sq"))
             steps.append(state.get("step"))
         for t, p in zip(s1 + s2, self._params * 2):
@@ -188,13 +188,13 @@ class NativeTrainer:
         a.smoothing = self.label_smoothing
         a.move, a.pad, a.erase_rows, a.erase_cols, a.background = augment_args(draws, start, batch)
         rc = self._lib.ln_train_step(self._ws, a)
-        if rc == -1:
+        if rc == CONSTANTS["LN_BAD_INDEX"]:
             raise IndexError("an index of the batch is out of range")
-        if rc == -2:
+        if rc == CONSTANTS["LN_BAD_LABEL"]:
             raise ValueError("a label is outside 0..9")
-        if rc == -4:
+        if rc == CONSTANTS["LN_BAD_BATCH"]:
             raise ValueError(f"the native step refused a batch of {batch}")
-        if rc != 0:
+        if rc != CONSTANTS["LN_OK"]:
             raise MemoryError("native step: out of memory")
 
     def take_totals(self) -> tuple[float, int]:
@@ -217,7 +217,7 @@ def augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
     n = len(draws.move) if draws.move is not None else len(draws.rows)
     if draws.move is not None:
         check_tensor(draws.move, torch.int64, (n,), "draws.move")
-        if not 0 <= draws.aug.translate < 28:  # native_step.c's rows assume a shift inside the image
+        if not 0 <= draws.aug.translate < 28:  # augment_pack.c's rows assume a shift inside the image
             raise ValueError(f"translate must be 0 to 27, got {draws.aug.translate}")
     if draws.rows is not None:
         check_tensor(draws.rows, torch.float32, (n, 28), "draws.rows")
