@@ -4,9 +4,9 @@ variant detection, weight-file checks."""
 from __future__ import annotations
 
 import pytest
-import rounding  # tests/rounding.py: float64 references and float32 rounding bounds
 import torch
 import torch.nn.functional as F
+from support import rounding  # float64 references and float32 rounding bounds
 
 from lenetlab.errors import WeightsError
 from lenetlab.model import LeNet5V1, detect_flags, fast_forward, load_weights

@@ -101,13 +101,14 @@ def unload(lib: ctypes.CDLL) -> None:
 
 def declare(lib: ctypes.CDLL) -> None:
     p, i, i64, args = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(StepArgs)
-    signatures = {"ln_vector_bytes": (i, []), "ln_constants": (ctypes.c_char_p, []), "ln_ws_new": (p, []),
-                  "ln_ws_free": (None, [p]),
+    signatures = {"ln_vector_bytes": (i, []), "ln_ws_new": (p, []), "ln_ws_free": (None, [p]),
                   "ln_train_step": (i, [p, args]), "ln_forward": (i, [p, args]),
                   "ln_tanh": (None, [p, p, i64]), "ln_profile": (i, [p]),
                   "ln_profile_names": (ctypes.c_char_p, [])}
     if hasattr(lib, "ln_profile_busy"):  # per-thread profile: not in every source of this record
         signatures["ln_profile_busy"] = (i, [p, i])
+    if hasattr(lib, "ln_constants"):  # not in a source before constants.h (a benchmark's baseline)
+        signatures["ln_constants"] = (ctypes.c_char_p, [])
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes

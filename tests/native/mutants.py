@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "src" / "lenetlab"
 FOLDER = PACKAGE / "native"
 
@@ -73,7 +73,7 @@ def run(name: str, select: str | None) -> tuple[int, dict[str, list[str]], str]:
         (package / "native" / MUTANTS[name][0]).write_text(mutant_source(name))
         env = {**os.environ, "PYTHONPATH": str(package.parent), "COLUMNS": "400"}  # uncropped summaries
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=no",
-                   str(REPO / "tests" / "test_native.py")]
+                   str(REPO / "tests" / "native" / "test_native.py")]
         if select:
             command += ["-k", select]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)

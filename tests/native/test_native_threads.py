@@ -24,7 +24,7 @@ if native.load() is None:
     pytest.skip(f"the native step cannot be built here: {native.unavailable_reason()}",
                 allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 THREADS = (1, 2, 3, 4)
 OPTIMIZERS = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
               "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -77,9 +78,15 @@ def test_the_step_builds_from_an_installed_wheel(tmp_path):
     builds the library into an empty cache and trains a step."""
     if native.compiler() is None:
         pytest.skip("no C compiler")
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels, target, tree = tmp_path / "wheels", tmp_path / "site", tmp_path / "tree"
+    # from a copy of what the wheel is built from: setuptools builds in the tree, and a stale build/
+    # of the checkout's would hold files the source no longer has
+    for part in ("src", "pyproject.toml", "README.md"):
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy
+        copy(REPO / part, tree / part, **({"ignore": shutil.ignore_patterns("*.egg-info", "__pycache__")}
+                                           if (REPO / part).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(REPO)], check=True, timeout=300, capture_output=True)
+                    "-w", str(wheels), str(tree)], check=True, timeout=300, capture_output=True)
     (wheel,) = wheels.glob("lenetlab-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, timeout=300, capture_output=True)

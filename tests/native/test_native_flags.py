@@ -12,8 +12,10 @@ import shlex
 from contextlib import redirect_stderr
 
 import pytest
-import rounding
-import test_native as parity  # its models, batches and the element-by-element check
+from support import (
+    parity,  # the parity tests' models, batches and element-by-element check
+    rounding,
+)
 
 from lenetlab import native, provenance
 from lenetlab.recipes import RECIPES

@@ -25,7 +25,7 @@ if native.load() is None:
     pytest.skip(f"the native step cannot be built here: {native.unavailable_reason()}",
                 allow_module_level=True)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 EXTRA = "-O0"  # LENETLAB_NATIVE_CFLAGS_EXTRA of every build here
 FLAGS = native.library_flags(native.target_flags(extra=(EXTRA,)), (EXTRA,))
 

@@ -24,10 +24,10 @@ import os
 import shutil
 import subprocess
 
-import harness  # tests/harness.py
 import pytest
-import test_native as parity  # the x86 parity tests: their cases are replayed here
+import test_native as parity  # the x86 parity tests, replayed here (the one test module imported)
 import torch
+from support import harness  # tests/support/harness.py
 
 from lenetlab import native
 

@@ -1,6 +1,6 @@
-"""The C harness (tests/native_harness.c) from Python: its builds, its case files, and a stand-in library.
+"""The C harness (tests/native/native_harness.c) from Python: its builds, case files and a stand-in library.
 
-HarnessLib takes the ctypes library's place wherever native.py takes lib= (NativeTrainer,
+HarnessLib takes the ctypes library's place wherever lenetlab.native takes lib= (NativeTrainer,
 forward, supports): each ln_train_step or ln_forward call becomes a case file, the harness
 process makes the call (under qemu-aarch64 for an aarch64 build), and the buffers the call may
 write are copied back to the addresses they came from, as if the library had run in this
@@ -8,8 +8,8 @@ process. So the x86 parity tests run as they are on a build for another machine.
 
 Also a command, for driving the harness by hand (cachegrind, for instance), with this
 checkout's lenetlab importable (installed, or PYTHONPATH=src):
-    python tests/harness.py case OUT.case [--recipe baseline] [--batch 64]
-    python tests/harness.py build           # prints the host harness's path
+    python tests/support/harness.py case OUT.case [--recipe baseline] [--batch 64]
+    python tests/support/harness.py build           # prints the host harness's path
     HARNESS OUT.case RESULT --steps 20
 """
 
@@ -29,7 +29,7 @@ import torch
 from lenetlab import native
 from lenetlab.model import LeNet5V1
 
-HARNESS = Path(__file__).with_name("native_harness.c")
+HARNESS = Path(__file__).resolve().parents[1] / "native" / "native_harness.c"
 RUN_TIMEOUT_S = 300
 _TYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32}
 
