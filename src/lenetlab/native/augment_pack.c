@@ -6,8 +6,7 @@
  * filling what comes from outside the image with background; with erasing, it is multiplied by
  * 1 - rows[i][y] cols[i][x]. The same float arithmetic as EpochDraws.apply, so both paths see
  * bit-identical images (a test holds them so). Done row by row while pack_input copies the
- * image anyway: measured per image (gcc 12, Zen 3), 0.3 us this way, 1.1 us gathering through
- * the 784-entry table, 0.13 us for the plain copy; an epoch's 54,000 images add about 10 ms. */
+ * image anyway: cheaper than gathering through the 784-entry table (docs/native.md). */
 typedef struct {
     const int64_t *move;       /* NULL: no translation or flip */
     int pad;                   /* the largest shift, pixels */
@@ -63,8 +62,8 @@ static void augment_image(const augment_t *aug, int64_t i, const float *s, float
 #define LANE_GROUPS (BATCH / 16)
 
 /* Lanes [b0, b0 + 16) of the chunk's images into the padded [32][32][64] input: the rows are
- * copied first and then transposed (the prototype measured 123 -> 44 us for this order against
- * transposing while gathering), through a 50 KB stage on the stack, which stays in cache (a
+ * copied first and then transposed (faster than transposing while gathering: docs/native.md),
+ * through a 50 KB stage on the stack, which stays in cache (a
  * 200 KB stage per chunk missed a 512 KB cache on every step: cachegrind, 3,100 misses per
  * step). Padding lanes are zero. A thread packs whole 16-lane groups: one 64-byte line of
  * every pixel. */
@@ -85,9 +84,8 @@ static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t f
             memcpy(d, s, sizeof(float) * IMGPIX);
     }
 #if HAVE_TRANSPOSE8
-    /* 8 images x 8 pixels at a time (an image is 98 such runs) in registers: the step's pack
-     * stage 58-59 -> 51-52 us at both widths on the Zen 5 VM (step_time.py --baseline, min of
-     * 10 blocks); the stores of lanes scattered 256 bytes apart were most of the copy */
+    /* 8 images x 8 pixels at a time (an image is 98 such runs) in registers: the stores of
+     * lanes scattered 256 bytes apart were most of the copy (docs/native.md) */
     for (int g = 0; g < 16; g += 8)
         for (int p0 = 0; p0 < IMGPIX; p0 += 8) {
             v8f r[8], o[8];

@@ -39,7 +39,7 @@ static double sum_rows(const chunk *ch, int nch, int off, int c, int H, int R)
  * on the lanes in use, into s1 and s2 (indexed map * H + row). K, one value of
  * each map, shifts the data so that the variance from these sums does not cancel. Two passes
  * over the whole output after the layer (the mean, then the deviations, one add chain each)
- * cost 116 us of a 2.9 ms batch-norm step on the Zen 3 VM; these sums cost ~10 us there. */
+ * cost about ten times these sums (docs/native.md). */
 _Static_assert(NV % 4 == 0, "bn_row_sums' four chains");
 static void bn_row_sums(const chunk *ch, const float *z, int H, const float *K, float *s1, float *s2,
                         int m0, int m1, int y0, int y1)

@@ -1,4 +1,5 @@
-/* lenet5.c: one concern, the native library as one translation unit: every part below, in order. */
+/* lenet5.c: one concern, the native library as one translation unit: every part below, in order.
+ * docs/native.md maps the parts and the design (layout, blocking, threads, the record). */
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>

@@ -22,8 +22,8 @@ typedef int32_t vi __attribute__((vector_size(VBYTES)));
  * bare "unroll" demands a full unroll and warns (-Wpass-failed) where it cannot do one of them. */
 #define UNROLL _Pragma("GCC unroll 32")
 /* GCC hoists every loop-invariant weight broadcast out of the pixel loops (150 of them for
- * conv1) and then spills them; hiding the weight pointer from it per tile took conv1 forward
- * from 96 to 220 GFLOP/s in the prototype. */
+ * conv1) and then spills them; hiding the weight pointer from it per tile more than doubled
+ * conv1 forward's rate (docs/native.md). */
 #define OPAQUE(p) __asm__ volatile("" : "+r"(p))
 
 /* s - 0 folds to s (it is exact for every s, signed zeros included) where s + 0 does not

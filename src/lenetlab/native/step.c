@@ -87,7 +87,7 @@ static void conv_backward_rows(chunk *c, ln_ws *ws, int relu, int maxpool)
  * bits for any thread count, and the same as the single-threaded step's before the threads.
  * A barrier (SYNC) stands wherever a stage reads another thread's outputs: 12 per step of one
  * chunk without batch norm, 7 more per further chunk (6 with batch norm), 4 more with batch
- * norm. Small stages run on one thread: fc3, the loss and fc3's gradients (~10 us), conv2's
+ * norm. Small stages run on one thread: fc3, the loss and fc3's gradients, conv2's
  * weight flip. On one thread without batch norm the conv layers run their own row-by-row
  * order (conv1_rows, conv2_rows, conv_backward_rows): the same arithmetic, in a schedule that
  * keeps each activation's rows in cache from the stage that writes them to the one that reads
@@ -329,7 +329,8 @@ static void stage_act2_bwd(step_ctx *X, int t, int T)
     PROF(t, S_ACT2B);
     if (X->bn) {
         share(C2, t, T, &lo, &hi);
-        bn_layer_bwd(ch, X->nch, 2, A->params, X->ws->grad, X->istd2, (int64_t)X->B * H2 * H2, A->maxpool, lo, hi);
+        bn_layer_bwd(ch, X->nch, 2, A->params, X->ws->grad, X->istd2, (int64_t)X->B * H2 * H2, A->maxpool, lo,
+                     hi);
         SYNC();
     }
     PROF(t, S_BN2B);
@@ -364,7 +365,8 @@ static void stage_bn1_bwd(step_ctx *X, int t, int T, int *lo, int *hi)
     const ln_args *A = X->a;
     ln_ws *ws = X->ws;
     share(C1, t, T, lo, hi);
-    bn_layer_bwd(ws->ch, X->nch, 1, A->params, ws->grad, X->istd1, (int64_t)X->B * H1 * H1, A->maxpool, *lo, *hi);
+    bn_layer_bwd(ws->ch, X->nch, 1, A->params, ws->grad, X->istd1, (int64_t)X->B * H1 * H1, A->maxpool, *lo,
+                 *hi);
     SYNC();
     PROF(t, S_BN1B);
     share(CONV1_WGRAD_UNITS, t, T, lo, hi);

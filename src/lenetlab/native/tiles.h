@@ -26,14 +26,14 @@
 #else
 #define CONV_VB 2
 #define CONV1_OCB 6  /* 12 */
-#define CONV2_OCB 8  /* 8 x 1: 8 accumulators, measured 385 us against 4 x 2's 520 */
+#define CONV2_OCB 8  /* 8 x 1: 8 accumulators, faster than 4 x 2 (docs/native.md) */
 #define CONV2_VB 1
 #define CONVI_OCB 6  /* 12 */
 #define WG1_OCB 2    /* 10 */
 #define WG2_OCB 2    /* 10 */
 #define LIN_VB 2
 #define LIN_OB 6     /* 12 */
-#define LINI_OB 5    /* 10: measured 82-86 us for fc1's against 4 x 2's 98-115 */
+#define LINI_OB 5    /* 10: faster for fc1's than 4 x 2 (docs/native.md) */
 #define LWG_OB 3     /* 12 */
 #define LWT_OB 2     /* 10 */
 #define LWT2_OB 2    /* 10 */

@@ -3,8 +3,8 @@
 /* exp with Cody-Waite reduction and Cephes' degree-6 polynomial: relative error < 1e-7 on
  * [-87, 88]; inputs are clamped to the range whose result is a normal float. In place on n
  * vectors at once, stage by stage: one exp is a chain of ~15 dependent operations, and
- * interleaving 4 chains took tanh from 18 to ~6 cycles per 256-bit vector on Zen 3 (a single
- * chain left the out-of-order window short of independent work). */
+ * interleaving 4 chains about tripled tanh's rate (docs/native.md: a single chain left the
+ * out-of-order window short of independent work). */
 
 INLINE void vexp_n(vf *restrict x, int n)
 {
@@ -32,8 +32,8 @@ INLINE void vexp_n(vf *restrict x, int n)
  * (y - 2^-k) / (y + 2^-k), x clamped to [-9, 9] (tanh(9) rounds to 1). vexp_n's reduction
  * and polynomial folded in: the reduction constants halved (2x = k ln2 + 2r) and Cephes'
  * coefficients scaled by powers of two (both exact), one Horner chain for exp(2r), and 2^-k
- * built in the integer unit: 10 multiply-class operations per vector (FMA pipes: the limit on
- * Zen 3) against 17 for exp-then-divide, and no second clamp. Max |error| against tanhf:
+ * built in the integer unit: 10 multiply-class operations per vector (the FMA pipes are the
+ * limit) against 17 for exp-then-divide, and no second clamp. Max |error| against tanhf:
  * 1.3e-7 (the test's bound is 2e-7). In place on n vectors at once, stage by stage
  * (independent chains for the out-of-order window). */
 INLINE void vtanh_n(vf *restrict x, int n)
