@@ -46,9 +46,6 @@ from support.parity import (
     AVX512,
     BUILDS,
     FLAGS,
-    OPTIMIZERS,
-    TORCH_OUTSIDE,
-    VARIANTS,
     WARNINGS,
     Variant,
     _check_trajectory,
@@ -56,9 +53,7 @@ from support.parity import (
     _fresh,
     _lockstep,
     _mask,
-    _native_steps,
     _nudged,
-    _on_builds,
     _pair,
     _random_batches,
     _reference,
@@ -68,13 +63,18 @@ from support.parity import (
     _torch_step,
     _train_both,
     _train_native,
-    _train_torch,
     _within,
+    check_augmenting_in_the_step_is_augmenting_before_it,
+    check_bad_input_changes_nothing,
+    check_forward_matches_fast_forward,
+    check_max_pooling_ties_go_to_the_first,
+    check_one_step_matches_torch,
+    check_other_batch_sizes_match_torch,
+    check_totals_match_torch,
 )
 
 from lenetlab import native
-from lenetlab.augment import Augmentation, draw
-from lenetlab.model import LeNet5V1, fast_forward
+from lenetlab.model import LeNet5V1
 
 if native.load() is None:
     pytest.skip(f"the native step cannot be built here: {native.unavailable_reason()}",
@@ -122,7 +122,6 @@ def build(request, compiled):
     return lib
 
 
-
 def test_tanh_is_accurate(build):
     """Each path's float32 tanh (the native step's, and fast_forward's) is within
     rounding.TANH_ERR of tanh, as the bounds assume."""
@@ -143,56 +142,6 @@ def fast_forward_tanh(x: torch.Tensor) -> torch.Tensor:
     return _FAST_ACTIVATIONS["tanh"](x)
 
 
-_FORWARD: dict = {}
-
-
-@pytest.mark.parametrize(("build", "variant"), _on_builds(
-    [(v,) for v in VARIANTS if not v.smoothing],  # the loss plays no part
-    lambda v: v.original or (v.activation, v.pool) == ("relu", "max")), indirect=["build"])
-def test_forward_matches_fast_forward(build, variant):
-    """Eval-mode logits, element by element within the rounding bound of the float64 forward,
-    as fast_forward's are; 360 images (5 chunks + 40)."""
-    torch.manual_seed(3)
-    model = LeNet5V1(variant.dropout, variant.bn, activation=variant.activation, pool=variant.pool).eval()
-    if variant.bn:
-        for bn in (model.feature[1], model.feature[5]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.uniform_(0.5, 1.5)
-            bn.bias.data.uniform_(-0.3, 0.3)
-    x = torch.randn(360, 1, 28, 28, generator=torch.Generator().manual_seed(4))
-    if variant not in _FORWARD:  # the same model and images for every build
-        want = {"logits": rounding.forward(model, x)}
-        with torch.no_grad():
-            ours = fast_forward(model, x)
-        _within({"logits": ours}, want, "fast_forward (a bound in tests/rounding.py is wrong)")
-        _FORWARD[variant] = want
-    model.train()  # forward is eval-mode whatever the module's mode
-    got = native.forward(model, x, lib=build)
-    assert got.shape == (360, 10) and got.dtype == torch.float32
-    _within({"logits": got}, _FORWARD[variant], "the native forward")
-    assert torch.equal(native.forward(model, x[:37], lib=build), got[:37])  # chunking does not change a row
-
-
-@pytest.mark.parametrize(("build", "variant", "optimizer"), _on_builds(
-    # AdamW differs from Adam only in the update, which no variant changes
-    [(v, o) for v in VARIANTS for o in OPTIMIZERS if v.original or o != "adamw"],
-    lambda v, o: v.original or (v._replace(dropout=True, bn=True) == ALL_ON_RELU_MAX and o == "adam")),
-    indirect=["build"])
-def test_one_step_matches_torch(build, variant, optimizer):
-    """Every op's forward and gradients, through one update (SGD's is the gradient times lr):
-    every parameter, buffer and optimiser state element within its rounding bound."""
-    _native_steps(variant, optimizer, _random_batches(1, 64), "one step", build)
-
-
-@pytest.mark.parametrize(("batch", "variant"), [(b, ALL_ON) for b in (1, 48, 128, 150)]
-                         + [(b, ALL_ON_RELU_MAX) for b in (48, 150)], ids=str)
-def test_other_batch_sizes_match_torch(build, batch, variant):
-    """Padding lanes (1, 48), two chunks (128) and a padded second chunk (150), with batch norm
-    over the whole batch and dropout (and label smoothing, whose gradient is nonzero for every
-    class: padding lanes must still get none): three steps, each from the PyTorch path's state,
-    within the rounding bound."""
-    _native_steps(variant, "adam", _random_batches(3, batch), f"batch {batch}", build)
 
 
 def test_batch_norm_statistics_of_maps_far_from_zero(build):
@@ -209,27 +158,6 @@ def test_batch_norm_statistics_of_maps_far_from_zero(build):
         want = rounding.step(model, opt, x, y, scale, 0.0)
         trainer.train_step(x, y, scale)
         _within(_state(model, opt), want, f"the native step {s}")
-
-
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_max_pooling_ties_go_to_the_first(build, activation):
-    """Every 2x2 block a tie (conv1's weights zero: each conv1 map is its bias, and then each
-    conv2 map a constant): each block's gradient goes whole to its top-left pixel, the index
-    torch's max_pool2d keeps. Any other pick moves conv1's weight gradient by image patches
-    (the bound counts exact ties as no choice at all: rounding.py)."""
-    variant = Variant(activation=activation, pool="max")
-    batches = _random_batches(1, 64)
-    ref, nat = _pair(variant, "sgd")
-    for model, _ in (ref, nat):
-        with torch.no_grad():
-            model.feature[0].weight.zero_()
-            model.feature[0].bias.copy_(torch.linspace(0.1, 0.6, 6))
-            model.feature[3].weight.abs_()  # conv2's maps positive too, where ReLU passes gradients
-    want = rounding.step(*ref, *batches[0])
-    _train_torch(ref, batches)
-    _within(_state(*ref), want, TORCH_OUTSIDE.format(0))
-    _train_native(nat, batches, build)
-    _within(_state(*nat), want, "the native step")
 
 
 @pytest.fixture(scope="module")
@@ -344,48 +272,6 @@ def test_indexed_step_is_the_gathered_step():
     assert ta.take_totals() == tb.take_totals()
 
 
-@pytest.mark.parametrize("aug", [Augmentation(2, True, 0.0), Augmentation(0, False, 0.5),
-                                 Augmentation(3, False, 1.0), Augmentation(27, True, 0.25)], ids=str)
-def test_augmenting_in_the_step_is_augmenting_before_it(aug):
-    """The step's own augmentation (while packing its input) gives the images EpochDraws.apply
-    gives, bit for bit: the parameters after steps on both are identical."""
-    (ma, oa), (mb, ob) = _pair(ALL_ON, "adam")
-    ta, tb = native.NativeTrainer(ma, oa), native.NativeTrainer(mb, ob)
-    data_x, data_y = _random_batches(1, 500)[0]
-    draws = draw(aug, 500, torch.Generator().manual_seed(7), background=-0.8)
-    order = torch.randperm(500, generator=torch.Generator().manual_seed(1))
-    for start in (0, 77, 450):  # batches anywhere in the epoch, the last one short (50 images)
-        idx = order[start:start + 77]
-        scale = _mask(ma, len(idx), start)[1]
-        ta.train_step(draws.apply(data_x[idx], start), data_y[idx], scale)
-        tb.train_step_indexed(data_x, data_y, idx, scale, draws, start)
-    assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())
-    assert ta.take_totals() == tb.take_totals()
-    with pytest.raises(IndexError, match="draws"):
-        tb.train_step_indexed(data_x, data_y, idx, None, draws, 480)
-
-
-@pytest.mark.parametrize("variant", [Variant(bn=True), Variant(False, True, "relu", "max", 0.1)], ids=str)
-def test_totals_match_torch(variant):
-    """The summed loss is the loss torch's step minimises (with label smoothing, the smoothed
-    one), within the rounding bound of the float64 loss (rounding.loss), at each of three steps
-    from the PyTorch path's state; the correct predictions are the float64 ones', but for those
-    rounding may change."""
-    ref, nat = _pair(variant, "adam")
-    trainer = native.NativeTrainer(*nat, label_smoothing=variant.smoothing)
-    for s, (x, y) in enumerate(_random_batches(3, 90)):
-        nat[0].load_state_dict(ref[0].state_dict())
-        nat[1].load_state_dict(copy.deepcopy(ref[1].state_dict()))
-        want, bound, correct, uncertain = rounding.loss(ref[0], x, y, None, variant.smoothing)
-        torch_loss, torch_correct = _torch_step(*ref, x, y, None, s, variant.smoothing)
-        trainer.train_step(x, y)
-        got_loss, got_correct = trainer.take_totals()
-        for who, value, count in (("torch", torch_loss, torch_correct), ("native", got_loss, got_correct)):
-            assert abs(value - want) <= bound, (who, s, value, want, bound)
-            assert abs(count - correct) <= uncertain, (who, s, count, correct, uncertain)
-    assert trainer.take_totals() == (0.0, 0)
-
-
 def test_checkpoints_move_between_the_paths():
     """Six steps with the state moved torch -> native and native -> torch after three: each run
     ends as near the float64 one as an unbroken run may (_check_trajectory)."""
@@ -427,20 +313,6 @@ def test_optimizer_state_replaced_under_the_trainer():
     _torch_step(*ref, x, y, None, 1)
     trainer.train_step(x, y)
     _within(_state(*nat), want, "the native step on the replaced state")
-
-
-def test_bad_input_changes_nothing():
-    _, (model, opt) = _pair(Variant(bn=True), "adam")
-    trainer = native.NativeTrainer(model, opt)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(10, 1, 28, 28)
-    with pytest.raises(ValueError, match="label"):
-        trainer.train_step(x, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 10]))
-    with pytest.raises(IndexError):
-        trainer.train_step_indexed(x, torch.zeros(10, dtype=torch.long), torch.tensor([0, 10]))
-    with pytest.raises(ValueError, match="contiguous"):
-        trainer.train_step(x.double(), torch.zeros(10, dtype=torch.long))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_supports_says_why():
@@ -528,3 +400,14 @@ def test_misaligned_tensors_are_refused_not_crashed():
     with pytest.raises(ValueError, match="aligned"):
         trainer.train_step(x, y, _mask(model, 16, 1)[1])
     assert torch.equal(conv1_weight, before)
+
+
+# The parity checks test_native_harness.py replays on the C harness too live in tests/support/parity.py,
+# with their cases; here they run on each build of the library.
+test_forward_matches_fast_forward = check_forward_matches_fast_forward
+test_one_step_matches_torch = check_one_step_matches_torch
+test_other_batch_sizes_match_torch = check_other_batch_sizes_match_torch
+test_max_pooling_ties_go_to_the_first = check_max_pooling_ties_go_to_the_first
+test_augmenting_in_the_step_is_augmenting_before_it = check_augmenting_in_the_step_is_augmenting_before_it
+test_totals_match_torch = check_totals_match_torch
+test_bad_input_changes_nothing = check_bad_input_changes_nothing

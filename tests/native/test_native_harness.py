@@ -25,9 +25,11 @@ import shutil
 import subprocess
 
 import pytest
-import test_native as parity  # the x86 parity tests, replayed here (the one test module imported)
 import torch
-from support import harness  # tests/support/harness.py
+from support import (
+    harness,  # tests/support/harness.py
+    parity,  # the x86 parity checks and their cases, replayed here
+)
 
 from lenetlab import native
 
@@ -37,24 +39,24 @@ CROSS = {"aarch64-gcc": ("aarch64-linux-gnu-gcc", (), "gcc-aarch64-linux-gnu"),
          "aarch64-clang": ("clang", ("--target=aarch64-linux-gnu",), "clang gcc-aarch64-linux-gnu")}
 HARNESSES = ["host", *CROSS]
 # the x86 tests replayed; those without a build parameter use the library load() gives
-REPLAYED = [parity.test_forward_matches_fast_forward, parity.test_one_step_matches_torch,
-            parity.test_other_batch_sizes_match_torch, parity.test_max_pooling_ties_go_to_the_first,
-            parity.test_augmenting_in_the_step_is_augmenting_before_it, parity.test_totals_match_torch,
-            parity.test_bad_input_changes_nothing]
+REPLAYED = [parity.check_forward_matches_fast_forward, parity.check_one_step_matches_torch,
+            parity.check_other_batch_sizes_match_torch, parity.check_max_pooling_ties_go_to_the_first,
+            parity.check_augmenting_in_the_step_is_augmenting_before_it, parity.check_totals_match_torch,
+            parity.check_bad_input_changes_nothing]
 # Under qemu a batch-64 step takes 0.65 s of CPU (Zen 5, qemu 7.2): of these x86 tests' cases
 # aarch64-gcc runs those that reach code the others do not, which keeps the arm tests to about
 # 2.5 minutes (-m arm: 2 min 28 s of CPU, 195 s of wall time with the cores shared, load 2.4)
 QEMU_CASES = {
     # padding lanes; three chunks, the last padded (the x86 test: 1, 48, 128 and 150 images)
-    parity.test_other_batch_sizes_match_torch: lambda batch, variant: (batch, variant) in {
+    parity.check_other_batch_sizes_match_torch: lambda batch, variant: (batch, variant) in {
         (48, parity.ALL_ON), (150, parity.ALL_ON_RELU_MAX)},
     # erasing alone; the largest shift with flip and erasing (the x86 test adds a shift with flip
     # and one with erasing everything)
-    parity.test_augmenting_in_the_step_is_augmenting_before_it: lambda aug: aug.translate in (0, 27),
-    parity.test_totals_match_torch: lambda variant: variant.smoothing > 0,  # the smoothed loss
+    parity.check_augmenting_in_the_step_is_augmenting_before_it: lambda aug: aug.translate in (0, 27),
+    parity.check_totals_match_torch: lambda variant: variant.smoothing > 0,  # the smoothed loss
 }
 # aarch64-clang: the one-step cases the x86 test runs on its other builds too
-CLANG_TESTS = {parity.test_one_step_matches_torch}
+CLANG_TESTS = {parity.check_one_step_matches_torch}
 
 
 class Unavailable(Exception):
@@ -146,8 +148,9 @@ def _params() -> list:
                     continue
                 marks = [pytest.mark.arm] if name in CROSS else []
                 case_id = "-".join(map(str, kwargs.values()))
+                test_id = test.__name__.removeprefix("check_")
                 params.append(pytest.param(name, test, kwargs, marks=marks,
-                                           id="-".join(filter(None, (test.__name__[5:], name, case_id)))))
+                                           id="-".join(filter(None, (test_id, name, case_id)))))
     return params
 
 

@@ -1,7 +1,8 @@
 """The native parity tests' shared parts: variants, builds, reference steps, the element-by-element check.
 
-tests/native/test_native.py runs the parity tests; test_native_flags.py and test_native_harness.py
-use the same models, batches and checks from here (no test module imports another).
+tests/native/test_native.py runs the parity checks below on each build of the library;
+test_native_harness.py replays them on the C harness, and test_native_flags.py uses the same
+models, batches and element-by-element check (no test module imports another).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lenetlab import native
+from lenetlab.augment import Augmentation, draw
 from lenetlab.model import LeNet5V1, fast_forward
 from lenetlab.recipes import RECIPES
 from lenetlab.training import make_optimizer
@@ -371,3 +373,135 @@ def _logits(m) -> torch.Tensor:
 
 _LOGITS: dict[int, tuple] = {}
 
+
+_FORWARD: dict = {}  # check_forward_matches_fast_forward's references, per variant
+
+
+# ---- the parity checks, with their cases: test_native.py runs them on each build, test_native_harness.py
+# ---- replays them on the C harness (natively and under qemu for aarch64)
+
+
+@pytest.mark.parametrize(("build", "variant"), _on_builds(
+    [(v,) for v in VARIANTS if not v.smoothing],  # the loss plays no part
+    lambda v: v.original or (v.activation, v.pool) == ("relu", "max")), indirect=["build"])
+def check_forward_matches_fast_forward(build, variant):
+    """Eval-mode logits, element by element within the rounding bound of the float64 forward,
+    as fast_forward's are; 360 images (5 chunks + 40)."""
+    torch.manual_seed(3)
+    model = LeNet5V1(variant.dropout, variant.bn, activation=variant.activation, pool=variant.pool).eval()
+    if variant.bn:
+        for bn in (model.feature[1], model.feature[5]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.3, 0.3)
+    x = torch.randn(360, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    if variant not in _FORWARD:  # the same model and images for every build
+        want = {"logits": rounding.forward(model, x)}
+        with torch.no_grad():
+            ours = fast_forward(model, x)
+        _within({"logits": ours}, want, "fast_forward (a bound in tests/rounding.py is wrong)")
+        _FORWARD[variant] = want
+    model.train()  # forward is eval-mode whatever the module's mode
+    got = native.forward(model, x, lib=build)
+    assert got.shape == (360, 10) and got.dtype == torch.float32
+    _within({"logits": got}, _FORWARD[variant], "the native forward")
+    assert torch.equal(native.forward(model, x[:37], lib=build), got[:37])  # chunking does not change a row
+
+
+@pytest.mark.parametrize(("build", "variant", "optimizer"), _on_builds(
+    # AdamW differs from Adam only in the update, which no variant changes
+    [(v, o) for v in VARIANTS for o in OPTIMIZERS if v.original or o != "adamw"],
+    lambda v, o: v.original or (v._replace(dropout=True, bn=True) == ALL_ON_RELU_MAX and o == "adam")),
+    indirect=["build"])
+def check_one_step_matches_torch(build, variant, optimizer):
+    """Every op's forward and gradients, through one update (SGD's is the gradient times lr):
+    every parameter, buffer and optimiser state element within its rounding bound."""
+    _native_steps(variant, optimizer, _random_batches(1, 64), "one step", build)
+
+
+@pytest.mark.parametrize(("batch", "variant"), [(b, ALL_ON) for b in (1, 48, 128, 150)]
+                         + [(b, ALL_ON_RELU_MAX) for b in (48, 150)], ids=str)
+def check_other_batch_sizes_match_torch(build, batch, variant):
+    """Padding lanes (1, 48), two chunks (128) and a padded second chunk (150), with batch norm
+    over the whole batch and dropout (and label smoothing, whose gradient is nonzero for every
+    class: padding lanes must still get none): three steps, each from the PyTorch path's state,
+    within the rounding bound."""
+    _native_steps(variant, "adam", _random_batches(3, batch), f"batch {batch}", build)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def check_max_pooling_ties_go_to_the_first(build, activation):
+    """Every 2x2 block a tie (conv1's weights zero: each conv1 map is its bias, and then each
+    conv2 map a constant): each block's gradient goes whole to its top-left pixel, the index
+    torch's max_pool2d keeps. Any other pick moves conv1's weight gradient by image patches
+    (the bound counts exact ties as no choice at all: rounding.py)."""
+    variant = Variant(activation=activation, pool="max")
+    batches = _random_batches(1, 64)
+    ref, nat = _pair(variant, "sgd")
+    for model, _ in (ref, nat):
+        with torch.no_grad():
+            model.feature[0].weight.zero_()
+            model.feature[0].bias.copy_(torch.linspace(0.1, 0.6, 6))
+            model.feature[3].weight.abs_()  # conv2's maps positive too, where ReLU passes gradients
+    want = rounding.step(*ref, *batches[0])
+    _train_torch(ref, batches)
+    _within(_state(*ref), want, TORCH_OUTSIDE.format(0))
+    _train_native(nat, batches, build)
+    _within(_state(*nat), want, "the native step")
+
+
+@pytest.mark.parametrize("aug", [Augmentation(2, True, 0.0), Augmentation(0, False, 0.5),
+                                 Augmentation(3, False, 1.0), Augmentation(27, True, 0.25)], ids=str)
+def check_augmenting_in_the_step_is_augmenting_before_it(aug):
+    """The step's own augmentation (while packing its input) gives the images EpochDraws.apply
+    gives, bit for bit: the parameters after steps on both are identical."""
+    (ma, oa), (mb, ob) = _pair(ALL_ON, "adam")
+    ta, tb = native.NativeTrainer(ma, oa), native.NativeTrainer(mb, ob)
+    data_x, data_y = _random_batches(1, 500)[0]
+    draws = draw(aug, 500, torch.Generator().manual_seed(7), background=-0.8)
+    order = torch.randperm(500, generator=torch.Generator().manual_seed(1))
+    for start in (0, 77, 450):  # batches anywhere in the epoch, the last one short (50 images)
+        idx = order[start:start + 77]
+        scale = _mask(ma, len(idx), start)[1]
+        ta.train_step(draws.apply(data_x[idx], start), data_y[idx], scale)
+        tb.train_step_indexed(data_x, data_y, idx, scale, draws, start)
+    assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())
+    assert ta.take_totals() == tb.take_totals()
+    with pytest.raises(IndexError, match="draws"):
+        tb.train_step_indexed(data_x, data_y, idx, None, draws, 480)
+
+
+@pytest.mark.parametrize("variant", [Variant(bn=True), Variant(False, True, "relu", "max", 0.1)], ids=str)
+def check_totals_match_torch(variant):
+    """The summed loss is the loss torch's step minimises (with label smoothing, the smoothed
+    one), within the rounding bound of the float64 loss (rounding.loss), at each of three steps
+    from the PyTorch path's state; the correct predictions are the float64 ones', but for those
+    rounding may change."""
+    ref, nat = _pair(variant, "adam")
+    trainer = native.NativeTrainer(*nat, label_smoothing=variant.smoothing)
+    for s, (x, y) in enumerate(_random_batches(3, 90)):
+        nat[0].load_state_dict(ref[0].state_dict())
+        nat[1].load_state_dict(copy.deepcopy(ref[1].state_dict()))
+        want, bound, correct, uncertain = rounding.loss(ref[0], x, y, None, variant.smoothing)
+        torch_loss, torch_correct = _torch_step(*ref, x, y, None, s, variant.smoothing)
+        trainer.train_step(x, y)
+        got_loss, got_correct = trainer.take_totals()
+        for who, value, count in (("torch", torch_loss, torch_correct), ("native", got_loss, got_correct)):
+            assert abs(value - want) <= bound, (who, s, value, want, bound)
+            assert abs(count - correct) <= uncertain, (who, s, count, correct, uncertain)
+    assert trainer.take_totals() == (0.0, 0)
+
+
+def check_bad_input_changes_nothing():
+    _, (model, opt) = _pair(Variant(bn=True), "adam")
+    trainer = native.NativeTrainer(model, opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(10, 1, 28, 28)
+    with pytest.raises(ValueError, match="label"):
+        trainer.train_step(x, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 10]))
+    with pytest.raises(IndexError):
+        trainer.train_step_indexed(x, torch.zeros(10, dtype=torch.long), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="contiguous"):
+        trainer.train_step(x.double(), torch.zeros(10, dtype=torch.long))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
