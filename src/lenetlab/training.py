@@ -2,7 +2,7 @@
 
 Following airbench, the whole split lives as one tensor on the device and batches are
 taken by index. On the CPU the whole step (forward, loss, backward, optimiser) runs in
-native code where it builds (native.py); elsewhere, and with kernels="torch", it runs
+native code where it builds (lenetlab.native); elsewhere, and with kernels="torch", it runs
 through PyTorch with the faster forward pass of model.py.
 
 All randomness comes from the seed: the initial weights from torch.manual_seed, each
@@ -306,7 +306,7 @@ class _TorchSteps:
 
 
 class _NativeSteps:
-    """The native whole step (native.py), gathering and augmenting the batch in C."""
+    """The native whole step (lenetlab.native), gathering and augmenting the batch in C."""
 
     def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, device: torch.device,
                  label_smoothing: float, dropout_p: float) -> None:

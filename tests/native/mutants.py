@@ -1,8 +1,8 @@
 """Do test_native's rounding bounds still catch real bugs? Runs it against mutants of the native C source.
 
-    python tests/mutants.py                      # every mutant, all of test_native.py each
-    python tests/mutants.py dropout-unscaled     # one (or a few) by name
-    python tests/mutants.py -k one_step          # only the tests pytest -k selects
+    python tests/native/mutants.py                      # every mutant, all of test_native.py each
+    python tests/native/mutants.py dropout-unscaled     # one (or a few) by name
+    python tests/native/mutants.py -k one_step          # only the tests pytest -k selects
 
 Each mutant is one text substitution in one C file of src/lenetlab/native/, a bug of the kind
 the parity tests exist for. The package is copied to a temporary folder with the mutant source

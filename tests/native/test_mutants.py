@@ -1,6 +1,6 @@
-"""tests/mutants.py's planted bugs still apply to today's C source (the script itself is slow)."""
+"""tests/native/mutants.py's planted bugs still apply to today's C source (the script itself is slow)."""
 
-import mutants  # tests/mutants.py
+import mutants  # tests/native/mutants.py
 import pytest
 
 

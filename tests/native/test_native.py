@@ -12,7 +12,7 @@ with max pooling: the others add only element-wise code, which no register block
 
 Tolerances. No bound here was measured on one machine. A forward or a single step is checked
 element by element against the same step in float64, within a bound derived from float32
-rounding (tests/rounding.py: each sum's bound is relative to its terms' magnitudes and grows
+rounding (tests/support/rounding.py: each sum's bound is relative to its terms' magnitudes and grows
 with their number, stage by stage), and torch's own float32 step is held to the same bound, so
 the bound is known to admit a correct float32 implementation. Longer runs compare trajectories,
 whose differences grow with every step: those are calibrated in the run itself, against how

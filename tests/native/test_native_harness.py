@@ -2,8 +2,8 @@
 aarch64 and run under qemu-aarch64, which proves the 128-bit NEON build on an x86 machine.
 
 Each replay calls one of test_native's parity tests, with one of its own cases, with a
-HarnessLib (tests/harness.py) as the native library: the same cases, the same float64
-references computed here by the PyTorch path, the same rounding bounds (tests/rounding.py);
+HarnessLib (tests/support/harness.py) as the native library: the same cases, the same float64
+references computed here by the PyTorch path, the same rounding bounds (tests/support/rounding.py);
 only the native calls run in the harness process. The harnesses:
 - host: built with load()'s flags (native.build_flags(), as an executable), run natively;
 - aarch64-gcc: Debian's aarch64-linux-gnu-gcc, static, under qemu-aarch64: every case of the
@@ -173,7 +173,7 @@ def _macros(cc: str, flags: tuple[str, ...]) -> set[str]:
 @pytest.mark.arm
 @pytest.mark.parametrize("name", list(CROSS))
 def test_the_aarch64_build_is_the_neon_one(harnesses, name):
-    """What native_step.c's #if reads from the cross compiler's macros (no __AVX__ or
+    """What the native source's #if reads from the cross compiler's macros (no __AVX__ or
     __AVX512F__: 16-byte vectors; __ARM_NEON: as NEON registers), and what the build itself
     reports under qemu: the 128-bit NEON code, with the target flag the probe chose."""
     lib = _get(harnesses, name)

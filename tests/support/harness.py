@@ -57,7 +57,7 @@ def build(flags: tuple[str, ...], cc: str | None = None, name: str = "native_har
 
 def _counts() -> dict:
     """The length of every buffer the record points to, in elements, from the record (ln_args'
-    comments in native_step.c), and of each slot of its arrays of pointers (from the model)."""
+    comments in native/record.c), and of each slot of its arrays of pointers (from the model)."""
     with torch.random.fork_rng(devices=[]):  # a throwaway model: no other test's draws move
         model = LeNet5V1(True, True)
     params = [t.numel() for t in native.binding.slots(model)]
@@ -82,7 +82,7 @@ class Field:
 
 
 class HarnessLib:
-    """native.py's library as the harness process: command is the harness (after an emulator,
+    """lenetlab.native's library as the harness process: command is the harness (after an emulator,
     if any). Its vector width and the record's fields are what the harness says (--info)."""
 
     def __init__(self, command: tuple[str, ...]) -> None:
@@ -163,7 +163,7 @@ class HarnessLib:
         try:
             return _COUNTS[kind][name]
         except KeyError:
-            raise KeyError(f"tests/harness.py knows no length for ln_args.{name}: "
+            raise KeyError(f"tests/support/harness.py knows no length for ln_args.{name}: "
                            "add it to _counts") from None
 
 

@@ -80,7 +80,7 @@ class Target(NamedTuple):
 
 @functools.cache
 def _target(flags: tuple[str, ...]) -> Target | None:
-    """What native_step.c compiles to under these flags, read from the compiler's predefined
+    """What the native source compiles to under these flags, read from the compiler's predefined
     macros as the source's #if reads them; None where the compiler refuses the flags."""
     done = subprocess.run([native.compiler(), *flags, "-dM", "-E", "-x", "c", os.devnull],
                           capture_output=True, text=True, timeout=60)
@@ -198,7 +198,7 @@ def _within(got: dict, want: dict, who: str) -> float:
     return worst
 
 
-TORCH_OUTSIDE = "torch's own float32 step {} (a bound in tests/rounding.py is wrong, not the native step)"
+TORCH_OUTSIDE = "torch's own float32 step {} (a bound in support/rounding.py is wrong, not the native step)"
 _STEPS: dict = {}
 _GRADIENTS: dict = {}  # the first step's float64 gradients: the same for every optimiser
 
@@ -400,7 +400,7 @@ def check_forward_matches_fast_forward(build, variant):
         want = {"logits": rounding.forward(model, x)}
         with torch.no_grad():
             ours = fast_forward(model, x)
-        _within({"logits": ours}, want, "fast_forward (a bound in tests/rounding.py is wrong)")
+        _within({"logits": ours}, want, "fast_forward (a bound in tests/support/rounding.py is wrong)")
         _FORWARD[variant] = want
     model.train()  # forward is eval-mode whatever the module's mode
     got = native.forward(model, x, lib=build)

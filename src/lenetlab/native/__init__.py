@@ -1,26 +1,20 @@
-"""The native (C) training step and eval forward of LeNet5V1 on CPU: build, cache, load, drive.
+"""The native (C) training step and eval forward of LeNet5V1 on CPU: what the rest of lenetlab uses of it.
 
-The C files beside this one hold the kernels (docs/native.md maps them). load() compiles it on
-first use into a per-user cache and loads it with ctypes, or returns None where it cannot
-(unavailable_reason() says why). NativeTrainer steps on the model's own parameter tensors and
-the optimiser's own state tensors, so their state_dicts stay what torch would hold and
-checkpoints move freely between the native and PyTorch paths; forward() gives eval-mode
-logits. Both run on torch.get_num_threads() threads unless told otherwise (threads=), with the
-same results for any count. load_build() builds with other flags, for tests and benchmarks that
-compare builds in one process (passed as lib= to NativeTrainer, supports and forward).
-
-Python and C exchange one argument record (StepArgs, record.c's ln_args), whose layout
-the library reports and load() checks before any other call. The cache holds each library
-with its SHA-256 beside it, written by the build: a library is loaded only if it still has that
-checksum, and anything else (a truncated or replaced file, one whose record differs) is
-rebuilt, never called. Builds of one library take a lock in the cache folder, so concurrent
-builders wait for one build instead of racing.
-
-The target flag is found by trying (target_flags): on x86-64 -march=native, on aarch64
--mcpu=native then -march=native, then none (the architecture's baseline vectors); load()
-builds with the first one the compiler takes and builds the source with, and build_target()
-says which (build_flags() all its flags). Only where none builds does load() return None
-(the PyTorch path).
+The C files beside this one hold the kernels, compiled as one translation unit from lenet5.c;
+docs/native.md maps them and the modules here, one job each:
+    source     the C files, and the one text that is compiled and keyed on
+    toolchain  the compiler and its flags (CC, the target flag by probe, extra flags), build()
+    cache      the per-user build cache: key, checksum, lock
+    abi        the argument record (StepArgs), constants.h's table, the stamp check
+    library    load() (built on first use, None and unavailable_reason() where it cannot)
+               and load_build() (other flags, for tests and benchmarks: pass it as lib=)
+    binding    what the step reads from a model and optimiser, and whether it can
+    trainer    NativeTrainer: steps on the model's and the optimiser's own tensors, so their
+               state_dicts stay what torch would hold
+    forward    forward(): eval-mode logits
+    gate       which step trains a recipe: native_gap, choose, announce
+Both the step and the forward run on torch.get_num_threads() threads unless told otherwise
+(threads=), with the same results for any count.
 
 Environment: CC picks the compiler; LENETLAB_NATIVE_CFLAGS_EXTRA is appended to the flags
 (for example -mno-avx512f for the 256-bit build, -DLN_WIDE_TILES for the 512-bit blocking at
