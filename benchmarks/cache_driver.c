@@ -1,4 +1,4 @@
-/* cache_driver.c: one concern, running native_step.c's training step STEPS times in a plain C
+/* cache_driver.c: one concern, running the native library's training step STEPS times in a plain C
  * process, for cachegrind (benchmarks/cache_sim.py): no Python, torch or ctypes in the simulated
  * process, so its misses are the step's own.
  *
@@ -9,7 +9,8 @@
  * of a shuffled 4096-image set, as an epoch's batches do.
  *
  * Built as one translation unit with the step's source:
- *     cc FLAGS -DSTEP_SOURCE='"path/native_step.c"' [-DLN_LEGACY] cache_driver.c -lm
+ *     cc FLAGS -DSTEP_SOURCE='"src/lenetlab/native/lenet5.c"' [-DLN_LEGACY] cache_driver.c -lm
+ * (the root of the split source, whose #includes find its files beside it; or one old file).
  * -DLN_LEGACY calls a source from before the argument record (main e056921 and older) through
  * its own positional entry point. Usage: cache_driver STEPS [THREADS]; prints the summed loss
  * and correct count, so that the work cannot be optimised away and a run can be checked.

@@ -2,20 +2,21 @@
 
 Host-independent: valgrind's cachegrind simulates a 32 KB 8-way L1 (data and instructions) and
 a 512 KB 8-way last level (Zen 2/3's L2) whatever this machine has, and counts each miss. Both
-versions of native_step.c are built with -march=x86-64-v3 -mtune=generic (AVX2 and FMA:
+versions of the step's source are built with -march=x86-64-v3 -mtune=generic (AVX2 and FMA:
 valgrind has no AVX-512) into benchmarks/cache_driver.c, a plain C process that runs STEPS
 batch-64 baseline steps on one thread. A step's misses are the difference between a run of
 1 + STEPS steps and a run of 1 (the set-up and the first, cold step), divided by STEPS.
 
-BEFORE is main e056921's native_step.c (before the argument record and the threads), read
-with git from this clone's history and driven through its own positional entry point (or
---before FILE). AFTER is this checkout's src/lenetlab/native_step.c. --reference REV adds
-another commit's version between them. The last line is
+BEFORE is main e056921's native_step.c (before the argument record and the threads), checked
+in as tests/fixtures/native_step_e056921.c and driven through its own positional entry point
+(or --before FILE). AFTER is this checkout's src/lenetlab/native/ (its files as one text,
+lenetlab.native.source_text()). --reference FILE adds another version (one C file) between
+them. The last line is
 
     LL misses per step: BEFORE -> AFTER (ratio R)
 
     python benchmarks/cache_sim.py                   # ~1 minute
-    python benchmarks/cache_sim.py --reference 9fa7e8e --annotate 12
+    python benchmarks/cache_sim.py --reference old_native_step.c --annotate 12
 
 Needs valgrind (Debian: apt-get install valgrind) and a C compiler on an x86-64 host; where one
 is missing it says so in one line and exits 2.
@@ -37,9 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "benchmarks" / "cache_driver.c"
-AFTER = ROOT / "src" / "lenetlab" / "native_step.c"
-BEFORE_REV = "e056921"
-# native.BASE_FLAGS with a fixed 256-bit target in place of -march=native (and -g, which does
+AFTER = ROOT / "src" / "lenetlab" / "native"
+BEFORE = ROOT / "tests" / "fixtures" / "native_step_e056921.c"
+# native.COMMON_FLAGS with a fixed 256-bit target in place of -march=native (and -g, which does
 # not change GCC's code, for --annotate's line numbers); an executable, not a shared library
 FLAGS = ("-O3", "-march=x86-64-v3", "-mtune=generic", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math",
          "-ffp-contract=fast", "-pthread", "-g")
@@ -66,13 +67,16 @@ class Counts:
         return Counts(self.instructions / steps, self.d1_misses / steps, self.ll_misses / steps)
 
 
-def source_at(rev: str) -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/lenetlab/native_step.c"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise Unavailable(f"cannot read native_step.c at {rev} with git ({done.stderr.strip()}); "
-                          "pass --before FILE")
-    return done.stdout
+def read_source(path: Path) -> str:
+    """One C file's text, or a split source folder's files as one text (its lenet5.c root expanded)."""
+    if path.is_dir():
+        sys.path.insert(0, str(ROOT / "src"))
+        from lenetlab.native.source import source_text
+
+        return source_text(path)
+    if not path.is_file():
+        raise Unavailable(f"{path} is not a file")
+    return path.read_text()
 
 
 def compile_driver(cc: str, source: str, out: Path) -> Path:
@@ -150,10 +154,10 @@ def check_host() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="steps measured after the first (default 10)")
-    ap.add_argument("--before", type=Path, metavar="FILE",
-                    help=f"BEFORE's source (default: git's {BEFORE_REV})")
-    ap.add_argument("--reference", action="append", default=[], metavar="REV",
-                    help="also measure this commit's native_step.c (repeatable)")
+    ap.add_argument("--before", type=Path, metavar="SOURCE",
+                    help=f"BEFORE's source (default: {BEFORE.relative_to(ROOT)})")
+    ap.add_argument("--reference", action="append", default=[], metavar="SOURCE",
+                    help="also measure this version (a C file or a split source folder; repeatable)")
     ap.add_argument("--l1", default=L1, metavar="BYTES,WAYS",
                     help=f"the simulated L1 data cache (default {L1}; Zen 5's is 49152,12)")
     ap.add_argument("--ll", default=LL, metavar="BYTES,WAYS",
@@ -168,10 +172,9 @@ def main() -> int:
             ap.error(f"{option} must be BYTES,WAYS, got {value!r}")
     try:
         cc = check_host()
-        if args.before is not None and not args.before.is_file():
-            raise Unavailable(f"--before: {args.before} is not a file")
-        sources = {"BEFORE": args.before.read_text() if args.before else source_at(BEFORE_REV),
-                   **{rev: source_at(rev) for rev in args.reference}, "AFTER": AFTER.read_text()}
+        sources = {"BEFORE": read_source(args.before or BEFORE),
+                   **{str(ref): read_source(Path(ref)) for ref in args.reference},
+                   "AFTER": read_source(AFTER)}
         results = {}
         with tempfile.TemporaryDirectory(prefix="cache_sim-") as tmp:
             geometry = caches(args.l1, args.ll)
@@ -183,7 +186,7 @@ def main() -> int:
                 warm = cachegrind(exe, 1, warm_out, geometry)
                 results[name] = (cachegrind(exe, 1 + args.steps, full_out, geometry) - warm).per(args.steps)
                 r = results[name]
-                label = f"{name} ({args.before or BEFORE_REV})" if name == "BEFORE" else name
+                label = f"{name} ({args.before or BEFORE.name})" if name == "BEFORE" else name
                 print(f"  {label:24s} LL misses {r.ll_misses:10,.0f}   D1 misses {r.d1_misses:10,.0f}   "
                       f"instructions {r.instructions:12,.0f}")
                 if args.annotate:

@@ -11,6 +11,7 @@ image forward and backward).
     python benchmarks/step_time.py --no-avx512     # the 256-bit build (-mno-avx512f)
     python benchmarks/step_time.py --variant batch_norm --optimizer sgd
     python benchmarks/step_time.py --baseline old_native_step.c --no-torch   # A/B two versions
+    git show 4af1912:src/lenetlab/native_step.c > /tmp/old.c   # a version from before the split
     python benchmarks/step_time.py --threads 1,2 --no-torch   # the native step on 1 and 2 threads
 
 Then a per-stage breakdown (microseconds per step, as thread 0 sees it: a stage's time on
@@ -18,8 +19,8 @@ several threads includes its wait for the slowest; for several threads also the 
 thread's own work in the stage, its waits left out) from builds with -DLN_PROFILE, the
 versions and thread counts again interleaved block by block. On a busy machine
 --profile-stat min shows what each stage takes when nothing interrupts it. A baseline from
-before the argument record (e056921 and older) runs through its old positional interface, on
-one thread.
+before the argument record (e056921 and older) runs through its old positional interface
+(tests/support/legacy.py), on one thread. --baseline takes one C file or a split source's folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import ctypes
 import random
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -70,6 +72,17 @@ def fma_loop(flags: tuple[str, ...] | None = None):
     lib.fma_loop.restype = ctypes.c_float
     lib.fma_loop.argtypes = [ctypes.c_long]
     return lib.fma_loop, lib.fma_vector_bytes() // 4
+
+
+def legacy_driver(source: str):
+    """The driver of an older source (tests/support/legacy.py: before the argument record, or
+    before constants.h), else None."""
+    if "LN_ARGS" in source and "ln_constants" in source:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.legacy import driver
+
+    return driver(source)
 
 
 def fma_gflop(lanes: int, iters: int) -> float:
@@ -144,7 +157,8 @@ def main() -> None:
     ap.add_argument("--no-avx512", action="store_true", help="build the native step with -mno-avx512f")
     ap.add_argument("--extra-flags", default=None,
                     help="extra C flags, e.g. --extra-flags='-mno-avx' (default: the env variable)")
-    ap.add_argument("--baseline", metavar="SOURCE.c", help="also time this version of native_step.c (A/B)")
+    ap.add_argument("--baseline", metavar="SOURCE",
+                    help="also time this version of the step: one C file or a split source's folder (A/B)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--threads", default="1", help="native thread counts to compare, e.g. 1,2 (default 1)")
@@ -163,11 +177,12 @@ def main() -> None:
     from lenetlab.model import LeNet5V1, fast_forward
 
     flags = native_flags(args)
-    sources = {"native": native.SOURCE.read_text()}
+    sources = {"native": native.source_text()}
     if args.baseline:
-        sources["baseline"] = Path(args.baseline).read_text()
+        base = Path(args.baseline)
+        sources["baseline"] = native.source_text(base) if base.is_dir() else base.read_text()
     t = time.perf_counter()
-    libs = {name: native.load_build(flags, src, legacy=name == "baseline") for name, src in sources.items()}
+    libs = {name: native.load_build(flags, src, legacy=legacy_driver(src)) for name, src in sources.items()}
     counts = [int(n) for n in args.threads.split(",")]
     print(f"native library: {libs['native'].ln_vector_bytes() * 8}-bit vectors, loaded/built in "
           f"{time.perf_counter() - t:.2f} s, flags {' '.join(flags)}")
@@ -239,7 +254,7 @@ def main() -> None:
 
     if not args.no_profile:
         prof_libs = {name: native.load_build((*flags, "-DLN_PROFILE"), src, f"{name}_prof",
-                                             legacy=name == "baseline") for name, src in sources.items()}
+                                             legacy=legacy_driver(src)) for name, src in sources.items()}
         prof_libs = {name: lib for name, lib in prof_libs.items() if hasattr(lib, "ln_profile")}
         prof_versions = {key: v for key, v in versions.items() if v[0] in prof_libs}
         # each version's own stage names (a baseline's may differ): rows by name, "-" where absent

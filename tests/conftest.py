@@ -18,10 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Until the native training step exists, tests that train use PyTorch's; subprocesses and
-# in-process `cli.main` calls read the default from $LENETLAB_KERNELS.
-if not (REPO / "src" / "lenetlab" / "native.py").is_file():
-    os.environ.setdefault("LENETLAB_KERNELS", "torch")
+# The kernels the tests that train ask for: $LENETLAB_KERNELS, which subprocesses and in-process
+# `cli.main` calls read too.
 KERNELS = os.environ.get("LENETLAB_KERNELS", "auto")
 
 

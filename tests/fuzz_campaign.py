@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import REPO, real_data_dir  # noqa: E402
-from fuzzing import (  # noqa: E402
+from support.fuzzing import (  # noqa: E402
     MEMORY_LIMIT_MIB,
     Failure,
     checkpoint_target,
@@ -36,7 +36,7 @@ from fuzzing import (  # noqa: E402
     spec_target,
     weights_target,
 )
-from test_report import STUDY, make_run  # noqa: E402
+from support.runs import STUDY, make_run  # noqa: E402
 
 
 def targets(work: Path) -> list:

@@ -11,7 +11,9 @@ import resource
 
 import pytest
 from conftest import REPO
-from fuzzing import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.fuzzing import (
     MEMORY_LIMIT_MIB,
     checkpoint_target,
     idx_target,
@@ -21,9 +23,7 @@ from fuzzing import (
     spec_target,
     weights_target,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_report import STUDY, make_run
+from support.runs import STUDY, make_run
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -4,9 +4,9 @@ variant detection, weight-file checks."""
 from __future__ import annotations
 
 import pytest
-import rounding  # tests/rounding.py: float64 references and float32 rounding bounds
 import torch
 import torch.nn.functional as F
+from support import rounding  # float64 references and float32 rounding bounds
 
 from lenetlab.errors import WeightsError
 from lenetlab.model import LeNet5V1, detect_flags, fast_forward, load_weights
@@ -105,7 +105,7 @@ def test_relu_and_max_pooling_fast_forward_is_the_module(flags):
 def test_fast_forward_matches_the_module(flags, head):
     """fast_forward is the module's arithmetic: both give eval-mode logits, and without dropout
     training-mode gradients, within float32 rounding of the float64 computation (the bounds of
-    tests/rounding.py, derived from float32 rounding, not measured on one CPU)."""
+    tests/support/rounding.py, derived from float32 rounding, not measured on one CPU)."""
     torch.manual_seed(0)
     model = LeNet5V1(*flags, activation=head[0], pool=head[1])
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))

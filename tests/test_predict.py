@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rounding  # tests/rounding.py: float64 references and float32 rounding bounds
 import torch
-import torch.nn.functional as F
 from PIL import Image, features
+from support import rounding  # float64 references and float32 rounding bounds
+from support.models import quick_model
 
 from lenetlab import cli
 from lenetlab.data import CLASS_NAMES, normalise
@@ -20,29 +20,6 @@ from lenetlab.model import LeNet5V1, fast_forward
 from lenetlab.prediction import load_image, prepare
 
 PER_CLASS = 3
-
-
-def quick_model(dataset, steps: int = 100) -> LeNet5V1:
-    """A LeNet-5 trained for a few seconds (about 75% test accuracy): enough to have opinions.
-
-    Trained in float64, then rounded to float32: the same weights on every CPU (float32
-    training would follow the host's kernels, whose rounding 100 steps amplify into other
-    weights, and other predictions of the images the tests below count)."""
-    torch.manual_seed(0)
-    model = LeNet5V1().double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = normalise(dataset.train_images[:steps * 64]).double(), dataset.train_labels[:steps * 64]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small steps: one thread is faster, and much faster on a busy machine
-    try:
-        for start in range(0, len(x), 64):
-            loss = F.cross_entropy(fast_forward(model, x[start:start + 64]), y[start:start + 64])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.float().eval()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +63,7 @@ def json_lines(out: str) -> list[dict]:
 
 def test_png_predictions_are_evaluates_exactly(setup, capsys, dataset):
     """PNGs hold the test images' pixels exactly: predict gives evaluate's classes, and its
-    probabilities are within float32 rounding of the float64 forward's (tests/rounding.py: the
+    probabilities are within float32 rounding of the float64 forward's (tests/support/rounding.py: the
     logits' bound e moves a softmax output p by at most p (exp(2 max e) - 1)), printed to 6 decimals."""
     weights, folders, reference = setup
     code, out, err = run(capsys, weights, folders["png"], "--json")

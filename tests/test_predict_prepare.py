@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 from PIL import Image, features
-from test_predict import quick_model
+from support.models import quick_model
 
 from lenetlab.conversion import TOLERANCE, background, centre, fit, is_light, prepare, stretch, to_grey, trim
 from lenetlab.prediction import load_image, predict, predict_files

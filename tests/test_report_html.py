@@ -15,7 +15,7 @@ import shutil
 import pytest
 from conftest import run_cli, strict_json
 from PIL import Image
-from test_report import STUDY, make_run
+from support.runs import STUDY, make_run
 
 CHROMIUM = os.environ.get("LENETLAB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from conftest import assert_one_line_error, run_cli
-from test_report import STUDY, make_run
+from support.runs import STUDY, make_run
 
 from lenetlab.rundir import hold
 

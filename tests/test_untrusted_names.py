@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 from matplotlib.text import Text
-from test_report import make_run
+from support.runs import make_run
 
 from lenetlab import Run
 from lenetlab.markup import Md, code, md, plain

@@ -24,9 +24,9 @@ from . import files, options, prediction, runner, sweeps
 from .data import load_fashion_mnist, make_splits
 from .engines import check_engine
 from .errors import OptionError, OutputError, SpecError, Stopped
-from .kernels import announce
 from .localpool import start_local_pool
 from .model import LeNet5V1, load_weights
+from .native.gate import announce
 from .options import DEFAULT_RAY_RETRIES
 from .progress import Progress
 from .recipes import (

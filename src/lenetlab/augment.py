@@ -64,7 +64,7 @@ class EpochDraws:
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """The batch x of images start, start + 1, ... of the epoch, augmented (a new tensor).
-        The native step does the same while packing its input (native_step.c's augment_image,
+        The native step does the same while packing its input (native/augment_pack.c's augment_image,
         which decodes a move as _moves orders them); a test holds the two bit-identical."""
         b, stop = len(x), start + len(x)
         if self.move is not None:

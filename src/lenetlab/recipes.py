@@ -4,7 +4,7 @@ Change a published hyperparameter in RECIPES and nowhere else. Add a recipe fiel
 it to Recipe and to FIELDS (type, range, short name, help): `train` flags, sweep specs, run
 plans and configuration names pick it up from there. Add an optimiser by its name in OPTIMIZERS
 here and its constructor in optimizers.py. Either trains on PyTorch's path until the native
-step learns it (kernels.py decides). No torch here: the command line reads recipes without it.
+step learns it (native/gate.py decides). No torch here: the command line reads recipes without it.
 """
 
 from __future__ import annotations

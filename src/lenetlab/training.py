@@ -2,7 +2,7 @@
 
 Following airbench, the whole split lives as one tensor on the device and batches are
 taken by index. On the CPU the whole step (forward, loss, backward, optimiser) runs in
-native code where it builds (native.py); elsewhere, and with kernels="torch", it runs
+native code where it builds (lenetlab.native); elsewhere, and with kernels="torch", it runs
 through PyTorch with the faster forward pass of model.py.
 
 All randomness comes from the seed: the initial weights from torch.manual_seed, each
@@ -31,8 +31,8 @@ from .augment import Augmentation, EpochDraws, draw
 from .checked import checked, require
 from .data import MEAN, STD, Splits
 from .evaluation import Evaluation, evaluate, flip_averaged
-from .kernels import choose as choose_kernels
 from .model import LeNet5V1, fast_forward
+from .native.gate import choose as choose_kernels
 from .optimizers import make_optimizer
 from .recipes import RECIPES, Recipe, recipe_from_dict
 from .records import Diverged, EpochMetrics
@@ -332,7 +332,7 @@ class _TorchSteps:
 
 
 class _NativeSteps:
-    """The native whole step (native.py), gathering and augmenting the batch in C."""
+    """The native whole step (lenetlab.native), gathering and augmenting the batch in C."""
 
     def __init__(self, model: LeNet5V1, optimizer: torch.optim.Optimizer, device: torch.device,
                  label_smoothing: float, dropout_p: float) -> None:

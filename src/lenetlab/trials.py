@@ -20,7 +20,7 @@ import torch
 
 from . import files, native
 from .data import Splits
-from .kernels import choose as choose_kernels
+from .native.gate import choose as choose_kernels
 from .provenance import library_versions, machine_info
 from .recipes import architecture
 from .records import Diverged, RunOptions, TrainedOn, Trial, TrialResult
@@ -67,7 +67,7 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
 
 
 def _numbers_ignore_threads(trial: Trial, options: RunOptions) -> bool:
-    """Whether this trial trains with the native kernels (kernels.choose, as train_trial does)."""
+    """Whether this trial trains with the native kernels (native.gate.choose, as train_trial does)."""
     return choose_kernels(options.kernels, trial.recipe, options.device) == "native"
 
 

@@ -1,6 +1,6 @@
-"""The kernel choice (kernels.py): the native step trains a recipe only where it covers all of it,
-and anything else, a new optimiser or a new recipe field, trains on PyTorch's path instead of
-failing there."""
+"""The kernel choice (lenetlab/native/gate.py): the native step trains a recipe only where it
+covers all of it, and anything else, a new optimiser or a new recipe field, trains on PyTorch's
+path instead of failing there."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from lenetlab import kernels, native, optimizers, recipes
+from lenetlab import native, optimizers, recipes
 from lenetlab.recipes import RECIPES, Recipe
 from lenetlab.training import train_trial
 
@@ -38,27 +38,27 @@ class MixupRecipe(Recipe):
 @needs_native
 def test_every_shipped_recipe_is_native():
     for name, recipe in RECIPES.items():
-        assert kernels.native_gap(recipe) is None, name
-        assert kernels.choose("auto", recipe, "cpu") == "native"
+        assert native.native_gap(recipe) is None, name
+        assert native.choose("auto", recipe, "cpu") == "native"
 
 
 def test_what_the_native_step_lacks_is_named():
-    assert "device cuda" in kernels.native_gap(RECIPES["baseline"], "cuda")
-    assert "mixup = 0.2" in kernels.native_gap(MixupRecipe("baseline", mixup=0.2))
+    assert "device cuda" in native.native_gap(RECIPES["baseline"], "cuda")
+    assert "mixup = 0.2" in native.native_gap(MixupRecipe("baseline", mixup=0.2))
 
 
 @needs_native
 def test_a_new_field_at_its_default_keeps_the_native_step():
-    assert kernels.native_gap(MixupRecipe("baseline")) is None
+    assert native.native_gap(MixupRecipe("baseline")) is None
 
 
 @needs_native
 def test_a_new_optimizer_falls_back_and_native_refuses_it(rmsprop):
     recipe = replace(RECIPES["baseline"], optimizer="rmsprop")
-    assert "RMSprop" in kernels.native_gap(recipe)
-    assert kernels.choose("auto", recipe, "cpu") == "torch"
+    assert "RMSprop" in native.native_gap(recipe)
+    assert native.choose("auto", recipe, "cpu") == "torch"
     with pytest.raises(recipes.SpecError, match="RMSprop"):
-        kernels.choose("native", recipe, "cpu")
+        native.choose("native", recipe, "cpu")
 
 
 @needs_native
@@ -66,7 +66,7 @@ def test_a_warm_start_is_checked_in_both_phases(rmsprop, monkeypatch):
     l2 = replace(RECIPES["l2_regularization"], optimizer="rmsprop")
     monkeypatch.setitem(RECIPES, "l2_regularization", l2)
     warm = recipes.get_recipe("l2_optimized", warm_start=True)
-    assert "RMSprop" in kernels.native_gap(warm)
+    assert "RMSprop" in native.native_gap(warm)
 
 
 @needs_native

@@ -4,7 +4,7 @@ the rule every outcome is held to.
 Each Target makes its valid seed files once, then mutate(rng) returns one mutated input and
 read(input) hands it to the real reader. judge() accepts a result or lenetlab's typed error
 (LenetlabError) within TIME_LIMIT_S; anything else is a Failure. The pytest tests
-(test_fuzz.py) drive the mutations from Hypothesis; fuzz_campaign.py runs many more.
+(tests/test_fuzz.py) drive the mutations from Hypothesis; tests/fuzz_campaign.py runs many more.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
-"""Do test_native's rounding bounds still catch real bugs? Runs it against mutants of native_step.c.
+"""Do test_native's rounding bounds still catch real bugs? Runs it against mutants of the native C source.
 
-    python tests/mutants.py                      # every mutant, all of test_native.py each
-    python tests/mutants.py dropout-unscaled     # one (or a few) by name
-    python tests/mutants.py -k one_step          # only the tests pytest -k selects
+    python tests/native/mutants.py                      # every mutant, all of test_native.py each
+    python tests/native/mutants.py dropout-unscaled     # one (or a few) by name
+    python tests/native/mutants.py -k one_step          # only the tests pytest -k selects
 
-Each mutant is one text substitution in native_step.c, a bug of the kind the parity tests exist
-for. The package is copied to a temporary folder with the mutant source and test_native.py runs
-on it (PYTHONPATH; the build cache keys builds by their source, so mutants never mix with the
-real one). A mutant must fail at least one test; the script prints, per mutant, each test
-function that failed, how many of its cases, and the first one's assertion (the tensor, |diff|
-and bound); it exits 1 if any mutant passes every test. About a minute per mutant.
+Each mutant is one text substitution in one C file of src/lenetlab/native/, a bug of the kind
+the parity tests exist for. The package is copied to a temporary folder with the mutant source
+and test_native.py runs on it (PYTHONPATH; the build cache keys builds by their source, so
+mutants never mix with the real one). A mutant must fail at least one test; the script prints,
+per mutant, each test function that failed, how many of its cases, and the first one's assertion
+(the tensor, |diff| and bound); it exits 1 if any mutant passes every test. About a minute per
+mutant.
 """
 
 from __future__ import annotations
@@ -23,29 +24,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "src" / "lenetlab" / "native_step.c"
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "src" / "lenetlab"
+FOLDER = PACKAGE / "native"
 
-# name: (text in native_step.c, its replacement, the bug)
+# name: (the C file, text in it, its replacement, the bug)
 MUTANTS = {
-    "conv1-channel-sign": (  # IC is 1 in conv1 only: CONV_WGRAD's finish is conv2's too
-        "gw[i] += hsum(pw[i]);",
-        "gw[i] += (IC) == 1 && o == 1 ? -hsum(pw[i]) : hsum(pw[i]);",
+    "conv1-channel-sign": (  # ic is 1 in conv1 only: conv_wgrad_sum is conv2's too
+        "conv.c", "dw[i] += hsum(pw[i]);",
+        "dw[i] += ic == 1 && o == 1 ? -hsum(pw[i]) : hsum(pw[i]);",
         "the weight gradient of conv1's output channel 1 with its sign flipped"),
     "bn-mean-padded-lanes": (
-        "a[q] += d;",
+        "batchnorm.c", "a[q] += d;",
         "a[q] += LD(row + (size_t)(x * NV + v + q) * VW) - k;",
         "batch norm's mean summed over the padding lanes of a short batch too (the variance still masked)"),
     "bn-variance-unshifted": (
-        "K[o] = (float)s;",
+        "batchnorm.c", "K[o] = (float)s;",
         "K[o] = 0.f * (float)s;",
         "batch norm's variances from unshifted sums, which cancel where a map's mean is large"),
     "adam-bias-correction-step": (
-        "const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));",
+        "optim.c", "const double bc1 = 1.0 - pow(b1, step), bc2_sqrt = sqrt(1.0 - pow(b2, step));",
         "const double bc1 = 1.0 - pow(b1, step + 1), bc2_sqrt = sqrt(1.0 - pow(b2, step + 1));",
         "Adam's bias corrections computed for the step after this one"),
     "dropout-unscaled": (
-        "c->drop[o * BATCH + b] = b < c->n ? A->drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;",
+        "step.c", "c->drop[o * BATCH + b] = b < c->n ? A->drop[((int64_t)k * BATCH + b) * F1 + o] : 0.f;",
         "c->drop[o * BATCH + b] = b < c->n\n"
         "                    ? (float)(A->drop[((int64_t)k * BATCH + b) * F1 + o] != 0.f) : 0.f;",
         "dropout's mask applied without the 1 / (1 - p) scale, forward and backward"),
@@ -53,11 +55,12 @@ MUTANTS = {
 
 
 def mutant_source(name: str) -> str:
-    old, new, _ = MUTANTS[name]
-    text = SOURCE.read_text()
+    """The text of the mutant's C file with its bug planted."""
+    file, old, new, _ = MUTANTS[name]
+    text = (FOLDER / file).read_text()
     if text.count(old) != 1:
-        raise SystemExit(f"{name}: the text to mutate occurs {text.count(old)} times in {SOURCE} "
-                         "(native_step.c changed: update MUTANTS)")
+        raise SystemExit(f"{name}: the text to mutate occurs {text.count(old)} times in {FOLDER / file} "
+                         "(the source changed: update MUTANTS)")
     return text.replace(old, new)
 
 
@@ -66,11 +69,11 @@ def run(name: str, select: str | None) -> tuple[int, dict[str, list[str]], str]:
     "[id] message"}, pytest's closing line)."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
         package = Path(tmp) / "src" / "lenetlab"
-        shutil.copytree(SOURCE.parent, package, ignore=shutil.ignore_patterns("__pycache__"))
-        (package / SOURCE.name).write_text(mutant_source(name))
+        shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+        (package / "native" / MUTANTS[name][0]).write_text(mutant_source(name))
         env = {**os.environ, "PYTHONPATH": str(package.parent), "COLUMNS": "400"}  # uncropped summaries
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=no",
-                   str(REPO / "tests" / "test_native.py")]
+                   str(REPO / "tests" / "native" / "test_native.py")]
         if select:
             command += ["-k", select]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -99,7 +102,7 @@ def main() -> int:
         code, failed, closing = run(name, args.select)
         caught = code == 1 and bool(failed)  # 1: tests failed (not a crash, nor no tests collected)
         verdict = "caught" if caught else f"NOT CAUGHT (exit {code})"
-        print(f"{name}: {MUTANTS[name][2]}\n  {verdict}: {closing}")
+        print(f"{name}: {MUTANTS[name][3]}\n  {verdict}: {closing}")
         for test, failures in failed.items():
             print(f"  {test}: {len(failures)} failed, first {failures[0][:300]}")
         if not caught:

@@ -10,11 +10,11 @@ through its old positional interface).
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from support.legacy import BEFORE_THREADS, Legacy
 
 from lenetlab import native
 from lenetlab.augment import Augmentation, draw
@@ -24,8 +24,7 @@ if native.load() is None:
     pytest.skip(f"the native step cannot be built here: {native.unavailable_reason()}",
                 allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-BEFORE_THREADS = "e056921"  # the last commit of native_step.c before the argument record and the threads
+REPO = Path(__file__).resolve().parents[2]
 THREADS = (1, 2, 3, 4)
 OPTIMIZERS = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
               "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
@@ -106,13 +105,8 @@ def test_forward_is_the_same_on_every_thread_count(bn, activation, pool):
 @pytest.fixture(scope="module")
 def before_threads():
     """e056921's native_step.c, built and driven through its old positional interface."""
-    try:
-        src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE_THREADS}:src/lenetlab/native_step.c"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"no git history with {BEFORE_THREADS} here: {exc}")
     flags = native.build_flags()
-    return native.load_build(flags, src, "native_step_e056921", legacy=True)
+    return native.load_build(flags, BEFORE_THREADS.read_text(), "native_step_e056921", legacy=Legacy)
 
 
 @pytest.mark.parametrize("case", ["dropout", "baseline", "relu-max-batch-130"])

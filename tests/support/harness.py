@@ -1,6 +1,6 @@
-"""The C harness (tests/native_harness.c) from Python: its builds, its case files, and a stand-in library.
+"""The C harness (tests/native/native_harness.c) from Python: its builds, case files and a stand-in library.
 
-HarnessLib takes the ctypes library's place wherever native.py takes lib= (NativeTrainer,
+HarnessLib takes the ctypes library's place wherever lenetlab.native takes lib= (NativeTrainer,
 forward, supports): each ln_train_step or ln_forward call becomes a case file, the harness
 process makes the call (under qemu-aarch64 for an aarch64 build), and the buffers the call may
 write are copied back to the addresses they came from, as if the library had run in this
@@ -8,8 +8,8 @@ process. So the x86 parity tests run as they are on a build for another machine.
 
 Also a command, for driving the harness by hand (cachegrind, for instance), with this
 checkout's lenetlab importable (installed, or PYTHONPATH=src):
-    python tests/harness.py case OUT.case [--recipe baseline] [--batch 64]
-    python tests/harness.py build           # prints the host harness's path
+    python tests/support/harness.py case OUT.case [--recipe baseline] [--batch 64]
+    python tests/support/harness.py build           # prints the host harness's path
     HARNESS OUT.case RESULT --steps 20
 """
 
@@ -29,19 +29,19 @@ import torch
 from lenetlab import native
 from lenetlab.model import LeNet5V1
 
-HARNESS = Path(__file__).with_name("native_harness.c")
+HARNESS = Path(__file__).resolve().parents[1] / "native" / "native_harness.c"
 RUN_TIMEOUT_S = 300
 _TYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32}
 
 
 def source() -> str:
-    """The harness with native_step.c in place of its #include: one text, so that the build
-    cache's key covers both files."""
-    step = native.SOURCE.read_text()
+    """The harness with the native library's source (native.source_text()) in place of its
+    #include: one text, so that the build cache's key covers every file."""
+    step = native.source_text()
     text = HARNESS.read_text()
-    include = '#include "native_step.c"\n'
-    assert include in text, f"{HARNESS} no longer includes native_step.c"
-    return text.replace(include, f'#line 1 "native_step.c"\n{step}\n#line {_line_after(text, include)} '
+    include = f'#include "{native.ROOT}"\n'
+    assert include in text, f"{HARNESS} no longer includes {native.ROOT}"
+    return text.replace(include, f'#line 1 "{native.ROOT}"\n{step}\n#line {_line_after(text, include)} '
                                   f'"native_harness.c"\n')
 
 
@@ -57,17 +57,17 @@ def build(flags: tuple[str, ...], cc: str | None = None, name: str = "native_har
 
 def _counts() -> dict:
     """The length of every buffer the record points to, in elements, from the record (ln_args'
-    comments in native_step.c), and of each slot of its arrays of pointers (from the model)."""
+    comments in native/record.c), and of each slot of its arrays of pointers (from the model)."""
     with torch.random.fork_rng(devices=[]):  # a throwaway model: no other test's draws move
         model = LeNet5V1(True, True)
-    params = [t.numel() for t in native._slots(model)]
+    params = [t.numel() for t in native.binding.slots(model)]
     return {
         "buffers": {"x": lambda a: a.rows * 784, "y": lambda a: a.rows, "idx": lambda a: a.batch,
                     "drop": lambda a: a.batch * 120, "totals": lambda a: 2, "out": lambda a: a.rows * 10,
                     "move": lambda a: a.batch, "erase_rows": lambda a: a.batch * 28,
                     "erase_cols": lambda a: a.batch * 28},
         "slots": {"params": params, "s1": params, "s2": params, "steps": [1] * len(params),
-                  "run": [t.numel() for t in native._buffers(model)[:4]], "nbt": [1, 1]},
+                  "run": [t.numel() for t in native.binding.buffers(model)[:4]], "nbt": [1, 1]},
     }
 
 
@@ -82,7 +82,7 @@ class Field:
 
 
 class HarnessLib:
-    """native.py's library as the harness process: command is the harness (after an emulator,
+    """lenetlab.native's library as the harness process: command is the harness (after an emulator,
     if any). Its vector width and the record's fields are what the harness says (--info)."""
 
     def __init__(self, command: tuple[str, ...]) -> None:
@@ -163,7 +163,7 @@ class HarnessLib:
         try:
             return _COUNTS[kind][name]
         except KeyError:
-            raise KeyError(f"tests/harness.py knows no length for ln_args.{name}: "
+            raise KeyError(f"tests/support/harness.py knows no length for ln_args.{name}: "
                            "add it to _counts") from None
 
 

@@ -12,10 +12,12 @@ import shlex
 from contextlib import redirect_stderr
 
 import pytest
-import rounding
-import test_native as parity  # its models, batches and the element-by-element check
+from support import (
+    parity,  # the parity tests' models, batches and element-by-element check
+    rounding,
+)
 
-from lenetlab import kernels, native, trials
+from lenetlab import native, trials
 from lenetlab.recipes import RECIPES
 
 APPLE = "clang: error: the clang compiler does not support '{}'"
@@ -78,7 +80,7 @@ def test_aarch64_tries_mcpu_then_march_then_none(tmp_path, monkeypatch):
     log = _wrapper(tmp_path, "-mcpu=native|-march=native", monkeypatch)
     for name in ("aarch64", "arm64"):
         assert native.target_candidates(name) == (("-mcpu=native",), ("-march=native",), ())
-    monkeypatch.setattr(native.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(native.toolchain.platform, "machine", lambda: "arm64")
     assert native.target_flags() == ()
     probes = [c for c in _commands(log) if not _is_library(c)]
     tried = [next((a for a in c if a.endswith("=native")), None) for c in probes]
@@ -91,10 +93,10 @@ def test_a_compiler_that_refuses_everything_leaves_the_pytorch_path_with_one_not
     reason = native.unavailable_reason()
     assert "does not support" in reason and "no target flag" in reason and "\n" not in reason
     assert not [c for c in _commands(log) if _is_library(c)]  # every candidate refused at its probe
-    assert kernels.choose("auto", RECIPES["baseline"], "cpu") == "torch"
+    assert native.choose("auto", RECIPES["baseline"], "cpu") == "torch"
     err = io.StringIO()
     with redirect_stderr(err):
-        kernels.announce("auto", "cpu", [(name, RECIPES[name]) for name in ("baseline", "tuned")])
+        native.announce("auto", "cpu", [(name, RECIPES[name]) for name in ("baseline", "tuned")])
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and "PyTorch's kernels" in lines[0] and "unavailable" in lines[0], lines
     assert trials.trained_on("torch").build == "torch"
@@ -105,10 +107,11 @@ def test_windows_looks_for_clang_never_cl(monkeypatch, tmp_path):
     looked for: cl has no vector extensions); elsewhere cc, then gcc."""
     found = {name: tmp_path / name for name in ("clang", "cc", "gcc", "cl")}
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(native.shutil, "which", lambda name: str(found[name]) if name in found else None)
-    monkeypatch.setattr(native.os, "name", "nt")
+    monkeypatch.setattr(native.toolchain.shutil, "which",
+                        lambda name: str(found[name]) if name in found else None)
+    monkeypatch.setattr(native.toolchain.os, "name", "nt")
     assert native.compiler() == str(found["clang"])
     del found["clang"]
     assert native.compiler() is None
-    monkeypatch.setattr(native.os, "name", "posix")
+    monkeypatch.setattr(native.toolchain.os, "name", "posix")
     assert native.compiler() == str(found["cc"])

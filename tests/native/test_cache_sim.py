@@ -12,9 +12,11 @@ import sys
 
 import pytest
 from conftest import REPO
+from support.legacy import BEFORE_THREADS
+
+from lenetlab import native
 
 CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-BEFORE = "e056921"  # cache_sim.py's BEFORE: the step before the argument record, driven by position
 
 
 def _driver(tmp_path, source: str, name: str) -> str:
@@ -31,16 +33,11 @@ def _driver(tmp_path, source: str, name: str) -> str:
 def test_driver_runs_the_step_as_before(tmp_path):
     """The driver's steps give the same loss totals on 1 and 3 threads, and the same as e056921's
     step called through its positional interface: it runs the step the library runs."""
-    after = _driver(tmp_path, (REPO / "src" / "lenetlab" / "native_step.c").read_text(), "after")
+    after = _driver(tmp_path, native.source_text(), "after")
     runs = [subprocess.run([after, "5", str(threads)], capture_output=True, text=True, check=True).stdout
             for threads in (1, 3)]
     assert runs[0].startswith("steps 5 loss ") and runs[0] == runs[1]
-    try:
-        old = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:src/lenetlab/native_step.c"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"no git history with {BEFORE} here: {exc}")
-    before = _driver(tmp_path, old, "before")
+    before = _driver(tmp_path, BEFORE_THREADS.read_text(), "before")
     assert subprocess.run([before, "5"], capture_output=True, text=True, check=True).stdout == runs[0]
 
 

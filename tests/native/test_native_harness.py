@@ -2,8 +2,8 @@
 aarch64 and run under qemu-aarch64, which proves the 128-bit NEON build on an x86 machine.
 
 Each replay calls one of test_native's parity tests, with one of its own cases, with a
-HarnessLib (tests/harness.py) as the native library: the same cases, the same float64
-references computed here by the PyTorch path, the same rounding bounds (tests/rounding.py);
+HarnessLib (tests/support/harness.py) as the native library: the same cases, the same float64
+references computed here by the PyTorch path, the same rounding bounds (tests/support/rounding.py);
 only the native calls run in the harness process. The harnesses:
 - host: built with load()'s flags (native.build_flags(), as an executable), run natively;
 - aarch64-gcc: Debian's aarch64-linux-gnu-gcc, static, under qemu-aarch64: every case of the
@@ -24,10 +24,12 @@ import os
 import shutil
 import subprocess
 
-import harness  # tests/harness.py
 import pytest
-import test_native as parity  # the x86 parity tests: their cases are replayed here
 import torch
+from support import (
+    harness,  # tests/support/harness.py
+    parity,  # the x86 parity checks and their cases, replayed here
+)
 
 from lenetlab import native
 
@@ -37,24 +39,24 @@ CROSS = {"aarch64-gcc": ("aarch64-linux-gnu-gcc", (), "gcc-aarch64-linux-gnu"),
          "aarch64-clang": ("clang", ("--target=aarch64-linux-gnu",), "clang gcc-aarch64-linux-gnu")}
 HARNESSES = ["host", *CROSS]
 # the x86 tests replayed; those without a build parameter use the library load() gives
-REPLAYED = [parity.test_forward_matches_fast_forward, parity.test_one_step_matches_torch,
-            parity.test_other_batch_sizes_match_torch, parity.test_max_pooling_ties_go_to_the_first,
-            parity.test_augmenting_in_the_step_is_augmenting_before_it, parity.test_totals_match_torch,
-            parity.test_bad_input_changes_nothing]
+REPLAYED = [parity.check_forward_matches_fast_forward, parity.check_one_step_matches_torch,
+            parity.check_other_batch_sizes_match_torch, parity.check_max_pooling_ties_go_to_the_first,
+            parity.check_augmenting_in_the_step_is_augmenting_before_it, parity.check_totals_match_torch,
+            parity.check_bad_input_changes_nothing]
 # Under qemu a batch-64 step takes 0.65 s of CPU (Zen 5, qemu 7.2): of these x86 tests' cases
 # aarch64-gcc runs those that reach code the others do not, which keeps the arm tests to about
 # 2.5 minutes (-m arm: 2 min 28 s of CPU, 195 s of wall time with the cores shared, load 2.4)
 QEMU_CASES = {
     # padding lanes; three chunks, the last padded (the x86 test: 1, 48, 128 and 150 images)
-    parity.test_other_batch_sizes_match_torch: lambda batch, variant: (batch, variant) in {
+    parity.check_other_batch_sizes_match_torch: lambda batch, variant: (batch, variant) in {
         (48, parity.ALL_ON), (150, parity.ALL_ON_RELU_MAX)},
     # erasing alone; the largest shift with flip and erasing (the x86 test adds a shift with flip
     # and one with erasing everything)
-    parity.test_augmenting_in_the_step_is_augmenting_before_it: lambda aug: aug.translate in (0, 27),
-    parity.test_totals_match_torch: lambda variant: variant.smoothing > 0,  # the smoothed loss
+    parity.check_augmenting_in_the_step_is_augmenting_before_it: lambda aug: aug.translate in (0, 27),
+    parity.check_totals_match_torch: lambda variant: variant.smoothing > 0,  # the smoothed loss
 }
 # aarch64-clang: the one-step cases the x86 test runs on its other builds too
-CLANG_TESTS = {parity.test_one_step_matches_torch}
+CLANG_TESTS = {parity.check_one_step_matches_torch}
 
 
 class Unavailable(Exception):
@@ -71,7 +73,7 @@ def _cross_flags(name: str) -> tuple[str, str, tuple[str, ...]]:
     target = native.target_flags("aarch64", cc, extra)
     if target is None:
         raise Unavailable(f"{cc} {' '.join(extra)} builds nothing for aarch64 here: "
-                          f"{native._refusal(cc, native.library_flags((), extra))}")
+                          f"{native.toolchain.refusal(cc, native.library_flags((), extra))}")
     return cc, " ".join(target), (*native.library_flags(target, extra), "-static")
 
 
@@ -146,8 +148,9 @@ def _params() -> list:
                     continue
                 marks = [pytest.mark.arm] if name in CROSS else []
                 case_id = "-".join(map(str, kwargs.values()))
+                test_id = test.__name__.removeprefix("check_")
                 params.append(pytest.param(name, test, kwargs, marks=marks,
-                                           id="-".join(filter(None, (test.__name__[5:], name, case_id)))))
+                                           id="-".join(filter(None, (test_id, name, case_id)))))
     return params
 
 
@@ -155,7 +158,7 @@ def _params() -> list:
 def test_replayed(built, test, kwargs, monkeypatch):
     """The x86 parity test's case with the harness as the native library: passed as its build
     where it takes one, and as what native.load() gives for its own NativeTrainers."""
-    monkeypatch.setattr(native, "load", lambda: built)
+    monkeypatch.setattr(native.library, "load", lambda: built)
     if "build" in inspect.signature(test).parameters:
         kwargs = {**kwargs, "build": built}
     test(**kwargs)
@@ -170,7 +173,7 @@ def _macros(cc: str, flags: tuple[str, ...]) -> set[str]:
 @pytest.mark.arm
 @pytest.mark.parametrize("name", list(CROSS))
 def test_the_aarch64_build_is_the_neon_one(harnesses, name):
-    """What native_step.c's #if reads from the cross compiler's macros (no __AVX__ or
+    """What the native source's #if reads from the cross compiler's macros (no __AVX__ or
     __AVX512F__: 16-byte vectors; __ARM_NEON: as NEON registers), and what the build itself
     reports under qemu: the 128-bit NEON code, with the target flag the probe chose."""
     lib = _get(harnesses, name)
@@ -180,7 +183,7 @@ def test_the_aarch64_build_is_the_neon_one(harnesses, name):
     assert not macros & {"__AVX__", "__AVX512F__", "__SSE__"}
     assert lib.ln_vector_bytes() == 16
     if name == "aarch64-gcc":  # a cross compiler cannot name the host CPU: the probe walks down to none
-        assert target == "" and all(native._refusal(cc, native.library_flags(t, ()))
+        assert target == "" and all(native.toolchain.refusal(cc, native.library_flags(t, ()))
                                     for t in native.target_candidates("aarch64")[:-1])
 
 

@@ -1,7 +1,7 @@
-"""Which training step trains a recipe: the native step where it covers the whole recipe, else PyTorch's.
+"""The capability gate: the native step trains a recipe where it covers all of it, else PyTorch's step does.
 
 PyTorch's path (training.py's _TorchSteps, model.fast_forward) is the reference for every
-behaviour; the native step (native.py) is an accelerator for the recipes it trains exactly.
+behaviour; the native step (this package) is an accelerator for the recipes it trains exactly.
 native_gap() is the one place that decides which those are: every kernel choice goes
 through it, so a recipe field or an optimiser the native step does not know trains on
 PyTorch's path (with one notice) instead of failing there.
@@ -15,11 +15,12 @@ from collections.abc import Iterable
 
 import torch
 
-from . import native
-from .errors import OptionError
-from .model import LeNet5V1
-from .optimizers import OPTIMIZERS
-from .recipes import RECIPES, Recipe
+from ..errors import OptionError
+from ..model import LeNet5V1
+from ..optimizers import OPTIMIZERS
+from ..recipes import RECIPES, Recipe
+from . import library
+from .trainer import NativeTrainer
 
 # The recipe fields whose every valid value the native path trains exactly: the step itself
 # (layers, loss, optimiser hyperparameters, batch) or the Python loop around it, shared by both
@@ -46,8 +47,8 @@ def native_gap(recipe: Recipe, device: torch.device | str = "cpu") -> str | None
         value = getattr(recipe, field.name)
         if field.name not in NATIVE_FIELDS and value != defaults.get(field.name, value):
             return f"the recipe field {field.name} = {value!r}"
-    if native.load() is None:
-        return f"this machine: {native.unavailable_reason()}"
+    if library.load() is None:
+        return f"this machine: {library.unavailable_reason()}"
     for phase in _phase_recipes(recipe):
         if phase.optimizer not in OPTIMIZERS:
             return f"optimizer {phase.optimizer!r}"
@@ -55,7 +56,7 @@ def native_gap(recipe: Recipe, device: torch.device | str = "cpu") -> str | None
             model = LeNet5V1(phase.use_dropout, phase.use_batch_norm, phase.dropout_rate,
                              activation=phase.activation, pool=phase.pool)
         optimizer = OPTIMIZERS[phase.optimizer](model.parameters(), phase)
-        reason = native.NativeTrainer.supports(model, phase.batch_size, optimizer)
+        reason = NativeTrainer.supports(model, phase.batch_size, optimizer)
         if reason is not None:
             return reason
     return None
@@ -86,12 +87,12 @@ def announce(kernels: str, device: str, configs: Iterable[tuple[str, Recipe]]) -
     is one line and exit 2 instead."""
     if kernels == "torch" or not device.startswith("cpu"):
         return
-    if native.load() is None:
+    if library.load() is None:
         if kernels == "native":
             raise OptionError("kernels", f"{{option}} native: the native step cannot be used here "
-                            f"({native.unavailable_reason()})")
+                            f"({library.unavailable_reason()})")
         print(f"lenetlab: note: training with PyTorch's kernels, the native step is unavailable here "
-              f"({native.unavailable_reason()})", file=sys.stderr)
+              f"({library.unavailable_reason()})", file=sys.stderr)
         return
     for name, recipe in configs:
         gap = native_gap(recipe, device)

@@ -25,7 +25,7 @@ if native.load() is None:
     pytest.skip(f"the native step cannot be built here: {native.unavailable_reason()}",
                 allow_module_level=True)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 EXTRA = "-O0"  # LENETLAB_NATIVE_CFLAGS_EXTRA of every build here
 FLAGS = native.library_flags(native.target_flags(extra=(EXTRA,)), (EXTRA,))
 
@@ -60,7 +60,7 @@ def pristine(tmp_path_factory) -> Path:
     old = os.environ.get("LENETLAB_NATIVE_CACHE")
     os.environ["LENETLAB_NATIVE_CACHE"] = str(folder)
     try:
-        native.build(native.SOURCE.read_text(), "native_step", FLAGS)
+        native.build(native.source_text(), "native_step", FLAGS)
     finally:
         if old is None:
             del os.environ["LENETLAB_NATIVE_CACHE"]
@@ -91,7 +91,7 @@ def _other_build(source_text: str, name: str) -> Path:
 def _assert_rebuilt(path: Path, before: bytes) -> None:
     after = path.read_bytes()
     assert after != before, "the bad library is still there"
-    assert native._verified(path) is not None, "the library in the cache is not the one its build wrote"
+    assert native.cache.verified(path) is not None, "the library in the cache is not the one its build wrote"
 
 
 def _put(path: Path, data: bytes, checksum_too: bool = False) -> None:
@@ -99,7 +99,7 @@ def _put(path: Path, data: bytes, checksum_too: bool = False) -> None:
     if checksum_too:  # as if the build had written it: only the stamp can tell
         import hashlib
 
-        native._checksum_path(path).write_text(hashlib.sha256(data).hexdigest() + "\n")
+        native.cache.checksum_path(path).write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no checksum"])
@@ -113,12 +113,12 @@ def test_a_damaged_library_is_rebuilt_not_loaded(cache, damage):
     elif damage == "empty":
         _put(path, b"")
     else:  # a library from a lenetlab that wrote no checksum
-        native._checksum_path(path).unlink()
+        native.cache.checksum_path(path).unlink()
     before = path.read_bytes()
     got = _load_in_subprocess(cache)
     assert got["loaded"] and got["abi"] == native.ABI, got
     if damage == "no checksum":
-        assert native._verified(path) is not None
+        assert native.cache.verified(path) is not None
     else:
         _assert_rebuilt(path, before)
 
@@ -139,7 +139,7 @@ def test_another_valid_library_in_its_place_is_rebuilt(cache, checksum_too):
 def test_a_library_of_another_record_is_rebuilt(cache, change):
     """A library from another version of the argument record (with a checksum that matches:
     only the stamp tells) is refused at load, closed uncalled, and rebuilt from this source."""
-    src = native.SOURCE.read_text()
+    src = native.source_text()
     if change == "abi":
         other = src.replace("#define LN_ABI 1\n", "#define LN_ABI 999\n")
     else:  # two fields of one type swapped: the same size, another layout
@@ -160,7 +160,7 @@ def test_a_library_of_another_record_is_rebuilt(cache, change):
 def test_the_stamp_check_names_what_differs(cache):
     """The refusal says what differs; a rebuilt library that still differs is reported, not called."""
     code = LOAD.replace("from lenetlab import native\n",
-                        "from lenetlab import native\nnative.ABI = 999  # as if Python and C disagreed\n")
+                        "from lenetlab import native\nnative.abi.ABI = 999  # as if Python and C disagreed\n")
     got = _load_in_subprocess(cache, code)
     assert not got["loaded"]
     assert "rebuilt and still cannot be used" in got["reason"] and "version 1" in got["reason"], got
@@ -196,4 +196,4 @@ def test_two_processes_building_at_once_both_end_native(tmp_path):
         got = json.loads(out.strip().splitlines()[-1])
         assert got["loaded"] and got["abi"] == native.ABI, got
     assert log.read_text().count("x") == 1, "both processes compiled: the second did not wait for the first"
-    assert native._verified(_library(cache)) is not None
+    assert native.cache.verified(_library(cache)) is not None

@@ -1,13 +1,13 @@
-/* native_harness.c: one concern, replaying calls of native_step.c's entry points from files in a
- * plain C process, with no Python in it: tests/test_native_harness.py runs it natively and, built
+/* native_harness.c: one concern, replaying calls of the native library's entry points from files in a
+ * plain C process, with no Python in it: tests/native/test_native_harness.py runs it natively and, built
  * for aarch64, under qemu-aarch64; cachegrind can run it too (--steps N, one thread).
  *
- * A case file is one call of ln_train_step or ln_forward as native.py made it: every field of
+ * A case file is one call of ln_train_step or ln_forward as lenetlab.native made it: every field of
  * its argument record (ln_args) by the field's own name, so that this file knows nothing of what
  * the fields mean. The harness rebuilds the record (each buffer in its own 64-byte-aligned
  * allocation), makes the call --steps times on one workspace, and writes every buffer the call
  * may write (those its field's C type does not make const) as it is afterwards;
- * tests/harness.py writes the cases and copies those buffers back to where they came from.
+ * tests/support/harness.py writes the cases and copies those buffers back to where they came from.
  *
  * Format, of a case and of the output alike: one header line, then entries to the end of the
  * file, each a line "NAME TYPE COUNT" and COUNT elements of TYPE (f32, f64, i64, i32) in this
@@ -20,12 +20,12 @@
  *     native_harness --info     the build: vector bytes, the record's ABI, and per field of the
  *                               record its kind, element type and whether the call writes it
  * Built as one translation unit with the step's source:
- *     cc -O3 -march=native -std=gnu11 -ffp-contract=fast -pthread -Isrc/lenetlab \
+ *     cc -O3 -march=native -std=gnu11 -ffp-contract=fast -pthread -Isrc/lenetlab/native \
  *        tests/native_harness.c -lm
- * (tests/harness.py inlines native_step.c in place of the #include, so that its build cache's
- * key covers both files.)
+ * (tests/support/harness.py inlines the library's source, native.source_text(), in place of the
+ * #include, so that its build cache's key covers every file.)
  */
-#include "native_step.c"
+#include "lenet5.c"
 
 #include <stdio.h>
 

@@ -1,0 +1,33 @@
+/* lenet5.c: one concern, the native library as one translation unit: every part below, in order.
+ * docs/native.md maps the parts and the design (layout, blocking, threads, the record). */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "simd.h"
+#include "tiles.h"
+#include "constants.h"
+#include "layers.h"
+#include "vmath.c"
+#include "conv.c"
+#include "linear.c"
+#include "transpose.c"
+#include "activation.c"
+#include "pool.c"
+#include "threadpool.c"
+#include "workspace.c"
+#include "augment_pack.c"
+#include "loss.c"
+#include "batchnorm.c"
+#include "optim.c"
+#include "record.c"
+#include "profile.c"
+#include "step.c"
+#include "forward.c"
