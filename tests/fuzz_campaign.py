@@ -25,18 +25,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import REPO, real_data_dir  # noqa: E402
-from support.fuzzing import (  # noqa: E402
-    MEMORY_LIMIT_MIB,
-    Failure,
-    checkpoint_target,
-    idx_target,
-    image_target,
-    make_checkpoints,
-    run_folder_targets,
-    spec_target,
-    weights_target,
-)
-from support.runs import STUDY, make_run  # noqa: E402
+from support.fuzzing import MEMORY_LIMIT_MIB, Failure, all_targets  # noqa: E402
 
 
 def targets(work: Path) -> list:
@@ -49,11 +38,7 @@ def targets(work: Path) -> list:
     if data is None:
         sys.exit("fuzz_campaign: the real Fashion-MNIST is not here: set LENETLAB_DATA")
     splits = make_splits(load_fashion_mnist(data, download=False), train_subset=3000)
-    seed_run = work / "seed-run"
-    make_run(seed_run, STUDY)
-    return [idx_target(work), spec_target(work, REPO), weights_target(work), image_target(work),
-            *run_folder_targets(work, seed_run),
-            checkpoint_target(work, make_checkpoints(work / "checkpoints", splits))]
+    return all_targets(work, REPO, splits)
 
 
 def main() -> int:

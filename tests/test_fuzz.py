@@ -13,17 +13,7 @@ import pytest
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.fuzzing import (
-    MEMORY_LIMIT_MIB,
-    checkpoint_target,
-    idx_target,
-    image_target,
-    make_checkpoints,
-    run_folder_targets,
-    spec_target,
-    weights_target,
-)
-from support.runs import STUDY, make_run
+from support.fuzzing import MEMORY_LIMIT_MIB, all_targets
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -37,12 +27,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def targets(work, small_splits) -> dict:
-    seed_run = work / "seed-run"
-    make_run(seed_run, STUDY)
-    found = {target.name: target for target in [
-        idx_target(work), spec_target(work, REPO), weights_target(work), image_target(work),
-        *run_folder_targets(work, seed_run),
-        checkpoint_target(work, make_checkpoints(work / "checkpoints", small_splits))]}
+    found = {target.name: target for target in all_targets(work, REPO, small_splits)}
     # the peak before any input, with the data and the seed files loaded (fuzz_campaign.py
     # measures the same in a process of its own)
     found["baseline KiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -454,3 +454,14 @@ def make_checkpoints(folder: Path, splits) -> list[tuple[Path, object, int]]:
         made.append((path, recipe, 0))
     return made
 
+
+def all_targets(work: Path, repo: Path, splits) -> list[Target]:
+    """Every reader's target, its seed files made under work: a run folder by the real
+    aggregation, checkpoints by real training on splits (the real data's)."""
+    from .runs import STUDY, make_run
+
+    seed_run = work / "seed-run"
+    make_run(seed_run, STUDY)
+    return [idx_target(work), spec_target(work, repo), weights_target(work), image_target(work),
+            *run_folder_targets(work, seed_run),
+            checkpoint_target(work, make_checkpoints(work / "checkpoints", splits))]
