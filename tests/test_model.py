@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support import rounding  # float64 references and float32 rounding bounds
+from support.parity import check_fast_forward_step_matches_torch
 
 from lenetlab.errors import WeightsError
 from lenetlab.model import LeNet5V1, detect_flags, fast_forward, load_weights
@@ -162,3 +163,7 @@ def test_bad_weight_files_get_one_line_errors(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(WeightsError, match="not a state_dict"):
         load_weights(tmp_path / "list.pth")
+
+
+# fast_forward's training step against the float64 step of the plain module, as the native step's
+test_fast_forward_step_matches_torch = check_fast_forward_step_matches_torch

@@ -1,9 +1,10 @@
 """Parity of the native (C) training step and eval forward with the PyTorch path.
 
-The reference is what training does without the native library: fast_forward in training
-mode, F.cross_entropy (with the variant's label smoothing), backward, and the optimiser from
-training.make_optimizer. Each test that trains compares the model's parameters and buffers and
-the optimiser's state.
+The reference is the plain PyTorch model: LeNet5V1.forward (the module's own layers, its dropout
+given the step's mask) in training mode, F.cross_entropy (with the variant's label smoothing),
+backward, and torch's own optimiser from make_optimizer. fast_forward, PyTorch's faster path,
+is held to the same float64 steps as the native step (tests/test_model.py). Each test that
+trains compares the model's parameters and buffers and the optimiser's state.
 
 A Variant is the model's layers (dropout, batch norm, tanh or ReLU, average or max pooling) and
 the loss's label smoothing. The one-step and forward checks run every variant on the default
