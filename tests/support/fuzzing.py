@@ -197,7 +197,10 @@ def _toml_value(value) -> str:
 
 
 def to_toml(spec: dict) -> str:
-    """spec as TOML text, every table inline (None, which TOML lacks, left out)."""
+    """spec as TOML text, every table inline (None, which TOML lacks, left out); a mutation that
+    left no table at all becomes the value of one key."""
+    if not isinstance(spec, dict):
+        spec = {"variant": spec}
     return "".join(f"{json.dumps(str(k))} = {_toml_value(v)}\n" for k, v in spec.items() if v is not None)
 
 
