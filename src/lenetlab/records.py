@@ -71,9 +71,9 @@ class EpochMetrics:
     accuracy: float
 
 
-def _evaluation_fits(evaluation: Evaluation) -> bool:
-    matrix = evaluation.confusion_matrix
-    return len(evaluation.per_class_accuracy) == len(matrix) == 10 and all(len(r) == 10 for r in matrix)
+def _ten_classes(per_class: list, matrix: list) -> bool:
+    """Whether a per-class accuracy and a confusion matrix are Fashion-MNIST's ten classes'."""
+    return len(per_class) == len(matrix) == 10 and all(len(row) == 10 for row in matrix)
 
 
 def final_accuracies(history: list[EpochMetrics], epoch: int | None = None) -> dict[str, float]:
@@ -197,7 +197,9 @@ class TrialResult:
         require(self.status in ("done", "failed"), f"status: {self.status!r} is not done or failed")
         require(all(row.split in SPLITS and row.epoch >= 1 for row in self.history), "history: bad rows")
         if self.done:
-            require(self.test is not None and _evaluation_fits(self.test), "test: not ten classes")
+            test = self.test
+            require(test is not None and _ten_classes(test.per_class_accuracy, test.confusion_matrix),
+                    "test: not ten classes")
             require(set(final_accuracies(self.history, self.kept_epoch)) >= set(SPLITS),
                     "history: no accuracy of every split at the kept epoch")
             require(is_inside(self.weights), f"weights: {self.weights!r} is not a path inside the run folder")
@@ -279,9 +281,9 @@ class ConfigSummary:
             require(stat.n == len(stat.values) and len(stat.ci95) == 2
                     and set(stat.values) <= set(self.completed_seeds), f"{where}: statistics do not fit")
         require(self.best_seed is None or self.best_seed in self.completed_seeds, f"{where}: best seed")
-        matrices = self.confusion_matrix.values()
-        require(all(len(row) == 10 for row in self.per_class_test_accuracy.values())
-                and all(len(m) == 10 and all(len(row) == 10 for row in m) for m in matrices),
+        require(self.per_class_test_accuracy.keys() == self.confusion_matrix.keys()
+                and all(_ten_classes(self.per_class_test_accuracy[seed], matrix)
+                        for seed, matrix in self.confusion_matrix.items()),
                 f"{where}: per-class accuracy or confusion matrix is not ten classes")
 
     def to_dict(self) -> dict:
