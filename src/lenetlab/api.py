@@ -43,6 +43,7 @@ from .records import SPLITS, Summary, Trained, Trial
 from .results import Run
 from .rundir import MAX_TRIALS, check_size, new_run_dir, parse_seeds, read_plan
 from .trials import execute_trial, save_weights
+from .tunerecords import is_tune_run
 
 
 class _Terminated(KeyboardInterrupt):
@@ -90,19 +91,30 @@ def _tracking(mlflow: str | bool | None):
     return tracking, "" if mlflow is True else mlflow
 
 
-def _execute(run_dir: Path, go: Callable, quiet: bool, tracked: tuple) -> Run:
-    """Run go(display) -> Summary with Ctrl-C and SIGTERM turned into a resume hint (Stopped);
-    tracked: what _tracking gave."""
+def _execute(run_dir: Path, go: Callable, quiet: bool, tracked: tuple, search: bool = False):
+    """Run go(display, tracker) -> its summary with Ctrl-C and SIGTERM turned into a resume hint
+    (Stopped); tracked: what _tracking gave. A study's or sweep's tracker is one of the displays;
+    a search's (search=True) is its own, and go gets the confirmation's display alone. The
+    finished run's Run (a search's TuneRun)."""
     echo = (lambda line: None) if quiet else _echo
     display = Progress(quiet, echo)
     tracking, uri = tracked
-    tracker = tracking.Tracker(uri, run_dir, None if quiet else _echo) if tracking else None
+    tracker = None
+    if tracking and search:
+        from .tuning.tracking import TuneTracker
+
+        tracker = TuneTracker(uri, run_dir, None if quiet else _echo)
+    elif tracking:
+        tracker = tracking.Tracker(uri, run_dir, None if quiet else _echo)
     in_main = threading.current_thread() is threading.main_thread()  # not in a thread of an app
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     resume_line = f"lenetlab resume {shlex.quote(str(run_dir))}" + (f" {tracker.option}" if tracker else "")
     stopped = "FAILED"
     try:
-        summary: Summary = go(_Displays(tracker, display) if tracker else display)
+        if search:
+            summary = go(display, tracker)
+        else:
+            summary = go(_Displays(tracker, display) if tracker else display, None)
         stopped = None
     except KeyboardInterrupt as exc:
         stopped = "KILLED"
@@ -118,6 +130,11 @@ def _execute(run_dir: Path, go: Callable, quiet: bool, tracked: tuple) -> Run:
             tracker.close(stopped)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+    if search:
+        from .tuning.results import TuneRun, say_done
+
+        say_done(*summary, run_dir)
+        return TuneRun(run_dir)
     _say_done(summary, run_dir, tracker, resume_line)
     return Run(run_dir)
 
@@ -151,8 +168,8 @@ def _start(kind: str, configs, seeds: list[int], reference: str | None, *, out, 
     data = load_fashion_mnist(data_dir, quiet=quiet)  # before a run folder exists
     run_dir = new_run_dir(out, name, kind)
     plan = runner.new_plan(kind, run_dir.name, configs, seeds, run, engine, workers, reference)
-    return _execute(run_dir, lambda display: runner.start(run_dir, plan, data, address, display, ray_retries),
-                    quiet, tracked)
+    return _execute(run_dir, lambda display, _: runner.start(run_dir, plan, data, address, display,
+                                                             ray_retries), quiet, tracked)
 
 
 def _variants(variants: list[str] | str | None) -> list[str]:
@@ -211,11 +228,76 @@ def sweep(spec: str | Path | dict, *, out: str | Path = "runs", name: str | None
                   ray_retries=ray_retries, max_trials=max_trials, mlflow=mlflow, quiet=quiet)
 
 
+def tune(spec: str | Path | dict, *, trials: int | None = None, timeout: float | None = None,
+         out: str | Path = "runs", name: str | None = None, data_dir: str | Path | None = None,
+         device: str = "auto", kernels: str | None = None, threads: int | None = None, split_seed: int = 0,
+         train_subset: int | None = None, engine: str = "local", address: str | None = None,
+         workers: int | None = None, ray_retries: int = DEFAULT_RAY_RETRIES,
+         mlflow: str | bool | None = None, quiet: bool = False):
+    """`lenetlab tune`: search recipe fields with Optuna (the tune extra), chosen on validation, then
+    confirm the best over the spec's confirm_seeds on the test set; its TuneRun.
+
+    spec: a TOML file's path or a dict of the same shape (see tunespec.py); trials and timeout
+    (seconds) replace the spec's budget.
+    """
+    from .tunespec import load_tune_spec, parse
+
+    _require_tune_extra()
+    from .tuning.run import new_plan, start
+    if isinstance(spec, dict):
+        planned = parse(spec)
+    elif isinstance(spec, (str, Path)):
+        planned = load_tune_spec(spec)
+    else:
+        raise OptionError("spec", f"{{option}}: expected a TOML file's path or a dict, "
+                          f"got {type(spec).__name__}")
+    trials, timeout = options.check("trials", trials), options.check("timeout", timeout)
+    planned = replace(planned, trials=trials or planned.trials,
+                      timeout=float(timeout) if timeout is not None else planned.timeout)
+    run = options.run_options(device, threads, split_seed, train_subset, kernels)
+    workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
+    engine = options.check("engine", engine)
+    if engine != "ray":
+        start_local_pool(["lenetlab.tuning.referee"])  # optuna imported once, not per trial
+    announce(run.kernels, run.device, [(planned.variant, planned.base)])
+    check_engine(engine)
+    tracked = _tracking(mlflow)
+    train_only = load_fashion_mnist(data_dir, quiet=quiet, test=False)  # checked before a run folder exists
+    run_dir = new_run_dir(out, name or planned.name, "tune")
+    plan = new_plan(run_dir.name, planned, run, engine, workers)
+    load = _loader(data_dir, quiet, train_only)
+    echo = (lambda line: None) if quiet else _echo
+    return _execute(run_dir, lambda display, tracker: start(
+        run_dir, plan, load, address, echo, display, ray_retries, tracker), quiet, tracked, search=True)
+
+
+def _require_tune_extra() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise OptionError("tune", "lenetlab tune needs Optuna: pip install 'lenetlab[tune]'") from None
+
+
+def _loader(data_dir, quiet: bool, train_only=None) -> Callable:
+    """load(test) for a search: the training files alone (test False, read once), or all four."""
+    def load(test: bool):
+        nonlocal train_only
+        if test:
+            return load_fashion_mnist(data_dir, quiet=True)
+        train_only = train_only or load_fashion_mnist(data_dir, quiet=quiet, test=False)
+        return train_only
+    return load
+
+
 def resume(path: str | Path, *, data_dir: str | Path | None = None, engine: str | None = None,
            address: str | None = None, workers: int | None = None, ray_retries: int = DEFAULT_RAY_RETRIES,
-           mlflow: str | bool | None = None, quiet: bool = False) -> Run:
-    """`lenetlab resume`: finish an interrupted study or sweep as planned; its Run."""
+           mlflow: str | bool | None = None, quiet: bool = False):
+    """`lenetlab resume`: finish an interrupted study, sweep or search as planned; its Run (a
+    search's TuneRun)."""
     run_dir = Path(path)
+    if is_tune_run(run_dir):
+        return _resume_tune(run_dir, data_dir=data_dir, engine=engine, address=address, workers=workers,
+                            ray_retries=ray_retries, mlflow=mlflow, quiet=quiet)
     plan = read_plan(run_dir)  # a folder that is no run is refused before the data is loaded
     workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
     engine = options.check("engine", engine)
@@ -225,12 +307,37 @@ def resume(path: str | Path, *, data_dir: str | Path | None = None, engine: str 
     check_engine(engine or "local")
     tracked = _tracking(mlflow)
     data = load_fashion_mnist(data_dir, quiet=quiet)
-    return _execute(run_dir, lambda display: runner.resume(run_dir, data, engine, address, workers, display,
-                                                           ray_retries), quiet, tracked)
+    return _execute(run_dir, lambda display, _: runner.resume(
+        run_dir, data, engine, address, workers, display, ray_retries), quiet, tracked)
 
 
-def open_run(path: str | Path) -> Run:
-    """An existing run folder's results (a finished run: its files checked against summary.json)."""
+def _resume_tune(run_dir: Path, *, data_dir, engine, address, workers, ray_retries, mlflow, quiet):
+    from .tunerecords import read_tune_plan
+
+    plan = read_tune_plan(run_dir)  # a damaged plan is refused before Optuna or the data
+    _require_tune_extra()
+    from .tuning.run import resume as resume_search
+    workers, ray_retries = options.check("workers", workers), options.check("ray_retries", ray_retries)
+    engine = options.check("engine", engine)
+    if (engine or plan.engine) != "ray":
+        start_local_pool(["lenetlab.tuning.referee"])
+    announce(plan.options.kernels, plan.options.device, [(plan.spec.variant, plan.spec.base)])
+    check_engine(engine or "local")
+    tracked = _tracking(mlflow)
+    load = _loader(data_dir, quiet)  # read once the journal is checked (tuning/run.py)
+    echo = (lambda line: None) if quiet else _echo
+    return _execute(run_dir, lambda display, tracker: resume_search(
+        run_dir, load, engine, address, workers, echo, display, ray_retries, tracker), quiet, tracked,
+        search=True)
+
+
+def open_run(path: str | Path):
+    """An existing run folder's results (a finished run: its files checked against summary.json);
+    a search's folder gives its TuneRun."""
+    if is_tune_run(Path(path)):
+        from .tuning.results import TuneRun
+
+        return TuneRun(Path(path))
     return Run(Path(path))
 
 

@@ -1,4 +1,4 @@
-"""The `lenetlab` command: variants, train, evaluate, predict, export, study, sweep, resume, report.
+"""The `lenetlab` command: variants, train, evaluate, predict, export, study, sweep, tune, resume, report.
 
 run() is the command (main(), then a fast exit). main() only wires options to the modules
 that do the work: the run commands, train and predict to the Python API (api.py), the others
@@ -26,18 +26,22 @@ from .rundir import MAX_SEEDS
 # torch, numpy and PIL come in with the commands that use them: --help, variants and runs start
 # at once without them.
 
+# What a search's local workers import before they fork: Optuna, once, not per trial.
+TUNE_PRELOAD = ["lenetlab.tuning.referee"]
+
 
 # Whether this process is the `lenetlab` command (run()), not a caller of main() in Python.
 _is_command = False
 
 
-def _api(local_run: bool = False):
+def _api(local_run: bool = False, preload: list[str] | None = None):
     """The Python API, for the commands that train or predict. local_run: a run on the local pool,
-    whose forkserver starts first, to import torch on another core while this process does."""
+    whose forkserver starts first, to import torch (and preload) on another core while this
+    process does."""
     if local_run:
         from .localpool import start_local_pool
 
-        start_local_pool()
+        start_local_pool(preload)
     from . import api
 
     if _is_command:  # its own process: no caller's torch.compile to keep working
@@ -110,13 +114,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _run_options(args) -> dict:
-    """The options of a study or sweep, as the API's keywords."""
-    return dict(out=args.out, name=args.name, data_dir=args.data_dir, device=args.device,
-                kernels=args.kernels,
-                threads=args.threads, split_seed=args.split_seed, train_subset=args.train_subset,
-                engine=args.engine, address=args.address, workers=args.workers, ray_retries=args.ray_retries,
-                max_trials=args.max_trials, mlflow=args.mlflow, quiet=args.quiet)
+def _run_options(args, max_trials: bool = True) -> dict:
+    """The options of a study, sweep or search, as the API's keywords."""
+    found = dict(out=args.out, name=args.name, data_dir=args.data_dir, device=args.device,
+                 kernels=args.kernels,
+                 threads=args.threads, split_seed=args.split_seed, train_subset=args.train_subset,
+                 engine=args.engine, address=args.address, workers=args.workers, ray_retries=args.ray_retries,
+                 mlflow=args.mlflow, quiet=args.quiet)
+    return {**found, "max_trials": args.max_trials} if max_trials else found
 
 
 def _status(run) -> int:
@@ -140,10 +145,20 @@ def cmd_sweep(args) -> int:
     return _status(_api(local_run=args.engine == "local").sweep(spec, **_run_options(args)))
 
 
+def cmd_tune(args) -> int:
+    run = _api(local_run=args.engine == "local", preload=TUNE_PRELOAD).tune(
+        args.spec, trials=args.trials, timeout=args.timeout, **_run_options(args, max_trials=False))
+    return _status(run.confirmation)
+
+
 def cmd_resume(args) -> int:
-    return _status(_api().resume(args.run_dir, data_dir=args.data_dir, engine=args.engine,
-                                 address=args.address, workers=args.workers, ray_retries=args.ray_retries,
-                                 mlflow=args.mlflow, quiet=args.quiet))
+    from .tunerecords import is_tune_run
+
+    search = is_tune_run(Path(args.run_dir))
+    api = _api(local_run=search and args.engine in (None, "local"), preload=TUNE_PRELOAD if search else None)
+    run = api.resume(args.run_dir, data_dir=args.data_dir, engine=args.engine, address=args.address,
+                     workers=args.workers, ray_retries=args.ray_retries, mlflow=args.mlflow, quiet=args.quiet)
+    return _status(run.confirmation if search else run)
 
 
 def cmd_predict(args) -> int:
@@ -173,10 +188,15 @@ def cmd_export(args) -> int:
 
 def cmd_log_mlflow(args) -> int:
     from . import tracking
+    from .tunerecords import is_tune_run
 
     tracking.require_extra("log-mlflow")
     path = Path(args.path)
-    if path.is_dir():
+    if path.is_dir() and is_tune_run(path):
+        from .tuning.tracking import log_tune_dir
+
+        print(log_tune_dir(args.mlflow, path))
+    elif path.is_dir():
         print(tracking.log_run_dir(args.mlflow, path))
     else:
         print(tracking.log_weights(args.mlflow, path))
@@ -195,6 +215,13 @@ def cmd_runs(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .tunerecords import is_tune_run
+
+    if is_tune_run(Path(args.run_dir)):
+        from .tuning.report import render_tune_report
+
+        print(f"wrote {render_tune_report(Path(args.run_dir))}")
+        return 0
     from .report import render_report
 
     print(f"wrote {render_report(Path(args.run_dir))}")
@@ -261,7 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_run_options(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("resume", help="finish an interrupted study or sweep as planned")
+    p = sub.add_parser("tune", help="search recipe fields with Optuna on validation, then confirm the best "
+                       "on the test set", description=(
+                           "Search the recipe fields of SPEC.toml's [search] from its variant (Optuna's "
+                           "TPE, pruning on each epoch's validation accuracy; pip install "
+                           "'lenetlab[tune]'), on the local pool or Ray. The test set is not read until the "
+                           "search ends; then the best trial's recipe and the variant train over the "
+                           "spec's confirm_seeds, with test accuracy and the paired difference. Writes "
+                           "best.toml, a sweep spec of the winner. Resume an interrupted search with "
+                           "lenetlab resume. The spec format: docs/tune.md."))
+    p.add_argument("spec", help="a TOML search spec (see docs/tune.md)")
+    p.add_argument("--trials", type=options.typed("trials"),
+                   help="the budget: trials asked, pruned ones included, 1 to 10000 (default: the spec's, "
+                   "else 20)")
+    p.add_argument("--timeout", type=options.typed("timeout"),
+                   help="seconds of search in all, across resumes; running trials finish (default: the "
+                   "spec's, else none)")
+    options.add_training_options(p, "cores / workers")
+    options.add_engine_options(p)
+    p.set_defaults(engine="local")
+    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", help="run folder name (default: the spec's name, else tune-<date>-<time>)")
+    options.add_mlflow_option(p, "the search as a parent run and each trial as a nested run")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("resume", help="finish an interrupted study, sweep or search as planned")
     p.add_argument("run_dir", help="the run folder")
     options.add_data_options(p)
     options.add_engine_options(p, planned=True)

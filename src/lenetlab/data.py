@@ -185,30 +185,35 @@ def locate(data_dir: str | Path | None = None, download: bool = True,
 
 @dataclass
 class FashionMNIST:
-    """The raw data set: uint8 images (N, 28, 28) and int64 labels (N,)."""
+    """The raw data set: uint8 images (N, 28, 28) and int64 labels (N,); no test images when
+    loaded with test=False (a search, which must not see them)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    test_images: torch.Tensor | None
+    test_labels: torch.Tensor | None
     folder: Path
     checksums: dict[str, str]
 
 
 def load_fashion_mnist(data_dir: str | Path | None = None, download: bool = True,
-                       quiet: bool = False) -> FashionMNIST:
-    """Locate, validate and read the four files. Raises DataError on any problem."""
+                       quiet: bool = False, test: bool = True) -> FashionMNIST:
+    """Locate, validate and read the four files (test=False: the two training files only; the
+    t10k files are not opened). Raises DataError on any problem."""
     folder = locate(data_dir, download, quiet)
     arrays, checksums = {}, {}
     for name, (kind, records, _) in FILES.items():
+        if not test and name.startswith("t10k"):
+            continue
         path = _find(folder, name)
         arrays[name] = read_idx(path, kind, records)
         checksums[name] = hashlib.sha256(arrays[name].tobytes()).hexdigest()
     return FashionMNIST(
         train_images=torch.from_numpy(arrays["train-images-idx3-ubyte"].copy()),
         train_labels=torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)),
-        test_images=torch.from_numpy(arrays["t10k-images-idx3-ubyte"].copy()),
-        test_labels=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
+        test_images=torch.from_numpy(arrays["t10k-images-idx3-ubyte"].copy()) if test else None,
+        test_labels=(torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)) if test
+                     else None),
         folder=folder,
         checksums=checksums,
     )
@@ -221,27 +226,34 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Splits:
-    """Normalised tensors of the three splits, already on the training device."""
+    """Normalised tensors of the three splits, already on the training device (no test split
+    when the data set was loaded without it: training then evaluates train and val only)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_x is not None
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
 
     def to(self, device: str | torch.device) -> Splits:
         """These splits on device (the same tensors where they already are)."""
-        return Splits(**{name: tensor.to(device) for name, tensor in vars(self).items()})
+        return Splits(**{name: tensor.to(device) if tensor is not None else None
+                         for name, tensor in vars(self).items()})
 
     def share_memory_(self) -> Splits:
         """Move every tensor into shared memory, in place: a process started from here then
         receives them without a copy (torch passes a descriptor of the memory, not the bytes)."""
         for tensor in vars(self).values():
-            tensor.share_memory_()
+            if tensor is not None:
+                tensor.share_memory_()
         return self
 
 
@@ -250,16 +262,17 @@ def make_splits(data: FashionMNIST, split_seed: int = 0, device: str | torch.dev
     """The seeded 54,000 / 6,000 train / validation split, plus the 10,000 test images.
 
     train_subset keeps only the first N training images of the split (quick checks, tests);
-    validation and test stay whole.
+    validation and test stay whole. data without test images gives splits without a test split.
     """
     order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(split_seed))
     train_idx, val_idx = order[:TRAIN_SIZE], order[TRAIN_SIZE:TRAIN_SIZE + VAL_SIZE]
     if train_subset is not None:
         train_idx = train_idx[:train_subset]
     images = normalise(data.train_images)
-    test = normalise(data.test_images)
+    has_test = data.test_images is not None
     return Splits(
         train_x=images[train_idx].to(device), train_y=data.train_labels[train_idx].to(device),
         val_x=images[val_idx].to(device), val_y=data.train_labels[val_idx].to(device),
-        test_x=test.to(device), test_y=data.test_labels.to(device),
+        test_x=normalise(data.test_images).to(device) if has_test else None,
+        test_y=data.test_labels.to(device) if has_test else None,
     )

@@ -31,9 +31,10 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Protocol
 
 from . import files
 from .data import FashionMNIST, Splits, make_splits
@@ -42,11 +43,19 @@ from .localpool import Worker, start_local_pool
 from .options import DEFAULT_RAY_RETRIES
 from .records import RunOptions, Trial, TrialResult
 from .rundir import checkpoint_path, reaches, read_result, result_path, token_path
-from .training import FileCheckpoint, skip_dynamo_import
+from .training import FileCheckpoint, OnEpoch, skip_dynamo_import
 from .trials import execute_trial, record_failure, record_trial
 
 OnStart = Callable[[Trial], None]
 OnDone = Callable[[TrialResult], None]
+
+
+class Referee(Protocol):
+    """What a search gives the engines (tuning/referee.py): for each trial, where it trains, the
+    function told each epoch's validation accuracy that answers whether to stop it (pruned).
+    Picklable: it travels to the local workers and to Ray's referee actor."""
+
+    def for_trial(self, trial: Trial) -> OnEpoch: ...
 
 
 
@@ -132,7 +141,8 @@ class _Cores:
 
 
 def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, splits: Splits,
-                  checksums: dict[str, str], shares, slot: int, study_pid: int, report: Connection) -> None:
+                  checksums: dict[str, str], shares, slot: int, study_pid: int, report: Connection,
+                  referee: Referee | None = None) -> None:
     """Entry point of a local worker process: one trial, its files written here.
 
     splits: the run's, in memory shared with the study (read, never written); shares[slot]:
@@ -146,7 +156,8 @@ def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, 
     run = Path(run_dir)
     try:
         result, state_dict = execute_trial(trial, run_id, splits, options, checkpoint_path(run, trial),
-                                           threads=lambda: shares[slot])
+                                           threads=lambda: shares[slot],
+                                           on_epoch=referee.for_trial(trial) if referee else None)
         record_trial(run, result, state_dict, checksums)
     except OutputError as exc:
         report.send(("fatal", str(exc)))
@@ -154,10 +165,14 @@ def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, 
         report.send(("failed", f"{type(exc).__name__}: {exc}"))
 
 
-def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, data: FashionMNIST,
-              workers: int, on_start: OnStart, on_done: OnDone) -> None:
-    """Run trials in at most `workers` processes at a time; call on_done with each result."""
-    if not trials:
+def run_local(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOptions, data: FashionMNIST,
+              workers: int, on_start: OnStart, on_done: OnDone, referee: Referee | None = None) -> None:
+    """Run trials in at most `workers` processes at a time; call on_done with each result.
+
+    trials: a list, or an iterator asked for the next trial only when a worker is free (a
+    search asks its sampler then, once the trials before have told it what they found).
+    """
+    if isinstance(trials, (list, tuple)) and not trials:
         return
     run_dir = Path(run_dir).resolve()  # workers start in the forkserver's working directory
     context = mp.get_context("forkserver")
@@ -165,12 +180,15 @@ def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptio
     # Once per run; a worker moves them to options.device itself (a GPU's memory is not shared).
     splits = make_splits(data, options.split_seed, "cpu", options.train_subset).share_memory_()
     cores = _Cores(context, workers, options.threads)
-    pending = list(trials)
+    source, exhausted = iter(trials), False
     running: dict[int, tuple] = {}  # sentinel -> (process, trial, report connection, slot), oldest first
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                trial = pending.pop(0)
+        while True:
+            while not exhausted and len(running) < workers:
+                trial = next(source, None)
+                if trial is None:
+                    exhausted = True
+                    break
                 # Drop a stale result of an earlier try so that only this run's file counts.
                 result_path(run_dir, trial).unlink(missing_ok=True)
                 receive, send = context.Pipe(duplex=False)
@@ -178,11 +196,15 @@ def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptio
                 process = Worker(
                     target=_local_worker, name=f"lenetlab-{trial.key}",
                     args=(trial, run_id, str(run_dir), options, splits, data.checksums, cores.shares, slot,
-                          os.getpid(), send))
+                          os.getpid(), send, referee))
                 process.start()
                 send.close()
                 running[process.sentinel] = (process, trial, receive, slot)
                 on_start(trial)
+            if not running:
+                break
+            if exhausted:  # newest first: likeliest to have the most epochs left
+                cores.spread([slot for *_, slot in reversed(running.values())])
             for sentinel in wait(list(running)):
                 process, trial, receive, slot = running.pop(sentinel)
                 process.join()
@@ -203,8 +225,6 @@ def run_local(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptio
                     how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
                     result = record_failure(run_dir, trial, run_id, f"worker died ({how})")
                 on_done(result)
-            if not pending and running:  # newest first: likeliest to have the most epochs left
-                cores.spread([slot for *_, slot in reversed(running.values())])
     finally:
         for process, *_ in running.values():
             process.kill()
@@ -281,8 +301,34 @@ class _SinkCheckpoint:
             raise OutputError(problem)
 
 
+class RefereeHost:
+    """A Ray actor on the driver's host holding a search's referee, for the tasks that run
+    anywhere: each epoch's report goes there and the answer comes back."""
+
+    def __init__(self, referee: Referee) -> None:
+        self.referee = referee
+        self.hooks: dict[str, OnEpoch] = {}
+
+    def epoch(self, trial: Trial, epoch: int, accuracy: float) -> bool:
+        if trial.key not in self.hooks:
+            self.hooks[trial.key] = self.referee.for_trial(trial)
+        return self.hooks[trial.key](epoch, accuracy)
+
+
+class _RemoteReferee:
+    """A Referee whose every answer comes from the run's RefereeHost actor."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+
+    def for_trial(self, trial: Trial) -> OnEpoch:
+        import ray
+
+        return lambda epoch, accuracy: ray.get(self.host.epoch.remote(trial, epoch, accuracy))
+
+
 def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions, run_dir: str,
-               sink) -> tuple[TrialResult, dict]:
+               sink, referee: Referee | None = None) -> tuple[TrialResult, dict]:
     """A Ray task: train one trial where Ray placed it, checkpointing into the run folder when it
     reaches it (this run's id is there), else through the run's sink.
 
@@ -294,14 +340,17 @@ def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions, 
     else:
         store = _SinkCheckpoint(sink, trial)
     splits = _ray_worker_splits(data_refs[0], options)
-    return execute_trial(trial, run_id, splits, options, store)
+    return execute_trial(trial, run_id, splits, options, store,
+                         on_epoch=referee.for_trial(trial) if referee else None)
 
 
-def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,
+def run_ray(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,
             workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone,
-            retries: int = DEFAULT_RAY_RETRIES) -> None:
+            retries: int = DEFAULT_RAY_RETRIES, referee: Referee | None = None) -> None:
     """Run trials as Ray tasks on the cluster at address, or on a local Ray instance; a task
-    whose worker or host dies runs again, up to retries times."""
+    whose worker or host dies runs again, up to retries times. trials: a list, all queued at
+    once; or an iterator (a search), asked for the next trial as each of `workers` running ones
+    ends."""
     check_engine("ray")
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -325,17 +374,32 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         sink = ray.remote(num_cpus=0, scheduling_strategy=here)(CheckpointSink).remote(str(run_dir))
         data_ref = ray.put(data)  # shipped to the object store once, shared by every task
+        if referee is not None:  # its storage is on this host: every task's epochs are judged here
+            referee = _RemoteReferee(ray.remote(num_cpus=0, scheduling_strategy=here)(RefereeHost)
+                                     .remote(referee))
         # A dead worker or host: retried (it resumes from its last checkpoint). An exception
         # of the trial itself: failed at once.
         task = ray.remote(num_cpus=options.threads, max_retries=retries, retry_exceptions=False)(_ray_trial)
-        futures = {}
-        for trial in trials:
-            result_path(run_dir, trial).unlink(missing_ok=True)
-            futures[task.remote(trial, run_id, [data_ref], options, str(run_dir), sink)] = trial
+        futures, source = {}, iter(trials)
+        dynamic = not isinstance(trials, (list, tuple))
+
+        def submit() -> Trial | None:
+            trial = next(source, None)
+            if trial is not None:
+                result_path(run_dir, trial).unlink(missing_ok=True)
+                futures[task.remote(trial, run_id, [data_ref], options, str(run_dir), sink, referee)] = trial
+            return trial
+
         # Ray runs about `workers` tasks at once; count those as running, the rest as queued.
-        for trial in trials[:workers]:
+        submitted = list(iter(submit, None)) if not dynamic else []
+        for _ in range(workers if dynamic else 0):
+            trial = submit()
+            if trial is None:
+                break
+            submitted.append(trial)
+        for trial in submitted[:workers]:
             on_start(trial)
-        queued = list(trials[workers:])
+        queued = submitted[workers:]
         while futures:
             done, _ = ray.wait(list(futures), num_returns=1)
             trial = futures.pop(done[0])
@@ -351,6 +415,8 @@ def run_ray(trials: list[Trial], run_id: str, run_dir: Path, options: RunOptions
             else:
                 result = record_trial(run_dir, *outcome, data.checksums)
             on_done(result)
+            if dynamic and (following := submit()) is not None:  # asked once this result is told
+                on_start(following)
     finally:
         token_path(run_dir).unlink(missing_ok=True)
         if sink is not None:

@@ -50,11 +50,12 @@ class Worker(mp_context.ForkServerProcess):
         return _Popen(process_obj)
 
 
-def start_local_pool() -> None:
+def start_local_pool(preload: list[str] | None = None) -> None:
     """Start the forkserver that local workers fork from now, not at the first trial: its
-    imports (WORKER_PRELOAD, torch's above all) then run beside the run's own checks and data
-    loading on another core. Idempotent; the forkserver exits with this process."""
-    multiprocessing.forkserver.set_forkserver_preload(WORKER_PRELOAD)
+    imports (WORKER_PRELOAD and preload, torch's above all) then run beside the run's own checks
+    and data loading on another core. Idempotent (a forkserver already running keeps its
+    imports); the forkserver exits with this process."""
+    multiprocessing.forkserver.set_forkserver_preload(WORKER_PRELOAD + list(preload or []))
     multiprocessing.forkserver.ensure_running()
 
 

@@ -76,6 +76,8 @@ RANGES = {
     "train_subset": Number(int, 1, TRAIN_SIZE), "workers": Number(int, 1, 1024),
     "ray_retries": Number(int, 0, MAX_RAY_RETRIES), "max_trials": Number(int, 1, 10**6),
     "top_k": Number(int, 1, 10),
+    # a search's budget and its time in seconds (tunespec.py checks the same in a spec file)
+    "trials": Number(int, 1, 10_000), "timeout": Number(float, 0, 10**9, low_open=True),
 }
 CHOICES = {"kernels": ("auto", "native", "torch"), "engine": ("local", "ray"),
            "invert": ("auto", "yes", "no")}

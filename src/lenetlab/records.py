@@ -135,10 +135,10 @@ class TrialResult:
 
     trial: Trial
     run_id: str
-    status: str  # done or failed
+    status: str  # done, failed, or pruned (a search's trial its pruner stopped early)
     error: str | None = None
     history: list[EpochMetrics] = field(default_factory=list)
-    test: Evaluation | None = None  # the kept model on the test set
+    test: Evaluation | None = None  # the kept model on the test set (None in a search: no test split)
     kept_epoch: int | None = None  # the epoch whose model was kept (the recipe's checkpoint choice)
     test_flip: float | None = None  # the kept model's test accuracy with flip averaging
     wall_time_s: float = 0.0
@@ -155,6 +155,15 @@ class TrialResult:
     @property
     def done(self) -> bool:
         return self.status == "done"
+
+    @property
+    def pruned(self) -> bool:
+        return self.status == "pruned"
+
+    @property
+    def tested(self) -> bool:
+        """Whether it was trained with the test split evaluated (not a search's trial)."""
+        return any(row.split == "test" for row in self.history)
 
     def final(self, split: str) -> float:
         """The kept model's accuracy on split."""
@@ -194,14 +203,18 @@ class TrialResult:
         """self, once its fields have their types and fit together (TypeError, ValueError)."""
         checked(self, "trial result")
         require(is_name(self.trial.config) and 0 <= self.trial.seed < 2**32, "trial: bad config or seed")
-        require(self.status in ("done", "failed"), f"status: {self.status!r} is not done or failed")
+        require(self.status in ("done", "failed", "pruned"),
+                f"status: {self.status!r} is not done, failed or pruned")
         require(all(row.split in SPLITS and row.epoch >= 1 for row in self.history), "history: bad rows")
+        splits = set(SPLITS) if self.tested else {"train", "val"}
+        if self.done or self.pruned:
+            require(set(final_accuracies(self.history, self.kept_epoch)) >= splits,
+                    "history: no accuracy of every split at the kept epoch")
         if self.done:
             test = self.test
-            require(test is not None and _ten_classes(test.per_class_accuracy, test.confusion_matrix),
-                    "test: not ten classes")
-            require(set(final_accuracies(self.history, self.kept_epoch)) >= set(SPLITS),
-                    "history: no accuracy of every split at the kept epoch")
+            require(test is None if not self.tested else
+                    test is not None and _ten_classes(test.per_class_accuracy, test.confusion_matrix),
+                    "test: not ten classes, or a test result without test rows")
             require(is_inside(self.weights), f"weights: {self.weights!r} is not a path inside the run folder")
         return self
 

@@ -1,7 +1,8 @@
 """The run folders under a directory, one line each: what each holds and what state it is in.
 
 `lenetlab runs [DIR]` prints them: kind, configurations and seeds, trials done and failed, the
-best test accuracy, and the state: finished, interrupted (resumable), in use by a process, or
+best test accuracy (a search: its trials, pruned ones apart, and its best validation accuracy),
+and the state: finished, interrupted (resumable), in use by a process, or
 damaged. Nothing is written: the lock is probed without being taken.
 """
 
@@ -16,6 +17,7 @@ from .errors import RunDirError
 from .markup import plain
 from .rundir import plan_path, read_plan, read_results
 from .summary import load_summary
+from .tunerecords import is_tune_run, read_search_results, read_tune_plan, read_tune_summary, summary_path
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,11 @@ class RunState:
     failed: int = 0
     best: tuple[str, float] | None = None  # (configuration, mean test accuracy)
     state: str = "finished"  # finished, interrupted, in use by process N, damaged (why)
+    search: str | None = None  # a search's trials and best, said instead of configurations and seeds
 
     def line(self) -> str:
+        if self.search is not None:
+            return plain(f"{self.path.name}  {self.kind}  {self.search}  {self.state}")
         best = f"best {self.best[0]} {self.best[1]:.4f}" if self.best else "best -"
         return plain(f"{self.path.name}  {self.kind}  {self.configs} config(s) x {self.seeds} seed(s)  "
                      f"{self.done} done, {self.failed} failed  {best}  {self.state}")
@@ -50,9 +55,40 @@ def _holder(run_dir: Path) -> str | None:
     return None
 
 
+def describe_search(run_dir: Path) -> RunState:
+    """A search's folder: its trials so far (pruned ones are no failures) and, once finished, its
+    best trial's validation accuracy and the confirmation's test accuracy."""
+    try:
+        plan = read_tune_plan(run_dir)
+    except RunDirError as exc:
+        return RunState(run_dir, "tune", state=f"damaged ({exc})")
+    budget = plan.spec.trials
+    holder = _holder(run_dir)
+    if holder is None and summary_path(run_dir).exists():
+        try:
+            summary = read_tune_summary(run_dir)
+            confirmation = load_summary(run_dir / "confirm")
+        except RunDirError as exc:
+            return RunState(run_dir, "tune", state=f"damaged ({exc})")
+        best, tested = summary.best_row, confirmation.config("best").final
+        return RunState(run_dir, "tune", state="finished", search=(
+            f"{len(summary.trials)} of {budget} trial(s): {summary.count('complete')} complete, "
+            f"{summary.count('pruned')} pruned, {summary.count('failed')} failed  best val {best.value:.4f} "
+            f"(trial {best.number}), test {tested['test'].mean:.4f}" if tested else "no test"))
+    ended = read_search_results(run_dir, plan.run_id)
+    counts = {state: sum(r.status == state for r in ended) for state in ("done", "pruned", "failed")}
+    best = max((r.final("val") for r in ended if r.done), default=None)
+    state = f"in use by process {holder}" if holder else "interrupted: lenetlab resume finishes it"
+    return RunState(run_dir, "tune", state=state, search=(
+        f"{len(ended)} of {budget} trial(s): {counts['done']} complete, {counts['pruned']} pruned, "
+        f"{counts['failed']} failed  best val {f'{best:.4f}' if best is not None else '-'}"))
+
+
 def describe(run_dir: Path) -> RunState:
     """What run_dir holds; a folder whose files lenetlab cannot trust is 'damaged (why)'."""
     run_dir = Path(run_dir)
+    if is_tune_run(run_dir):
+        return describe_search(run_dir)
     try:
         plan = read_plan(run_dir)
     except RunDirError as exc:

@@ -159,9 +159,9 @@ class Kept:
         if self.average:
             self.average.update()
 
-    def after_epoch(self, epoch: int, val: Evaluation, test: Evaluation) -> None:
+    def after_epoch(self, epoch: int, val: Evaluation, test: Evaluation | None) -> None:
         if self.by_val and (self.best is None or val.accuracy > self.best["val"]):
-            self.best = {"epoch": epoch, "val": val.accuracy, "test": asdict(test),
+            self.best = {"epoch": epoch, "val": val.accuracy, "test": asdict(test) if test else None,
                          "model": {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}}
 
     def choose(self, last_epoch: int, test: Evaluation | None) -> tuple[int, Evaluation | None]:
@@ -170,7 +170,7 @@ class Kept:
         if self.best is None:
             return last_epoch, test
         self.evaluated.load_state_dict(self.best["model"])
-        return self.best["epoch"], Evaluation(**self.best["test"])
+        return self.best["epoch"], Evaluation(**self.best["test"]) if self.best["test"] else None
 
     def state(self) -> dict:
         return {"average": self.average.model.state_dict() if self.average else None, "best": self.best}
@@ -185,10 +185,15 @@ class Kept:
 class TrialOutput:
     model: LeNet5V1  # the kept model: the last epoch's, or the best on validation (checkpoint)
     history: list[EpochMetrics]
-    test: Evaluation  # the kept model on the test set
+    test: Evaluation | None  # the kept model on the test set (None: trained without one)
     kernels: str  # native or torch
     kept_epoch: int  # the epoch whose model was kept
     test_flip: float | None = None  # test accuracy averaging each image with its mirror (flip)
+    pruned: bool = False  # stopped early by on_epoch (a search's pruner)
+
+# Told each epoch's number and the evaluated model's validation accuracy once the epoch is done;
+# True stops the trial there (pruned). A search's pruner answers it (tuning/referee.py).
+OnEpoch = Callable[[int, float], bool]
 
 
 # ---- checkpoints: the state after every epoch, saved atomically, resumed when it matches ----
@@ -249,7 +254,8 @@ def _restorable(state: dict, recipe: Recipe, seed: int) -> None:
     if kept.best is not None:
         require(type(kept.best["epoch"]) is int and type(kept.best["val"]) is float, "best")
         kept.choose(epoch, None)  # loads its weights and makes its Evaluation
-        checked(Evaluation(**kept.best["test"]))
+        if kept.best["test"] is not None:  # None: trained without a test split (a search)
+            checked(Evaluation(**kept.best["test"]))
     phase = next((p for p in phases(recipe) if p.first_epoch <= epoch < p.last_epoch), None)
     if phase is None:  # the last epoch was done: no optimiser to resume
         return
@@ -455,13 +461,17 @@ def train_trial(
     stop_after_epoch: int | None = None,
     kernels: str = "auto",
     threads: Callable[[], int] | None = None,
+    on_epoch: OnEpoch | None = None,
 ) -> TrialOutput:
-    """Train one recipe from one seed; evaluate train/val/test every epoch.
+    """Train one recipe from one seed; evaluate train/val/test every epoch (train/val where the
+    splits have no test split: then no test result is made at all).
 
     With checkpoint set (a file, or a CheckpointStore), the state after every epoch is saved
     there (atomically) and a matching checkpoint found there is resumed from. stop_after_epoch
     ends early (tests use it to simulate an interruption). threads, if given, is asked at the start of every
     epoch how many threads to train with (torch.set_num_threads; the native step follows it).
+    on_epoch, if given, is told each epoch's validation accuracy before its checkpoint is saved
+    (so every epoch a checkpoint holds has been told), and stops the trial when it answers True.
     Raises Diverged at the first non-finite loss. The kept model: see Kept.
     """
     device = splits.train_x.device
@@ -492,13 +502,17 @@ def train_trial(
                 torch.set_num_threads(threads())
             model.train()
             rows = [_train_epoch(run, phase, optimizer, epoch)]
-            val, test = _evaluate(run, "val", epoch), _evaluate(run, "test", epoch)
-            rows += [EpochMetrics(epoch, "val", val.loss, val.accuracy),
-                     EpochMetrics(epoch, "test", test.loss, test.accuracy)]
+            val = _evaluate(run, "val", epoch)
+            test = _evaluate(run, "test", epoch) if splits.has_test else None
+            rows.append(EpochMetrics(epoch, "val", val.loss, val.accuracy))
+            if test is not None:
+                rows.append(EpochMetrics(epoch, "test", test.loss, test.accuracy))
             run.kept.after_epoch(epoch, val, test)
             history += rows
             if log is not None:
                 log(format_epoch(recipe.name, seed, epoch, total_epochs(recipe), rows))
+            if on_epoch is not None and on_epoch(epoch, val.accuracy):
+                return _finish(run, history, test, pruned=True)
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, model, optimizer, run.kept, epoch, history, recipe, seed)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -506,19 +520,20 @@ def train_trial(
     return _finish(run, history, test)
 
 
-def _finish(run: _Run, history: list[EpochMetrics], test: Evaluation | None) -> TrialOutput:
+def _finish(run: _Run, history: list[EpochMetrics], test: Evaluation | None,
+            pruned: bool = False) -> TrialOutput:
     """The kept model in eval mode, its test result and, for recipes that flip, the
-    flip-averaged test accuracy."""
+    flip-averaged test accuracy (neither without a test split)."""
     kept_epoch, test = run.kept.choose(history[-1].epoch, test)
-    if test is None:  # resumed from the last epoch's checkpoint: nothing was left to train
+    if test is None and run.splits.has_test:  # resumed from the last epoch's checkpoint
         test = _evaluate(run, "test")
     model = run.kept.evaluated.eval()
     test_flip = None
-    if run.recipe.flip:
+    if run.recipe.flip and run.splits.has_test:
         forward = _forward(run)
         test_flip = evaluate(model, *run.splits.split("test"),
                              forward=lambda x: flip_averaged(forward, model, x)).accuracy
-    return TrialOutput(model, history, test, run.kernels, kept_epoch, test_flip)
+    return TrialOutput(model, history, test, run.kernels, kept_epoch, test_flip, pruned)
 
 
 def format_epoch(name: str, seed: int, epoch: int, epochs: int, rows: list[EpochMetrics]) -> str:

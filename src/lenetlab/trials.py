@@ -25,14 +25,16 @@ from .provenance import library_versions, machine_info
 from .recipes import architecture
 from .records import Diverged, RunOptions, TrainedOn, Trial, TrialResult
 from .rundir import checkpoint_path, result_path, weights_path
-from .training import CheckpointStore, train_trial
+from .training import CheckpointStore, OnEpoch, train_trial
 
 
 def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions,
                   checkpoint: Path | CheckpointStore | None, progress: bool = False,
                   log: Callable[[str], None] | None = None,
-                  threads: Callable[[], int] | None = None) -> tuple[TrialResult, dict]:
-    """Train and evaluate one trial: its result (failed if it diverged) and its weights (CPU tensors).
+                  threads: Callable[[], int] | None = None,
+                  on_epoch: OnEpoch | None = None) -> tuple[TrialResult, dict]:
+    """Train and evaluate one trial: its result (failed if it diverged, pruned if on_epoch
+    stopped it) and its weights (CPU tensors; none for a pruned trial).
 
     splits: make_splits(data, options.split_seed, ..., options.train_subset) on any device;
     they are moved to options.device if they are elsewhere. threads: asked at the start of
@@ -55,14 +57,18 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
     started = time.perf_counter()
     try:
         output = train_trial(trial.recipe, trial.seed, splits, checkpoint=checkpoint,
-                             progress=progress, log=log, kernels=options.kernels, threads=epoch_threads)
+                             progress=progress, log=log, kernels=options.kernels, threads=epoch_threads,
+                             on_epoch=on_epoch)
     except Diverged as exc:
         return TrialResult(trial, run_id, "failed", error=str(exc), options=options), {}
-    result = TrialResult(trial, run_id, "done", history=output.history, test=output.test,
+    status = "pruned" if output.pruned else "done"
+    result = TrialResult(trial, run_id, status, history=output.history, test=output.test,
                          kept_epoch=output.kept_epoch, test_flip=output.test_flip,
                          wall_time_s=time.perf_counter() - started, options=options,
                          kernels=output.kernels, epoch_threads=used,
                          trained_on=trained_on(output.kernels, options.device))
+    if output.pruned:
+        return result, {}
     return result, {k: v.detach().cpu() for k, v in output.model.state_dict().items()}
 
 
@@ -85,7 +91,7 @@ def save_weights(path: Path, result: TrialResult, state_dict: dict, checksums: d
         "architecture": architecture(recipe),
         "split_seed": result.options.split_seed, "train_subset": result.options.train_subset,
         "kernels": result.kernels, "metrics": [asdict(row) for row in result.history],
-        "kept_epoch": result.kept_epoch, "test_accuracy": result.test.accuracy,
+        "kept_epoch": result.kept_epoch, "test_accuracy": result.test.accuracy if result.test else None,
         "test_accuracy_flip_averaged": result.test_flip, "wall_time_s": result.wall_time_s,
         "data_sha256": checksums, "versions": library_versions(),
         # The trainer's host and build where the result says (a Ray worker's), else this one's.
@@ -100,7 +106,12 @@ def save_weights(path: Path, result: TrialResult, state_dict: dict, checksums: d
 
 def record_trial(run_dir: Path, result: TrialResult, state_dict: dict,
                  checksums: dict[str, str]) -> TrialResult:
-    """Write a finished trial's weights, sidecar and result (or a diverged one's failure)."""
+    """Write a finished trial's weights, sidecar and result (a pruned one's result alone, or a
+    diverged one's failure)."""
+    if result.pruned:
+        files.write_record(result_path(run_dir, result.trial), "trial", result.to_dict())
+        checkpoint_path(run_dir, result.trial).unlink(missing_ok=True)
+        return result
     if not result.done:
         return record_failure(run_dir, result.trial, result.run_id, result.error)
     weights = weights_path(run_dir, result.trial)
