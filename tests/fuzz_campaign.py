@@ -38,7 +38,7 @@ def targets(work: Path) -> list:
     if data is None:
         sys.exit("fuzz_campaign: the real Fashion-MNIST is not here: set LENETLAB_DATA")
     splits = make_splits(load_fashion_mnist(data, download=False), train_subset=3000)
-    return all_targets(work, REPO, splits)
+    return all_targets(work, REPO, splits, data)
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
-"""Every reader of outside input, fuzzed from valid files: IDX data (raw and gzip), sweep specs,
-weights and their sidecars, images, and run folders (run.json, trial results, summary.json,
-metrics.csv, checkpoints), forged with valid checksums. Every input gives a result or
+"""Every reader of outside input, fuzzed from valid files: IDX data (raw and gzip), sweep and search
+specs, weights and their sidecars, images, run folders (run.json, trial results, summary.json,
+metrics.csv, checkpoints) and a search's (its Optuna journal, run.json, tune.json), forged with
+valid checksums. Every input gives a result or
 lenetlab's typed error, within 5 s, and the process grows by less than 512 MiB in all.
 `python tests/fuzz_campaign.py` runs the same targets on many more inputs."""
 
@@ -26,8 +27,8 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def targets(work, small_splits) -> dict:
-    found = {target.name: target for target in all_targets(work, REPO, small_splits)}
+def targets(work, small_splits, data_dir) -> dict:
+    found = {target.name: target for target in all_targets(work, REPO, small_splits, data_dir)}
     # the peak before any input, with the data and the seed files loaded (fuzz_campaign.py
     # measures the same in a process of its own)
     found["baseline KiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -40,7 +41,8 @@ FOUND = {"spec": [4105], "checkpoint": [4199669895101633788]}
 
 
 @pytest.mark.parametrize("name", ["idx", "spec", "weights", "image", "run.json", "trial result",
-                                  "summary.json", "metrics.csv", "checkpoint"])
+                                  "summary.json", "metrics.csv", "checkpoint", "tune spec", "search journal",
+                                  "tune run.json", "tune.json"])
 def test_a_reader_gives_a_result_or_its_typed_error(name, targets):
     outcomes = [targets[name].run_one(random.Random(seed)) for seed in FOUND.get(name, [])]
 

@@ -1,5 +1,5 @@
 """What each entry point loads, each in a fresh interpreter: the command answers --help, variants
-and runs without torch or numpy; `import lenetlab` loads none of torch, numpy, PIL or the
+and runs without torch, numpy or Optuna; `import lenetlab` loads none of torch, numpy, PIL or the
 forkserver until a name needs them; and a local-pool trial loads neither the user's script nor
 the parts of lenetlab a trial never uses, so a plain script with no __main__ guard runs."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "numpy", "PIL")
+HEAVY = ("torch", "numpy", "PIL", "optuna")
 
 
 def loaded_after(code: str, *, cwd: Path | None = None, env: dict | None = None) -> set[str]:
@@ -46,8 +46,8 @@ def heavy(modules: set[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["variants"]] + [
-    [command, "--help"] for command in ("train", "evaluate", "predict", "export", "study", "sweep", "resume",
-                                        "runs", "report", "log-mlflow")])
+    [command, "--help"] for command in ("train", "evaluate", "predict", "export", "study", "sweep", "tune",
+                                        "resume", "runs", "report", "log-mlflow")])
 def test_the_command_answers_without_torch_or_numpy(args):
     assert heavy(command_loads(*args)) == []
 

@@ -149,6 +149,9 @@ class TrialResult:
     # The torch threads of each epoch its last process trained, in order: the last
     # len(epoch_threads) epochs of history (a resumed trial's earlier ones are not in it).
     epoch_threads: list[int] = field(default_factory=list)
+    # The wall time of each of those epochs, its steps and evaluations: what a trial costs beyond
+    # them is the engine's (benchmarks/tune_overhead.py).
+    epoch_seconds: list[float] = field(default_factory=list)
     # Where its last process trained it (None in results written before lenetlab recorded it).
     trained_on: TrainedOn | None = None
 
@@ -195,7 +198,7 @@ class TrialResult:
             wall_time_s=record.get("wall_time_s", 0.0),
             options=RunOptions(**options) if options else None, kernels=record.get("kernels"),
             weights=record.get("weights"), weights_sha256=record.get("weights_sha256"),
-            epoch_threads=record.get("epoch_threads", []),
+            epoch_threads=record.get("epoch_threads", []), epoch_seconds=record.get("epoch_seconds", []),
             trained_on=TrainedOn(**record["trained_on"]) if record.get("trained_on") else None,
         )._checked()
 

@@ -17,8 +17,9 @@ import copy
 import io
 import math
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -190,6 +191,7 @@ class TrialOutput:
     kept_epoch: int  # the epoch whose model was kept
     test_flip: float | None = None  # test accuracy averaging each image with its mirror (flip)
     pruned: bool = False  # stopped early by on_epoch (a search's pruner)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch trained here: steps and evaluations
 
 # Told each epoch's number and the evaluated model's validation accuracy once the epoch is done;
 # True stops the trial there (pruned). A search's pruner answers it (tuning/referee.py).
@@ -381,6 +383,7 @@ class _Run:
     kernels: str
     kept: Kept
     progress: bool
+    epoch_seconds: list[float] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -500,6 +503,7 @@ def train_trial(
         for epoch in range(max(start_epoch, phase.first_epoch), phase.last_epoch + 1):
             if threads is not None:
                 torch.set_num_threads(threads())
+            began = time.perf_counter()
             model.train()
             rows = [_train_epoch(run, phase, optimizer, epoch)]
             val = _evaluate(run, "val", epoch)
@@ -509,6 +513,7 @@ def train_trial(
                 rows.append(EpochMetrics(epoch, "test", test.loss, test.accuracy))
             run.kept.after_epoch(epoch, val, test)
             history += rows
+            run.epoch_seconds.append(time.perf_counter() - began)
             if log is not None:
                 log(format_epoch(recipe.name, seed, epoch, total_epochs(recipe), rows))
             if on_epoch is not None and on_epoch(epoch, val.accuracy):
@@ -533,7 +538,7 @@ def _finish(run: _Run, history: list[EpochMetrics], test: Evaluation | None,
         forward = _forward(run)
         test_flip = evaluate(model, *run.splits.split("test"),
                              forward=lambda x: flip_averaged(forward, model, x)).accuracy
-    return TrialOutput(model, history, test, run.kernels, kept_epoch, test_flip, pruned)
+    return TrialOutput(model, history, test, run.kernels, kept_epoch, test_flip, pruned, run.epoch_seconds)
 
 
 def format_epoch(name: str, seed: int, epoch: int, epochs: int, rows: list[EpochMetrics]) -> str:

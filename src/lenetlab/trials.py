@@ -65,7 +65,7 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
     result = TrialResult(trial, run_id, status, history=output.history, test=output.test,
                          kept_epoch=output.kept_epoch, test_flip=output.test_flip,
                          wall_time_s=time.perf_counter() - started, options=options,
-                         kernels=output.kernels, epoch_threads=used,
+                         kernels=output.kernels, epoch_threads=used, epoch_seconds=output.epoch_seconds,
                          trained_on=trained_on(output.kernels, options.device))
     if output.pruned:
         return result, {}

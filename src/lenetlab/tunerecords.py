@@ -92,7 +92,7 @@ class TuneSummary:
     created: str
     lenetlab_version: str
     search_time_s: float
-    spec: dict
+    spec: TuneSpec
     trials: list[TrialRow]
     best: int | None  # the trial number chosen on validation
     importance: dict[str, float] | None  # by field, summing to 1; None when it could not be measured
@@ -107,20 +107,39 @@ class TuneSummary:
 
     def to_dict(self) -> dict:
         body = asdict(self)
+        body["spec"] = self.spec.to_dict()
         body["trials"] = [{**asdict(row), "val_by_epoch": {str(k): v for k, v in row.val_by_epoch.items()}}
                           for row in self.trials]
         return body
 
     @classmethod
     def from_dict(cls, body: dict) -> TuneSummary:
+        """tune.json's body, checked: TypeError, ValueError or SpecError naming what does not fit."""
         rows = [TrialRow(**{**row, "val_by_epoch": {int(k): v for k, v in row["val_by_epoch"].items()}})
                 for row in body["trials"]]
-        summary = checked(cls(**{**body, "trials": rows}), "tune summary")
+        summary = checked(cls(**{**body, "spec": TuneSpec.from_dict(body["spec"]), "trials": rows}),
+                          "tune summary")
+        space = set(summary.spec.space)
+        require(is_folder_name(summary.name) and summary.search_time_s >= 0, "name or search_time_s")
         require([row.number for row in rows] == list(range(len(rows))), "trials: not numbered in order")
-        require(all(row.state in TRIAL_STATES for row in rows), "trials: unknown state")
+        for row in rows:
+            where = f"trials: {row.number}"
+            require(row.state in TRIAL_STATES and set(row.params) == space, f"{where} does not fit")
+            summary.spec.recipe(row.params)  # each field's value checked as the spec's own
+            require((row.value is not None) == (row.state == "complete"), f"{where}: its value")
+            shares = [*row.val_by_epoch.values(), *([row.value] if row.value is not None else [])]
+            require(all(map(_accuracy, shares)) and row.epochs >= 0 and row.wall_time_s >= 0,
+                    f"{where}: its numbers")
         require(summary.best is None or summary.best_row is not None
                 and summary.best_row.state == "complete", "best: not a complete trial")
+        require(summary.importance is None or set(summary.importance) <= space
+                and all(_accuracy(v) for v in summary.importance.values()), "importance: not the fields'")
         return summary
+
+
+def _accuracy(value) -> bool:
+    """A share from 0 to 1 (an accuracy, an importance)."""
+    return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
 def read_search_results(run_dir: Path, run_id: str) -> list[TrialResult]:
@@ -148,5 +167,5 @@ def read_tune_summary(run_dir: Path) -> TuneSummary:
     body = files.read_record(summary_path(run_dir), "tune-summary")
     try:
         return TuneSummary.from_dict(body)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError, OptionError) as exc:
         raise RunDirError(f"{summary_path(run_dir)}: not a search summary lenetlab reads ({exc})") from None

@@ -218,7 +218,7 @@ def spec_target(work: Path, repo: Path) -> Target:
     from lenetlab.sweeps import load_spec
 
     texts = [to_toml(spec).encode() for spec in SPEC_SEEDS]
-    texts += [p.read_bytes() for p in sorted((repo / "examples").glob("*.toml"))]
+    texts += [p.read_bytes() for p in _examples(repo, search=False)]
     path = work / "spec.toml"
 
     def mutate(rng: random.Random) -> bytes:
@@ -231,6 +231,101 @@ def spec_target(work: Path, repo: Path) -> Target:
         return load_spec(path)
 
     return Target("spec", mutate, read)
+
+
+def _examples(repo: Path, search: bool) -> list[Path]:
+    """The example specs: the searches (a [search] table), or the sweeps."""
+    return [p for p in sorted((repo / "examples").glob("*.toml"))
+            if (b"[search]" in p.read_bytes()) == search]
+
+
+TUNE_SPEC_SEEDS = [
+    {"name": "s", "variant": "baseline", "epochs": 3, "trials": 6, "pruner": "successive_halving",
+     "confirm_seeds": 2, "search": {"lr": {"low": 1e-5, "high": 3e-2, "log": True}, "batch_size": [64, 128]}},
+    {"variant": "tuned", "epochs": 20, "warmup_epochs": 5, "trials": 40, "timeout": 3600, "seed": 7,
+     "trial_seed": 3, "confirm_seeds": [0, 1, 2], "pruner": "hyperband",
+     "search": {"weight_decay": {"low": 1e-5, "high": 1e-2, "log": True}, "activation": ["relu", "tanh"],
+                "flip": [True, False], "translate": {"low": 0, "high": 3}, "label_smoothing": [0.0, 0.1]}},
+]
+
+
+def tune_spec_target(work: Path, repo: Path) -> Target:
+    from lenetlab.tunespec import load_tune_spec
+
+    texts = [to_toml(spec).encode() for spec in TUNE_SPEC_SEEDS]
+    texts += [p.read_bytes() for p in _examples(repo, search=True)]
+    path = work / "search.toml"
+
+    def mutate(rng: random.Random) -> bytes:
+        if rng.random() < 0.5:
+            return mutate_bytes(rng.choice(texts), rng)
+        return to_toml(mutate_tree(rng.choice(TUNE_SPEC_SEEDS), rng)).encode()
+
+    def read(data: bytes):
+        path.write_bytes(data)
+        return load_tune_spec(path)
+
+    return Target("tune spec", mutate, read)
+
+
+def search_targets(work: Path, seed_search: Path) -> list[Target]:
+    """A finished search's folder: its journal (Optuna's, bytes or forged lines), run.json and
+    tune.json (forged with valid checksums), each read as resume, `runs` and `report` read it."""
+    from lenetlab import files
+    from lenetlab.markup import to_html
+    from lenetlab.runs import describe
+    from lenetlab.summary import load_summary
+    from lenetlab.tunerecords import read_tune_plan, read_tune_summary
+    from lenetlab.tuning.report import build_markdown
+    from lenetlab.tuning.study import JOURNAL, open_study, repair
+
+    run = work / "search"
+    shutil.copytree(seed_search, run)
+    kinds = {"run.json": "tune-plan", "tune.json": "tune-summary"}
+    bodies = {name: files.read_record(run / name, kind) for name, kind in kinds.items()}
+    originals = {name: (run / name).read_bytes() for name in (*kinds, JOURNAL)}
+    lines = originals[JOURNAL].splitlines(keepends=True)
+    spec = read_tune_plan(run).spec
+
+    def fresh() -> Path:
+        for name, data in originals.items():
+            if (run / name).read_bytes() != data:
+                (run / name).write_bytes(data)
+        Path(run, f"{JOURNAL}.lock").unlink(missing_ok=True)
+        return run
+
+    def mutate_journal(rng: random.Random) -> bytes:
+        if rng.random() < 0.5:
+            return mutate_bytes(originals[JOURNAL], rng)
+        changed = list(lines)  # one line's JSON changed, as a forger writes it
+        index = rng.randrange(len(changed))
+        changed[index] = (json.dumps(mutate_tree(json.loads(changed[index]), rng)) + "\n").encode()
+        return b"".join(changed)
+
+    def read_journal(data: bytes):
+        folder = fresh()
+        (folder / JOURNAL).write_bytes(data)
+        repair(folder)
+        return len(open_study(folder, spec).trials)
+
+    def record_mutation(name: str):
+        def mutate(rng: random.Random):
+            return mutate_tree(bodies[name], rng)
+        return mutate
+
+    def read_record(name: str):
+        def read(body):
+            folder = fresh()
+            _restamp(folder / name, body, kinds[name])
+            line = describe(folder).line()
+            if name == "run.json":
+                return read_tune_plan(folder), line
+            return to_html(build_markdown(read_tune_summary(folder), load_summary(folder / "confirm"))), line
+        return read
+
+    return [Target("search journal", mutate_journal, read_journal),
+            Target("tune run.json", record_mutation("run.json"), read_record("run.json")),
+            Target("tune.json", record_mutation("tune.json"), read_record("tune.json"))]
 
 
 def _odd_tensors():
@@ -458,13 +553,17 @@ def make_checkpoints(folder: Path, splits) -> list[tuple[Path, object, int]]:
     return made
 
 
-def all_targets(work: Path, repo: Path, splits) -> list[Target]:
+def all_targets(work: Path, repo: Path, splits, data_dir: Path) -> list[Target]:
     """Every reader's target, its seed files made under work: a run folder by the real
-    aggregation, checkpoints by real training on splits (the real data's)."""
+    aggregation, checkpoints by real training on splits (the real data's), a search's folder by
+    a real search on the real data in data_dir."""
     from .runs import STUDY, make_run
+    from .searches import make_search
 
     seed_run = work / "seed-run"
     make_run(seed_run, STUDY)
+    seed_search = make_search(work / "searches", "seed", data_dir, trials=4)
     return [idx_target(work), spec_target(work, repo), weights_target(work), image_target(work),
             *run_folder_targets(work, seed_run),
-            checkpoint_target(work, make_checkpoints(work / "checkpoints", splits))]
+            checkpoint_target(work, make_checkpoints(work / "checkpoints", splits)),
+            tune_spec_target(work, repo), *search_targets(work, seed_search)]

@@ -103,14 +103,14 @@ def build_markdown(summary: TuneSummary, confirmation: Summary) -> str:
     lines = [Md("# {}: lenetlab tune report").format(summary.name), "",
              Md("Created {} by lenetlab {}. A search over {} starting from {}, chosen on validation "
                 "accuracy only; the test set was read only for the confirmation below.").format(
-                 summary.created, summary.lenetlab_version, Md(", ").join(map(code, spec["space"])),
-                 code(spec["variant"])), ""]
+                 summary.created, summary.lenetlab_version, Md(", ").join(map(code, spec.space)),
+                 code(spec.variant)), ""]
     lines += ["## Result", ""]
     lines += [Md("{} trials of a budget of {} in {:.0f} s of search: {} complete, {} pruned, {} failed. "
                  "Best: trial {} with validation accuracy {:.4f} ({}).").format(
-        len(summary.trials), spec["trials"], summary.search_time_s, summary.count("complete"),
+        len(summary.trials), spec.trials, summary.search_time_s, summary.count("complete"),
         summary.count("pruned"), summary.count("failed"), best.number, best.value, _params(best.params)), ""]
-    lines += _confirmation_section(confirmation, spec)
+    lines += _confirmation_section(confirmation)
     lines += ["## The search", "", Md("![the search, trial by trial]({})").format(Md(HISTORY_PLOT)), "",
               "Each trial's validation accuracy (its kept model's; a pruned trial's at its last epoch, "
               "in parentheses in the tables) and the best so far.", ""]
@@ -118,7 +118,7 @@ def build_markdown(summary: TuneSummary, confirmation: Summary) -> str:
     if summary.importance:
         lines += _table(["Field", "Importance"], [[code(k), f"{v:.3f}"] for k, v in
                                                   sorted(summary.importance.items(), key=lambda kv: -kv[1])])
-    keys = list(spec["space"])
+    keys = list(spec.space)
     complete = sorted((r for r in summary.trials if r.state == "complete"),
                       key=lambda r: (-r.value, r.number))
     lines += [Md("## The {} best trials").format(min(TOP, len(complete))), ""]
@@ -134,13 +134,13 @@ def build_markdown(summary: TuneSummary, confirmation: Summary) -> str:
               Md("Sampler: Optuna's TPE, seed {}; pruner: {} on each epoch's validation accuracy; every "
                  "search trial trains from seed {}. Fixed fields: {}. The best recipe as a sweep spec: "
                  "{} (`lenetlab sweep best.toml` runs the confirmation again); the confirmation's own "
-                 "report: {}.").format(spec["seed"], spec["pruner"], spec["trial_seed"],
-                                       _params(spec["fixed"]) if spec["fixed"] else "none",
+                 "report: {}.").format(spec.seed, spec.pruner, spec.trial_seed,
+                                       _params(spec.fixed) if spec.fixed else "none",
                                        code("best.toml"), code("confirm/report.html")), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _confirmation_section(confirmation: Summary, spec: dict) -> list[str]:
+def _confirmation_section(confirmation: Summary) -> list[str]:
     lines = ["## Confirmation on the test set", ""]
     seeds = confirmation.settings.seeds
     rows = []

@@ -47,7 +47,7 @@ class TuneRun:
 
     def trials(self):
         """One row per search trial: its state, validation accuracy, epochs, time and fields."""
-        keys = list(self.summary.spec["space"])
+        keys = list(self.summary.spec.space)
         rows = [{"trial": r.number, "state": r.state, "val_accuracy": r.value, "epochs": r.epochs,
                  "wall_time_s": r.wall_time_s, **{k: r.params.get(k) for k in keys}}
                 for r in self.summary.trials]

@@ -129,7 +129,10 @@ def check_trials(study: optuna.Study, spec: TuneSpec, where: Path) -> None:
     if directions != [optuna.study.StudyDirection.MAXIMIZE]:
         raise RunDirError(f"{where}: not a search journal lenetlab reads (its direction is not maximize)")
     for index, trial in enumerate(trials):
-        problem = _problem(trial, index, ours, spec)
+        try:
+            problem = _problem(trial, index, ours, spec)
+        except Exception as exc:  # a record Optuna replayed but cannot answer for (no value, ...)
+            problem = f"unreadable ({type(exc).__name__})"
         if problem:
             raise RunDirError(f"{where}: trial {index}: {problem}; not a search this run made")
 

@@ -66,7 +66,7 @@ def build_summary(run_dir: Path, plan: TunePlan, study: optuna.Study) -> TuneSum
             error=result.error if result else None))
     best = best_trial(study)
     weights, note = importance(study)
-    return TuneSummary(plan.name, plan.created, plan.lenetlab_version, plan.elapsed_s, plan.spec.to_dict(),
+    return TuneSummary(plan.name, plan.created, plan.lenetlab_version, plan.elapsed_s, plan.spec,
                        rows, best.number if best else None, weights, note)
 
 
