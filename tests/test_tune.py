@@ -235,6 +235,27 @@ def test_sigkill_mid_search_then_resume_gives_the_uninterrupted_search(tmp_path,
     assert len(runs) == 6 and all(r.info.status != "RUNNING" for r in runs)
 
 
+def test_ctrl_c_stops_a_search_cleanly_and_says_how_to_resume(tmp_path, data_dir):
+    spec = tmp_path / "s.toml"
+    spec.write_text(to_toml({**SMALL, "trials": 4}))
+    cmd = [sys.executable, "-m", "lenetlab", "tune", str(spec), *ONE_WORKER, "--data-dir", str(data_dir),
+           "--out", str(tmp_path), "--name", "stopped"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    run = tmp_path / "stopped"
+    deadline = time.time() + 120
+    while not any((run / "trials").glob("*.json")):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert f"lenetlab resume {run}" in err and "Traceback" not in err
+    result = run_cli("resume", run, "--data-dir", data_dir, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert [t.state.name for t in journal_trials(run)].count("RUNNING") == 0 and len(journal_trials(run)) == 4
+
+
 def test_a_journal_cut_short_by_a_kill_is_repaired(tmp_path, finished):
     from lenetlab.tunerecords import read_tune_plan
     from lenetlab.tuning.study import JOURNAL, open_study, repair

@@ -1,4 +1,4 @@
-"""The Python API: the command line's verbs (study, sweep, train, resume, predict) and open_run, as functions.
+"""The Python API: the command line's verbs (study, sweep, tune, train, resume, predict) and open_run.
 
 Their keywords are the CLI's options with underscores (epochs_scale, train_subset, data_dir,
 out, name, ...), checked by the same rules (options.py); they write the same run folders, so

@@ -122,12 +122,12 @@ def build_markdown(summary: TuneSummary, confirmation: Summary) -> str:
     complete = sorted((r for r in summary.trials if r.state == "complete"),
                       key=lambda r: (-r.value, r.number))
     lines += [Md("## The {} best trials").format(min(TOP, len(complete))), ""]
-    lines += _table(["Rank", "Trial", "Validation accuracy", "Epochs", *keys],
+    lines += _table(["Rank", "Trial", "Validation accuracy", "Epochs trained", *keys],
                     [[i + 1, r.number, f"{r.value:.4f}", r.epochs, *(_value(r.params[k]) for k in keys)]
                      for i, r in enumerate(complete[:TOP])])
     lines += ["## Every trial", ""]
     running_best = best_so_far(summary.trials)
-    lines += _table(["Trial", "State", "Validation accuracy", "Best so far", "Epochs", "Time (s)"],
+    lines += _table(["Trial", "State", "Validation accuracy", "Best so far", "Epochs trained", "Time (s)"],
                     [[r.number, r.state, _shown_value(r), f"{b:.4f}" if b is not None else "-", r.epochs,
                       f"{r.wall_time_s:.1f}"] for r, b in zip(summary.trials, running_best)])
     lines += ["## How it was run", "",
