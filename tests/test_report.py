@@ -188,7 +188,7 @@ def test_a_one_epoch_run_has_whole_epochs_on_the_x_axis(tmp_path, monkeypatch):
     def keep_ticks(fig, path):
         ticks[path.name] = list(fig.axes[0].get_xticks())
 
-    monkeypatch.setattr(plots_module, "_save_figure", keep_ticks)
+    monkeypatch.setattr(plots_module, "save_figure", keep_ticks)
     make_run(tmp_path, [{"name": "baseline", "base": 0.88, "recipe": replace(RECIPES["baseline"], epochs=1)}],
              seeds=(0,))
     assert ticks["convergence_baseline.png"] == [1] and ticks["test_accuracy_overlay.png"] == [1]

@@ -167,6 +167,16 @@ def test_log_mlflow_logs_a_search_once(tmp_path, finished):
     assert parents[0].data.metrics["trials_pruned"] == len(pruned)
 
 
+def test_the_timeout_counts_the_search_across_resumes(tmp_path, data_dir):
+    """A timeout shorter than one trial: the one worker's first trial runs, no other is asked,
+    and resuming the finished search asks none either (the time spent is in run.json)."""
+    run = make_search(tmp_path, "timed", data_dir, spec={**SMALL, "trials": 50, "timeout": 0.5}, workers=1)
+    assert len(journal_trials(run)) == 1
+    result = run_cli("resume", run, "--data-dir", data_dir, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert len(journal_trials(run)) == 1
+
+
 # ----------------------------------------------------------------------------- the test set
 
 

@@ -75,7 +75,7 @@ def write_plots(summary: Summary, curves: Curves, plots_dir: Path) -> list[tuple
     """Draw every plot the data allows; return (caption, path relative to the run folder)."""
     plots = available_plots(summary, curves)
     for plot in plots:
-        _save_figure(plot.draw(), plots_dir / plot.file)
+        save_figure(plot.draw(), plots_dir / plot.file)
     return [(plot.caption, f"plots/{plot.file}") for plot in plots]
 
 
@@ -101,7 +101,7 @@ def _plot_convergence(config: ConfigSummary, config_curves: dict[str, dict[int, 
     """Mean accuracy per epoch for each split, with the range over seeds shaded, and the kept
     epochs marked for a recipe that keeps its best epoch on validation."""
     seeds = {seed for by_epoch in config_curves.values() for by in by_epoch.values() for seed in by}
-    fig, ax = _figure((8, 5))
+    fig, ax = new_figure((8, 5))
     handles, labels = [], []
     for split in SPLITS:
         if split not in config_curves:
@@ -139,7 +139,7 @@ def _plot_convergence(config: ConfigSummary, config_curves: dict[str, dict[int, 
 def _plot_overlay(means: dict[str, dict[int, float]]) -> Figure:
     """Every configuration's mean test accuracy on one axes."""
     colours = _distinct_colours(len(means))
-    fig, ax = _figure((9 if len(means) > 8 else 8, 5))
+    fig, ax = new_figure((9 if len(means) > 8 else 8, 5))
     for colour, (name, curve) in zip(colours, means.items(), strict=True):
         epochs = sorted(curve)
         ax.plot(epochs, [curve[e] for e in epochs], marker="o", markersize=3, color=colour,
@@ -161,7 +161,7 @@ def _plot_confusion(summary: Summary) -> Figure:
     name, seed = summary.best.name, summary.best.seed
     matrix = np.array(summary.config(name).confusion_matrix[seed])
     accuracy = summary.best_test_accuracy
-    fig, ax = _figure((8.5, 7.5))
+    fig, ax = new_figure((8.5, 7.5))
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
     ticks = range(len(CLASS_NAMES))
@@ -185,7 +185,7 @@ def _plot_per_class(per_class: dict[str, list[float]]) -> Figure:
     values = np.array([per_class[name] for name in names])
     title = "Per-class test accuracy (mean over completed seeds)"
     if len(names) > HEATMAP_ABOVE:
-        fig, ax = _figure((10, 1.5 + 0.45 * len(names)))
+        fig, ax = new_figure((10, 1.5 + 0.45 * len(names)))
         low = values.min() if values.min() < 1.0 else 0.0
         image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=low, vmax=1.0)
         fig.colorbar(image, ax=ax, label="test accuracy")
@@ -199,7 +199,7 @@ def _plot_per_class(per_class: dict[str, list[float]]) -> Figure:
         ax.set_xlabel("class")
         ax.set_ylabel("configuration")
     else:
-        fig, ax = _figure((11, 5))
+        fig, ax = new_figure((11, 5))
         width = 0.8 / len(names)
         positions = np.arange(len(CLASS_NAMES))
         colours = _distinct_colours(len(names))
@@ -254,13 +254,13 @@ class ShownFigure(Figure):
         return buffer.getvalue()
 
 
-def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+def new_figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
     """A figure of one axes, laid out tight whenever it is drawn (saved or shown)."""
     fig = ShownFigure(figsize=figsize, layout="tight")
     return fig, fig.subplots()
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 

@@ -23,7 +23,7 @@ from .summary import read_summary
 PLOT_KINDS = ("convergence", "overlay", "confusion", "per_class")
 
 
-def _pandas():
+def require_pandas():
     try:
         import pandas
     except ImportError:
@@ -53,7 +53,7 @@ class Run:
     def table(self):
         """The results: a row per configuration; for each split its mean, 95% interval and each
         seed's value; the published figures (train, val) where the original has them."""
-        pandas = _pandas()
+        pandas = require_pandas()
         rows = {}
         for config in self.summary.configs:
             row = {("seeds", "completed"): len(config.completed_seeds),
@@ -74,7 +74,7 @@ class Run:
 
     def curves(self):
         """metrics.csv: one row per configuration, seed, epoch and split (loss and accuracy)."""
-        return _pandas().read_csv(self.path / "metrics.csv")
+        return require_pandas().read_csv(self.path / "metrics.csv")
 
     def comparisons(self):
         """Each configuration against the reference, paired by seed on test accuracy."""
@@ -83,7 +83,7 @@ class Run:
                  "excludes_zero": c.excludes_zero} for c in self.summary.comparisons]
         columns = ["configuration", "reference", "paired_seeds", "mean_diff", "ci95_low", "ci95_high",
                    "excludes_zero"]
-        return _pandas().DataFrame(rows, columns=columns).set_index("configuration")
+        return require_pandas().DataFrame(rows, columns=columns).set_index("configuration")
 
     def model(self, config: str, seed: int | None = None) -> LeNet5V1:
         """The trained LeNet5V1 of a configuration's seed (default: its best seed), in eval mode."""

@@ -20,6 +20,9 @@ from .rundir import MAX_SEEDS, plan_path
 from .tunespec import TuneSpec
 
 TRIAL_STATES = ("complete", "pruned", "failed", "running")
+# In a search's run folder: the confirmation's sweep (its folder, its spec) and the best recipe's
+# configuration name in it.
+CONFIRM, BEST_SPEC, BEST = "confirm", "best.toml", "best"
 
 
 @dataclass

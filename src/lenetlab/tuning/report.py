@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import files
 from ..errors import RunDirError
 from ..markup import Md, code, md
-from ..plots import PLAIN_TEXT, _figure, _save_figure
+from ..plots import PLAIN_TEXT, new_figure, save_figure
 from ..records import Summary
 from ..report import build_html
 from ..summary import load_summary
@@ -55,7 +55,7 @@ def write_history_plot(summary: TuneSummary, path: Path) -> None:
     import matplotlib
 
     with matplotlib.rc_context(PLAIN_TEXT):
-        fig, ax = _figure((7, 4))
+        fig, ax = new_figure((7, 4))
         rows = summary.trials
         for state, marker, colour in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:grey")):
             shown = [(r.number, r.value if r.value is not None else r.val_by_epoch.get(r.epochs))
@@ -70,7 +70,7 @@ def write_history_plot(summary: TuneSummary, path: Path) -> None:
         ax.set_ylabel("validation accuracy")
         ax.set_title("the search, trial by trial")
         ax.legend(loc="lower right")
-        _save_figure(fig, path)
+        save_figure(fig, path)
 
 
 def _row(cells: list) -> Md:

@@ -15,9 +15,16 @@ from ..errors import RunDirError
 from ..markup import plain
 from ..model import LeNet5V1
 from ..records import Summary
-from ..results import Run, _pandas
-from ..tunerecords import TuneSummary, read_tune_plan, read_tune_summary, summary_path
-from .run import BEST, BEST_SPEC, CONFIRM
+from ..results import Run, require_pandas
+from ..tunerecords import (
+    BEST,
+    BEST_SPEC,
+    CONFIRM,
+    TuneSummary,
+    read_tune_plan,
+    read_tune_summary,
+    summary_path,
+)
 
 
 class TuneRun:
@@ -52,7 +59,7 @@ class TuneRun:
                  "wall_time_s": r.wall_time_s, **{k: r.params.get(k) for k in keys}}
                 for r in self.summary.trials]
         columns = ["trial", "state", "val_accuracy", "epochs", "wall_time_s", *keys]
-        return _pandas().DataFrame(rows, columns=columns).set_index("trial")
+        return require_pandas().DataFrame(rows, columns=columns).set_index("trial")
 
     def importance(self) -> dict[str, float] | None:
         return self.summary.importance

@@ -30,15 +30,20 @@ from ..recipes import RECIPES
 from ..records import RunOptions, Summary
 from ..rundir import hold, plan_path
 from ..summary import load_summary
-from ..tunerecords import TunePlan, TuneSummary, read_tune_plan, write_tune_plan, write_tune_summary
+from ..tunerecords import (
+    BEST,
+    BEST_SPEC,
+    CONFIRM,
+    TunePlan,
+    TuneSummary,
+    read_tune_plan,
+    write_tune_plan,
+    write_tune_summary,
+)
 from ..tunespec import TuneSpec
 from .search import Search, SearchDisplay
 from .study import open_study, repair
 from .summary import best_trial, build_summary
-
-CONFIRM = "confirm"
-BEST_SPEC = "best.toml"
-BEST = "best"
 
 LoadData = Callable[[bool], FashionMNIST]  # test: whether to read the test files too
 
