@@ -57,8 +57,9 @@ def finished(tmp_path_factory, data_dir) -> Path:
     ("epochs = 5\n[search]\nwarmup_epochs = { low = 0, high = 8 }\n", ["warmup_epochs", "shorter"]),
     ("pruner = \"asha\"\n[search]\nlr = [0.001]\n", ["pruner", "'asha'"]),
     ("[search]\n", ["search", "at least one field"]),
+    ("min_epochs = 13\n[search]\nlr = [0.001]\n", ["min_epochs", "most epochs (12)"]),
 ], ids=["unknown field", "low above high", "log reaching 0", "choice outside", "budget 0", "unknown key",
-        "warm-up past the epochs", "unknown pruner", "nothing to search"])
+        "warm-up past the epochs", "unknown pruner", "nothing to search", "pruning after the last epoch"])
 def test_a_bad_spec_gets_one_line_naming_the_key(tmp_path, text, fragments):
     spec = tmp_path / "bad.toml"
     spec.write_text(text)

@@ -9,6 +9,7 @@ A spec is a TOML file (every key optional but the search space):
     timeout = 600                # optional: seconds of search in all, across resumes
     seed = 0                     # the sampler's seed
     pruner = "hyperband"         # hyperband, successive_halving or none
+    min_epochs = 1               # epochs every trial trains before the pruner may stop it
     trial_seed = 0               # the seed every search trial trains from
     confirm_seeds = 3            # the best recipe and the variant, on these seeds, with test accuracy
 
@@ -41,9 +42,10 @@ else:  # pragma: no cover
 
 PRUNERS = ("hyperband", "successive_halving", "none")
 MAX_BUDGET = 10_000  # trials of one search
-SETTINGS = ("name", "variant", "trials", "timeout", "seed", "pruner", "trial_seed", "confirm_seeds", "search")
+SETTINGS = ("name", "variant", "trials", "timeout", "seed", "pruner", "min_epochs", "trial_seed",
+            "confirm_seeds", "search")
 DEFAULTS = {"variant": "baseline", "trials": 20, "timeout": None, "seed": 0, "pruner": "hyperband",
-            "trial_seed": 0, "confirm_seeds": 3}
+            "min_epochs": 1, "trial_seed": 0, "confirm_seeds": 3}
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class TuneSpec:
     timeout: float | None  # seconds of search over every session of the run
     seed: int  # the sampler's
     pruner: str
+    min_epochs: int  # the pruners' smallest resource: no trial is stopped before it trains these
     trial_seed: int
     confirm_seeds: list[int]
 
@@ -102,22 +105,14 @@ class TuneSpec:
         return {"name": self.name, "variant": self.variant, "fixed": self.fixed,
                 "space": {key: asdict(dim) for key, dim in self.space.items()}, "trials": self.trials,
                 "timeout": self.timeout, "seed": self.seed, "pruner": self.pruner,
-                "trial_seed": self.trial_seed, "confirm_seeds": self.confirm_seeds}
-
-    def to_toml_table(self) -> dict:
-        """The spec as its TOML file would hold it (the run.json keeps its own form)."""
-        body = {"name": self.name, "variant": self.variant, **self.fixed, "trials": self.trials,
-                "timeout": self.timeout, "seed": self.seed, "pruner": self.pruner,
-                "trial_seed": self.trial_seed, "confirm_seeds": self.confirm_seeds,
-                "search": {key: (dim.values if isinstance(dim, Choices) else asdict(dim))
-                           for key, dim in self.space.items()}}
-        return {key: value for key, value in body.items() if value is not None}
+                "min_epochs": self.min_epochs, "trial_seed": self.trial_seed,
+                "confirm_seeds": self.confirm_seeds}
 
     @classmethod
     def from_dict(cls, body: dict) -> TuneSpec:
         """A spec run.json recorded, checked again as a spec file is (SpecError)."""
         table = {key: body[key] for key in ("name", "variant", "trials", "timeout", "seed", "pruner",
-                                            "trial_seed", "confirm_seeds")}
+                                            "min_epochs", "trial_seed", "confirm_seeds")}
         table.update(body["fixed"])
         table["search"] = {key: dim["values"] if set(dim) == {"values"} else dim
                            for key, dim in body["space"].items()}
@@ -206,14 +201,18 @@ def parse(table: dict) -> TuneSpec:
     if twice:
         raise SpecError(f"{twice[0]}: both fixed and in [search]; keep one")
     space = {key: _dimension(key, value) for key, value in search.items()}
+    min_epochs = _whole("min_epochs", settings["min_epochs"], 1, 1000)
     try:
         base = with_fields(RECIPES[variant], fixed)
     except OptionError as exc:  # fields that do not fit together (a warm-up as long as the run)
         raise SpecError(str(exc)) from None
     for corner in _corners(space):  # every trial's recipe is valid (warm-up within the epochs, ...)
         with_fields(base, corner, "search.")
-    return TuneSpec(name, variant, fixed, space, trials, None if timeout is None else float(timeout), seed,
-                    pruner, trial_seed, confirm_seeds)
+    spec = TuneSpec(name, variant, fixed, space, trials, None if timeout is None else float(timeout), seed,
+                    pruner, min_epochs, trial_seed, confirm_seeds)
+    if min_epochs > spec.max_epochs():
+        raise SpecError(f"min_epochs: {min_epochs} is more than a trial's most epochs ({spec.max_epochs()})")
+    return spec
 
 
 def load_tune_spec(path: str | Path) -> TuneSpec:

@@ -243,7 +243,7 @@ TUNE_SPEC_SEEDS = [
     {"name": "s", "variant": "baseline", "epochs": 3, "trials": 6, "pruner": "successive_halving",
      "confirm_seeds": 2, "search": {"lr": {"low": 1e-5, "high": 3e-2, "log": True}, "batch_size": [64, 128]}},
     {"variant": "tuned", "epochs": 20, "warmup_epochs": 5, "trials": 40, "timeout": 3600, "seed": 7,
-     "trial_seed": 3, "confirm_seeds": [0, 1, 2], "pruner": "hyperband",
+     "min_epochs": 2, "trial_seed": 3, "confirm_seeds": [0, 1, 2], "pruner": "hyperband",
      "search": {"weight_decay": {"low": 1e-5, "high": 1e-2, "log": True}, "activation": ["relu", "tanh"],
                 "flip": [True, False], "translate": {"low": 0, "high": 3}, "label_smoothing": [0.0, 0.1]}},
 ]

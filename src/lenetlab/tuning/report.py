@@ -131,10 +131,11 @@ def build_markdown(summary: TuneSummary, confirmation: Summary) -> str:
                     [[r.number, r.state, _shown_value(r), f"{b:.4f}" if b is not None else "-", r.epochs,
                       f"{r.wall_time_s:.1f}"] for r, b in zip(summary.trials, running_best)])
     lines += ["## How it was run", "",
-              Md("Sampler: Optuna's TPE, seed {}; pruner: {} on each epoch's validation accuracy; every "
-                 "search trial trains from seed {}. Fixed fields: {}. The best recipe as a sweep spec: "
+              Md("Sampler: Optuna's TPE, seed {}; pruner: {} on each epoch's validation accuracy, from "
+                 "epoch {} on; every search trial trains from seed {}. Fixed fields: {}. The best recipe "
+                 "as a sweep spec: "
                  "{} (`lenetlab sweep best.toml` runs the confirmation again); the confirmation's own "
-                 "report: {}.").format(spec.seed, spec.pruner, spec.trial_seed,
+                 "report: {}.").format(spec.seed, spec.pruner, spec.min_epochs, spec.trial_seed,
                                        _params(spec.fixed) if spec.fixed else "none",
                                        code("best.toml"), code("confirm/report.html")), ""]
     return "\n".join(lines).rstrip() + "\n"

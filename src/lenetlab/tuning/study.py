@@ -81,10 +81,10 @@ def make_pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
     """The spec's pruner, deciding on each epoch's validation accuracy. Its resources are given,
     not 'auto': every process that asks it (each worker) must reach the same answer."""
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.max_epochs(),
+        return optuna.pruners.HyperbandPruner(min_resource=spec.min_epochs, max_resource=spec.max_epochs(),
                                               reduction_factor=3)
     if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_epochs, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
