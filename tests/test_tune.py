@@ -305,3 +305,13 @@ def test_a_search_on_a_local_ray_instance(tmp_path, data_dir):
     assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert all(t.intermediate_values for t in trials)  # every task's epochs reached the study
     assert (run / "confirm" / "summary.json").is_file() and (run / "report.html").is_file()
+
+
+def test_the_overhead_benchmark_runs_and_accounts_for_every_trial(data_dir):
+    """benchmarks/tune_overhead.py on a tiny search: its lines, its trials; no timing is asserted."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_overhead.py"
+    result = subprocess.run([sys.executable, str(script), "--trials", "3", "--epochs", "1", "--train-subset",
+                             "500", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "search: 3 trials" in result.stdout
+    assert "overhead per trial beyond its epochs:" in result.stdout and "cores busy:" in result.stdout
