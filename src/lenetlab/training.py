@@ -317,7 +317,8 @@ class _TorchSteps:
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         else:  # soft targets; a mixed image counts as correct for its own label y
             logits = fast_forward(self.model, mix.images(x, start), keep)
-            loss = F.cross_entropy(logits, mix.targets(y, start), label_smoothing=self.label_smoothing)
+            target = mix.targets(y, start).to(logits.dtype)  # float64 for a float64 model (tests)
+            loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
