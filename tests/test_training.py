@@ -121,13 +121,18 @@ EVERYTHING = replace(RECIPES["tuned"], epochs=3, warmup_epochs=1, activation="re
                      flip=True, erasing=0.5, label_smoothing=0.1, ema=0.9, checkpoint="best_val")
 
 
+# EVERYTHING with mixup and CutMix, each in some of the batches
+MIXED = replace(EVERYTHING, mixup=0.4, cutmix=1.0, mix_prob=0.8)
+
+
 @pytest.mark.slow
-def test_every_new_field_resumes_exactly(small_splits, tmp_path):
-    """Augmentation, schedule, EMA and best_val state survive a checkpoint: same numbers."""
-    whole = train(EVERYTHING, 2, small_splits)
+@pytest.mark.parametrize("recipe", [EVERYTHING, MIXED], ids=["everything", "mixing"])
+def test_every_new_field_resumes_exactly(small_splits, tmp_path, recipe):
+    """Augmentation, mixing, schedule, EMA and best_val state survive a checkpoint: same numbers."""
+    whole = train(recipe, 2, small_splits)
     checkpoint = tmp_path / "ckpt.pt"
-    train(EVERYTHING, 2, small_splits, checkpoint=checkpoint, stop_after_epoch=2)
-    resumed = train(EVERYTHING, 2, small_splits, checkpoint=checkpoint)
+    train(recipe, 2, small_splits, checkpoint=checkpoint, stop_after_epoch=2)
+    resumed = train(recipe, 2, small_splits, checkpoint=checkpoint)
     assert resumed.history == whole.history and resumed.kept_epoch == whole.kept_epoch
     assert resumed.test == whole.test and resumed.test_flip == whole.test_flip
     for key, value in whole.model.state_dict().items():
@@ -187,10 +192,6 @@ def test_the_ema_after_one_step_is_the_average_of_the_start_and_the_step(dataset
     for key, value in averaged.items():
         expected = (start[key] + stepped[key]) / 2 if value.is_floating_point() else stepped[key]
         assert torch.allclose(value, expected, atol=1e-6), key
-
-
-# EVERYTHING with mixup and CutMix, each in some of the batches
-MIXED = replace(EVERYTHING, mixup=0.4, cutmix=1.0, mix_prob=0.8)
 
 
 @pytest.mark.parametrize("kernels", ["native", "torch"])

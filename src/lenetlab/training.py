@@ -6,8 +6,8 @@ native code where it builds (lenetlab.native); elsewhere, and with kernels="torc
 through PyTorch with the faster forward pass of model.py.
 
 All randomness comes from the seed: the initial weights from torch.manual_seed, each
-epoch's data order, dropout masks and augmentation from generators seeded by (seed, epoch),
-the same streams on both paths. The learning rate is a function of the step alone
+epoch's data order, dropout masks, augmentation and mixing from generators seeded by (seed,
+epoch), the same streams on both paths. The learning rate is a function of the step alone
 (learning_rate). So a run resumed from the checkpoint of epoch k replays epochs k+1... exactly.
 """
 
