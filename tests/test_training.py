@@ -121,13 +121,18 @@ EVERYTHING = replace(RECIPES["tuned"], epochs=3, warmup_epochs=1, activation="re
                      flip=True, erasing=0.5, label_smoothing=0.1, ema=0.9, checkpoint="best_val")
 
 
+# EVERYTHING with mixup and CutMix, each in some of the batches
+MIXED = replace(EVERYTHING, mixup=0.4, cutmix=1.0, mix_prob=0.8)
+
+
 @pytest.mark.slow
-def test_every_new_field_resumes_exactly(small_splits, tmp_path):
-    """Augmentation, schedule, EMA and best_val state survive a checkpoint: same numbers."""
-    whole = train(EVERYTHING, 2, small_splits)
+@pytest.mark.parametrize("recipe", [EVERYTHING, MIXED], ids=["everything", "mixing"])
+def test_every_new_field_resumes_exactly(small_splits, tmp_path, recipe):
+    """Augmentation, mixing, schedule, EMA and best_val state survive a checkpoint: same numbers."""
+    whole = train(recipe, 2, small_splits)
     checkpoint = tmp_path / "ckpt.pt"
-    train(EVERYTHING, 2, small_splits, checkpoint=checkpoint, stop_after_epoch=2)
-    resumed = train(EVERYTHING, 2, small_splits, checkpoint=checkpoint)
+    train(recipe, 2, small_splits, checkpoint=checkpoint, stop_after_epoch=2)
+    resumed = train(recipe, 2, small_splits, checkpoint=checkpoint)
     assert resumed.history == whole.history and resumed.kept_epoch == whole.kept_epoch
     assert resumed.test == whole.test and resumed.test_flip == whole.test_flip
     for key, value in whole.model.state_dict().items():
@@ -189,9 +194,28 @@ def test_the_ema_after_one_step_is_the_average_of_the_start_and_the_step(dataset
         assert torch.allclose(value, expected, atol=1e-6), key
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_mixup_and_cutmix_train_on_both_paths(small_splits, kernels):
+    """One epoch on 3,000 real images with mixup, then CutMix, on each path: it learns, and on
+    soft targets (whose entropy no prediction removes) its training loss stays well above
+    the plain recipe's; accuracy counts each image's own label."""
+    if kernels == "native" and native.load() is None:
+        pytest.skip("no native step here (no C compiler)")
+    base = replace(RECIPES["baseline"], epochs=1)
+    plain = train_trial(base, 0, small_splits, kernels=kernels).history[0]
+    for fields in ({"mixup": 0.4}, {"cutmix": 1.0}):
+        out = train_trial(replace(base, **fields), 0, small_splits, kernels=kernels)
+        train, val = out.history[:2]
+        assert out.kernels == kernels and val.split == "val"
+        assert val.accuracy > 0.5, (fields, val)  # chance: 0.1
+        assert train.loss > plain.loss + 0.1, (fields, train, plain)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(native.load() is None, reason="no native step here (no C compiler)")
-def test_new_fields_give_the_same_run_on_the_native_and_pytorch_paths(small_splits, monkeypatch):
+@pytest.mark.parametrize("recipe", [replace(EVERYTHING, epochs=2, ema=0.0),
+                                    replace(MIXED, epochs=2, ema=0.0)], ids=["everything", "mixing"])
+def test_new_fields_give_the_same_run_on_the_native_and_pytorch_paths(small_splits, monkeypatch, recipe):
     """Both float32 paths end as near the PyTorch path run in float64 as rounding takes them.
 
     Float rounding differs between the paths, and max pooling turns a rounding difference into
@@ -204,7 +228,6 @@ def test_new_fields_give_the_same_run_on_the_native_and_pytorch_paths(small_spli
     points."""
     few = {name: getattr(small_splits, name)[:2000] for name in ("val_x", "val_y", "test_x", "test_y")}
     splits = dataclasses.replace(small_splits, **few)  # 2000 images to evaluate: three runs
-    recipe = replace(EVERYTHING, epochs=2, ema=0.0)
     a = train_trial(recipe, 0, splits, kernels="native")
     b = train_trial(recipe, 0, splits, kernels="torch")
     build = training.build_model

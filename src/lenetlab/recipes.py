@@ -51,6 +51,9 @@ class Recipe:
     label_smoothing: float = 0.0
     ema: float = 0.0
     checkpoint: str = "last"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -122,6 +125,12 @@ FIELDS: dict[str, Field] = {
                  "moving average of the weights, which is then the trained model: 0 (off) or 0.5 to <1"),
     "checkpoint": Field(str, lambda v: v in ("last", "best_val"), "ck", "which epoch's model is the "
                         "result: last (the original) or best_val (highest validation accuracy)"),
+    "mixup": Field(float, lambda v: 0 <= v <= 100, "mix", "mixup's strength: alpha of "
+                   "Beta(alpha, alpha), 0 (off) to 100"),
+    "cutmix": Field(float, lambda v: 0 <= v <= 100, "cut", "CutMix's strength: alpha of "
+                    "Beta(alpha, alpha), 0 (off) to 100"),
+    "mix_prob": Field(float, lambda v: 0 < v <= 1, "mp", "probability that a batch is mixed (mixup "
+                      "or CutMix; with both, a fair coin per batch picks one), >0 to 1"),
 }
 
 

@@ -6,8 +6,8 @@ native code where it builds (lenetlab.native); elsewhere, and with kernels="torc
 through PyTorch with the faster forward pass of model.py.
 
 All randomness comes from the seed: the initial weights from torch.manual_seed, each
-epoch's data order, dropout masks and augmentation from generators seeded by (seed, epoch),
-the same streams on both paths. The learning rate is a function of the step alone
+epoch's data order, dropout masks, augmentation and mixing from generators seeded by (seed,
+epoch), the same streams on both paths. The learning rate is a function of the step alone
 (learning_rate). So a run resumed from the checkpoint of epoch k replays epochs k+1... exactly.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import files, native
+from . import files, mixing, native
 from .augment import Augmentation, EpochDraws, draw
 from .checked import checked, require
 from .data import MEAN, STD, Splits
@@ -70,7 +70,7 @@ BACKGROUND = (0.0 - MEAN) / STD  # a black pixel, normalised: what translation p
 
 def derived_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed for one random stream (0: data order, 1: dropout, 2:
-    augmentation) of one epoch."""
+    augmentation, 3: mixup and CutMix) of one epoch."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> 1)
 
 
@@ -291,10 +291,11 @@ class Steps(Protocol):
     dropout_p): step() per batch, then totals() once."""
 
     def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
-             draws: EpochDraws | None, start: int) -> None:
+             draws: EpochDraws | None, start: int, mix: mixing.MixDraws | None = None) -> None:
         """One step on x[idx], y[idx], the images augmented by draws if any (the batch being
-        images start, start + 1, ... of the epoch); keep: the dropout mask (B, 120) or None.
-        Raises _NonFinite at the first non-finite loss where that is known at once."""
+        images start, start + 1, ... of the epoch), then mixed by mix if any (soft targets);
+        keep: the dropout mask (B, 120) or None. Raises _NonFinite at the first non-finite
+        loss where that is known at once."""
 
     def totals(self) -> tuple[float, int, int | None]:
         """(summed loss, correct predictions, index of the first non-finite step or None)."""
@@ -315,12 +316,17 @@ class _TorchSteps:
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def step(self, i, x, y, idx, keep, draws, start) -> None:
+    def step(self, i, x, y, idx, keep, draws, start, mix=None) -> None:
         x, y = x[idx], y[idx]
         if draws is not None:
             x = draws.apply(x, start)
-        logits = fast_forward(self.model, x, keep)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if mix is None:
+            logits = fast_forward(self.model, x, keep)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        else:  # soft targets; a mixed image counts as correct for its own label y
+            logits = fast_forward(self.model, mix.images(x, start), keep)
+            target = mix.targets(y, start).to(logits.dtype)  # float64 for a float64 model (tests)
+            loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -348,9 +354,9 @@ class _NativeSteps:
         self.trainer = native.NativeTrainer(model, optimizer, label_smoothing=label_smoothing)
         self.loss_sum, self.correct, self.first_bad = 0.0, 0, None
 
-    def step(self, i, x, y, idx, keep, draws, start) -> None:
+    def step(self, i, x, y, idx, keep, draws, start, mix=None) -> None:
         scale = None if keep is None else keep.float().div_(1.0 - self.dropout_p)
-        self.trainer.train_step_indexed(x, y, idx, scale, draws, start)
+        self.trainer.train_step_indexed(x, y, idx, scale, draws, start, mix)
         loss, correct = self.trainer.take_totals()
         self.loss_sum += loss
         self.correct += correct
@@ -395,8 +401,8 @@ class _Run:
 
 
 def _train_epoch(run: _Run, phase: Phase, optimizer: torch.optim.Optimizer, epoch: int) -> EpochMetrics:
-    """One epoch of training steps on the epoch's own data order, dropout masks and
-    augmentation; the learning rate set before every step. Raises Diverged."""
+    """One epoch of training steps on the epoch's own data order, dropout masks,
+    augmentation and mixing; the learning rate set before every step. Raises Diverged."""
     device, n, batch = run.splits.train_x.device, run.n, run.recipe.batch_size
     dropout_p = run.recipe.dropout_rate if run.recipe.use_dropout else 0.0
     steps = STEPS[run.kernels](run.model, optimizer, device, phase.recipe.label_smoothing, dropout_p)
@@ -408,6 +414,10 @@ def _train_epoch(run: _Run, phase: Phase, optimizer: torch.optim.Optimizer, epoc
     if aug.active:
         aug_gen = torch.Generator(device=device).manual_seed(derived_seed(run.seed, epoch, 2))
         draws = draw(aug, n, aug_gen, BACKGROUND, device)
+    mix = None
+    mixes = mixing.Mixing(phase.recipe.mixup, phase.recipe.cutmix, phase.recipe.mix_prob)
+    if mixes.active:
+        mix = mixing.draw(mixes, n, batch, derived_seed(run.seed, epoch, 3), device)
     per_epoch = run.steps_per_epoch
     first_step, phase_steps = (epoch - phase.first_epoch) * per_epoch, phase.epochs * per_epoch
     warmup_steps = phase.recipe.warmup_epochs * per_epoch
@@ -421,7 +431,7 @@ def _train_epoch(run: _Run, phase: Phase, optimizer: torch.optim.Optimizer, epoc
             lr = learning_rate(phase.recipe, first_step + i, phase_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            steps.step(i, run.splits.train_x, run.splits.train_y, idx, keep, draws, start)
+            steps.step(i, run.splits.train_x, run.splits.train_y, idx, keep, draws, start, mix)
             run.kept.after_step()
     except _NonFinite:
         pass

@@ -51,6 +51,22 @@ MUTANTS = {
         "c->drop[o * BATCH + b] = b < c->n\n"
         "                    ? (float)(A->drop[((int64_t)k * BATCH + b) * F1 + o] != 0.f) : 0.f;",
         "dropout's mask applied without the 1 / (1 - p) scale, forward and backward"),
+    "mix-fused": (
+        "mix.c", '__asm__("" : "+m"(p));', "",
+        "mixup's blend with its products fused into FMAs (rounded once, where torch rounds each product)"),
+    "mix-partner-unaugmented": (
+        "augment_pack.c", "load_image(aug, p, src + (idx ? idx[p] : p) * IMGPIX, other);",
+        "load_image(NULL, p, src + (idx ? idx[p] : p) * IMGPIX, other);",
+        "the partner's pixels mixed in as they are, not augmented as its own image is"),
+    "cutmix-box-narrow": (
+        "mix.c", "sizeof(float) * (size_t)(b[3] - b[2])", "sizeof(float) * (size_t)(b[3] - b[2] - 1)",
+        "CutMix's box pasted one column short"),
+    "soft-target-partner-label": (
+        "step.c", "partners[b] = A->y[A->idx ? A->idx[p] : p];", "partners[b] = labels[b];",
+        "the soft target's second label the image's own, not its partner's"),
+    "soft-target-weights-swapped": (
+        "loss.c", "w2 = (1.0 - smoothing) * (1.0 - lam[b]);", "w2 = (1.0 - smoothing) * lam[b];",
+        "the partner's label weighted lam, not 1 - lam, in the loss and its gradient"),
 }
 
 

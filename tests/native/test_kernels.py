@@ -29,10 +29,10 @@ def rmsprop(monkeypatch):
 
 
 @dataclasses.dataclass(frozen=True)
-class MixupRecipe(Recipe):
+class CutoutRecipe(Recipe):
     """A recipe with a field the native step has never heard of, as a test-only subclass."""
 
-    mixup: float = 0.0
+    cutout: float = 0.0
 
 
 @needs_native
@@ -44,12 +44,12 @@ def test_every_shipped_recipe_is_native():
 
 def test_what_the_native_step_lacks_is_named():
     assert "device cuda" in native.native_gap(RECIPES["baseline"], "cuda")
-    assert "mixup = 0.2" in native.native_gap(MixupRecipe("baseline", mixup=0.2))
+    assert "cutout = 0.2" in native.native_gap(CutoutRecipe("baseline", cutout=0.2))
 
 
 @needs_native
 def test_a_new_field_at_its_default_keeps_the_native_step():
-    assert native.native_gap(MixupRecipe("baseline")) is None
+    assert native.native_gap(CutoutRecipe("baseline")) is None
 
 
 @needs_native
@@ -72,11 +72,11 @@ def test_a_warm_start_is_checked_in_both_phases(rmsprop, monkeypatch):
 @needs_native
 def test_a_new_field_in_use_trains_on_pytorchs_path(small_splits):
     """A field the step does not know, set: the trial trains (no traceback) on PyTorch's path."""
-    recipe = MixupRecipe("baseline", epochs=1, mixup=0.2)
+    recipe = CutoutRecipe("baseline", epochs=1, cutout=0.2)
     output = train_trial(recipe, 0, small_splits)
     reference = train_trial(replace(RECIPES["baseline"], epochs=1), 0, small_splits, kernels="torch")
     assert output.kernels == "torch"
-    assert output.history == reference.history  # this loop has no mixup: the plain torch run
+    assert output.history == reference.history  # this loop has no cutout: the plain torch run
 
 
 @needs_native

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lenetlab import native
+from lenetlab import mixing, native
 from lenetlab.augment import Augmentation, draw
 from lenetlab.model import LeNet5V1, fast_forward
 from lenetlab.recipes import RECIPES
@@ -531,4 +531,103 @@ def check_bad_input_changes_nothing():
         trainer.train_step_indexed(x, torch.zeros(10, dtype=torch.long), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="contiguous"):
         trainer.train_step(x.double(), torch.zeros(10, dtype=torch.long))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ---- mixup and CutMix: the step's own mixing, and the loss on soft targets
+
+MIXES = [mixing.Mixing(0.4, 0.0), mixing.Mixing(0.0, 1.0), mixing.Mixing(0.4, 1.0, 0.5)]
+
+
+def _mix_slice(mixes: mixing.MixDraws, start: int, batch: int) -> mixing.MixDraws:
+    """The draws of the batch of images start .. start + batch - 1, as a batch's own."""
+    return mixing.MixDraws(*(t[start:start + batch].contiguous()
+                             for t in (mixes.partner, mixes.lam, mixes.box)))
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=str)
+def check_mixing_in_the_step_is_mixing_before_it(mix):
+    """The step's own mixing (while packing, after augmenting) gives the images MixDraws.images
+    gives, bit for bit, and the same soft targets: the parameters and totals after steps on
+    both are identical. The batches: anywhere in the epoch, the last one short (38 images)."""
+    (ma, oa), (mb, ob) = _pair(ALL_ON, "adam")
+    ta, tb = (native.NativeTrainer(m, o, label_smoothing=0.1) for m, o in ((ma, oa), (mb, ob)))
+    data_x, data_y = _random_batches(1, 500)[0]
+    draws = draw(Augmentation(2, True, 0.25), 500, torch.Generator().manual_seed(7), background=-0.8)
+    mixes = mixing.draw(mix, 500, 77, seed=3)
+    assert (mixes.lam < 1).any() and ((mixes.box[:, 1] > mixes.box[:, 0]).any() == (mix.cutmix > 0))
+    order = torch.randperm(500, generator=torch.Generator().manual_seed(1))
+    for start in (0, 77, 462):
+        idx = order[start:start + 77]
+        scale = _mask(ma, len(idx), start)[1]
+        x = mixes.images(draws.apply(data_x[idx], start), start)
+        ta.train_step(x, data_y[idx], scale, _mix_slice(mixes, start, len(idx)), premixed=True)
+        tb.train_step_indexed(data_x, data_y, idx, scale, draws, start, mixes)
+    assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())
+    assert ta.take_totals() == tb.take_totals()
+    with pytest.raises(IndexError, match="mixing"):
+        tb.train_step_indexed(data_x, data_y, idx, None, None, 480, mixes)
+
+
+SOFT_CASES = [(Variant(), "adam"), (ALL_ON_RELU_MAX, "adamw"), (Variant(bn=True, smoothing=0.1), "sgd"),
+              (Variant(dropout=True, pool="max"), "adam")]
+
+
+def _soft_batch(cut: bool):
+    """A batch of 100 (two chunks, partners in either), mixed by mixup or by CutMix: (images,
+    labels, its draws, soft targets)."""
+    (x, y), = _random_batches(1, 100, seed=4)
+    mixes = mixing.draw(mixing.Mixing(0.0 if cut else 0.4, 1.0 if cut else 0.0), 100, 100, seed=5)
+    return mixes.images(x, 0), y, mixes, mixes.targets(y, 0)
+
+
+def _soft_torch_step(model, optimizer, x, target, keep, smoothing: float):
+    """torch's own step on soft targets (as _TorchSteps takes them)."""
+    loss = F.cross_entropy(plain_forward(model, x, keep), target, label_smoothing=smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize(("build", "variant", "optimizer"), _on_builds(
+    SOFT_CASES, lambda v, o: v.original or v == ALL_ON_RELU_MAX), indirect=["build"])
+def check_one_step_on_soft_targets_matches_torch(build, variant, optimizer):
+    """The loss on soft targets (mixup's, then CutMix's batch), with label smoothing on top
+    where the variant has it: every parameter, buffer and optimiser state element within its
+    rounding bound of the float64 step, as torch's own float32 step is; the summed loss within
+    the bound of the float64 loss, the correct predictions (of each image's own label) the
+    float64 ones' but for those rounding may change."""
+    for cut in (False, True):
+        x, y, mixes, target = _soft_batch(cut)
+        model, opt = _fresh(variant, optimizer)
+        keep, scale = _mask(model, len(x), 0)
+        want = rounding.step(model, opt, x, target, scale, variant.smoothing)
+        loss, bound, correct, uncertain = rounding.loss(model, x, target, scale, variant.smoothing, labels=y)
+        twin = _fresh(variant, optimizer)
+        _soft_torch_step(*twin, x, target, keep, variant.smoothing)
+        _within(_state(*twin), want, TORCH_OUTSIDE.format(0))
+        trainer = native.NativeTrainer(model, opt, label_smoothing=variant.smoothing, lib=build)
+        trainer.train_step(x, y, scale, mixes, premixed=True)
+        _within(_state(model, opt), want, f"the native step on {'CutMix' if cut else 'mixup'}'s targets")
+        got_loss, got_correct = trainer.take_totals()
+        assert abs(got_loss - loss) <= bound, (cut, got_loss, loss, bound)
+        assert abs(got_correct - correct) <= uncertain, (cut, got_correct, correct, uncertain)
+
+
+def check_bad_mixing_changes_nothing():
+    """Mixing draws that reach outside the batch or the image, or a weight outside [0, 1]: a
+    ValueError, and the model as it was."""
+    _, (model, opt) = _pair(Variant(bn=True), "adam")
+    trainer = native.NativeTrainer(model, opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (x, y), = _random_batches(1, 10)
+    good = mixing.draw(mixing.Mixing(0.0, 1.0), 10, 10, seed=1)
+    # (field, flat element, value): a partner past the batch or before it, weights above 1 and
+    # NaN, a box's bottom below the image and its top above it
+    for field, i, value in (("partner", 3, 10), ("partner", 0, -1), ("lam", 2, 1.5), ("lam", 2, float("nan")),
+                            ("box", 5, 29), ("box", 0, -1)):
+        bad = mixing.MixDraws(good.partner.clone(), good.lam.clone(), good.box.clone())
+        getattr(bad, field).view(-1)[i] = value
+        with pytest.raises(ValueError, match="mixing"):
+            trainer.train_step(x, y, None, bad)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

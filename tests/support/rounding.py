@@ -342,22 +342,35 @@ class Gradients(NamedTuple):
     buffers: dict
 
 
+def _target(y, smoothing: float) -> torch.Tensor:
+    """The loss's target in float64, smoothed as F.cross_entropy smooths it: of labels y (B,),
+    or of soft targets y (B, 10) (mixup's and CutMix's: lam onehot(y_i) + (1 - lam) onehot(y_j))."""
+    target = y.to(D) if y.is_floating_point() else F.one_hot(y, 10).to(D)
+    return target * (1 - smoothing) + smoothing / 10
+
+
 def gradients(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0) -> Gradients:
     """The training-mode forward, the loss and the backward in float64, with the bounds of a
-    float32 path's gradients (model is left unchanged)."""
+    float32 path's gradients (model is left unchanged); y: labels, or soft targets (B, 10)."""
     s = _Pass(model, x, scale, training=True)
-    F.cross_entropy(s.logits, y, label_smoothing=smoothing).backward()
+    soft = y.is_floating_point()
+    F.cross_entropy(s.logits, y.to(D) if soft else y, label_smoothing=smoothing).backward()
     e_grad = {}
     with torch.no_grad():
         lg, e_lg, batch = s.logits.detach(), s.e_logits, len(y)
         p = torch.softmax(lg, 1)
-        target = F.one_hot(y, 10).to(D) * (1 - smoothing) + smoothing / 10
+        target = _target(y, smoothing)
         lse = torch.logsumexp(lg, 1, keepdim=True)
         # softmax: dp_i = p_i (dz_i - sum_j p_j dz_j); its own rounding: exp (relative, also of
         # its argument, up to |z| + |lse|), a sum of 10, a division
         e_p = (p * (e_lg + (p * e_lg).sum(1, keepdim=True))
                + p * (gamma(10) + 4 * U + 2 * U * (lg.abs() + lse.abs())))
         e_d = e_p / batch + 3 * U * (p + target) / batch  # (p - target) / B: three roundings
+        if soft:
+            # a float32 path's soft target: 1 - lam, the sum of the two one-hot terms, the
+            # smoothing's product and sum (4 roundings); torch's backward of -sum t log_softmax
+            # also multiplies p by the sum of its target, 1 within a sum of 10's rounding
+            e_d = e_d + (4 * U * target + gamma(10) * p * target.sum(1, keepdim=True)) / batch
         for stage in reversed(s.dense):
             if stage["act"] is not None:  # e_d is the bound at act(out): through the activation
                 e_d, _ = stage["act"].backward(stage["a"].grad, e_d)
@@ -524,23 +537,27 @@ def nudge(model: torch.nn.Module, seed: int = 11) -> torch.nn.Module:
     return model
 
 
-def loss(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0):
+def loss(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0, labels=None):
     """The training-mode forward's summed cross-entropy in float64 and the bound of a float32
     path's (each image's loss lse(z) - sum t z moves by at most 2 max e(z) for its logits'
-    bounds e, plus the roundings of exp, log and the sum of 10), and its number of correct
-    argmax predictions with how many of them rounding may change (a top-2 gap within their
+    bounds e, plus the roundings of exp, log and the sum of 10; soft targets y (B, 10) add
+    those of their 4 roundings, 4 U t |z|), and its number of correct argmax predictions (of
+    labels, by default y) with how many of them rounding may change (a top-2 gap within their
     logits' bounds)."""
+    labels = y if labels is None else labels
     with torch.no_grad():
         s = _Pass(model, x, scale, training=True)
         z, e = s.logits, s.e_logits
-        target = F.one_hot(y, 10).to(D) * (1 - smoothing) + smoothing / 10
+        target = _target(y, smoothing)
         lse = torch.logsumexp(z, 1)
         each = lse - (target * z).sum(1)
         bound = 2 * e.max(1).values + (gamma(10) + 4 * U) * (lse.abs() + z.abs().max(1).values)
+        if y.is_floating_point():
+            bound = bound + 4 * U * (target * z.abs()).sum(1) + 2 * U * lse.abs()
         top2 = z.topk(2, 1)
         e_top = e.gather(1, top2.indices)
         close = (top2.values[:, 0] - top2.values[:, 1]) <= e_top.sum(1)
-        correct = int((z.argmax(1) == y).sum())
+        correct = int((z.argmax(1) == labels).sum())
     # the batch's sum: its terms' bounds in line, and its own rounding as a float32 sum (torch's
     # mean reduction; the native step sums in float64)
     total = bound.sum().item() + (gamma(len(y)) + U) * each.abs().sum().item()

@@ -1,5 +1,5 @@
-/* augment_pack.c: one concern, a batch's images augmented and packed into the batch-innermost
- * input layout. */
+/* augment_pack.c: one concern, a batch's images augmented (and mixed: mix.c) and packed into the
+ * batch-innermost input layout. */
 
 /* A batch's augmentation, drawn in Python (augment.py): image i of the batch takes move[i], the
  * row of augment._moves' table (shift dy, dx in -pad..pad, then mirrored or not, in that order),
@@ -59,6 +59,15 @@ static void augment_image(const augment_t *aug, int64_t i, const float *s, float
     }
 }
 
+/* Image i of the batch (from row s of the images) into d, augmented where aug says so. */
+static void load_image(const augment_t *aug, int64_t i, const float *s, float *restrict d)
+{
+    if (aug && (aug->move || aug->rows))
+        augment_image(aug, i, s, d);
+    else
+        memcpy(d, s, sizeof(float) * IMGPIX);
+}
+
 #define LANE_GROUPS (BATCH / 16)
 
 /* Lanes [b0, b0 + 16) of the chunk's images into the padded [32][32][64] input: the rows are
@@ -68,9 +77,10 @@ static void augment_image(const augment_t *aug, int64_t i, const float *s, float
  * step). Padding lanes are zero. A thread packs whole 16-lane groups: one 64-byte line of
  * every pixel. */
 static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t first, const augment_t *aug,
-                       int b0)
+                       const mix_t *mix, int b0)
 {
     float stage[16 * IMGPIX] __attribute__((aligned(64)));
+    float other[IMGPIX] __attribute__((aligned(64))); /* a mixed image's partner, augmented */
     for (int b = b0; b < b0 + 16; b++) {
         float *d = stage + (b - b0) * IMGPIX;
         if (b >= c->n) {
@@ -82,6 +92,11 @@ static void pack_input(chunk *c, const float *src, const int64_t *idx, int64_t f
             augment_image(aug, first + b, s, d);
         else
             memcpy(d, s, sizeof(float) * IMGPIX);
+        if (mix && mix->box && mix_takes(mix, first + b)) {
+            const int64_t p = mix->with[first + b];
+            load_image(aug, p, src + (idx ? idx[p] : p) * IMGPIX, other);
+            mix_image(mix, first + b, other, d);
+        }
     }
 #if HAVE_TRANSPOSE8
     /* 8 images x 8 pixels at a time (an image is 98 such runs) in registers: the stores of

@@ -30,7 +30,7 @@ static void forward_job(void *arg, int t, int T)
         const int64_t first = j * BATCH;
         set_lanes(c, n - first < BATCH ? (int)(n - first) : BATCH);
         for (int b0 = 0; b0 < BATCH; b0 += 16)
-            pack_input(c, A->x, NULL, first, NULL, b0);
+            pack_input(c, A->x, NULL, first, NULL, NULL, b0);
         /* each conv by pooling rows, activated and pooled while they are in cache */
         for (int py = 0; py < Q1; py++) {
             conv1_fwd(c->x, P[P_C1W], P[P_C1B], c->z1, 2 * py, 2 * py + 2, 0, C1);

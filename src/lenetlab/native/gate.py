@@ -23,8 +23,9 @@ from . import library
 from .trainer import NativeTrainer
 
 # The recipe fields whose every valid value the native path trains exactly: the step itself
-# (layers, loss, optimiser hyperparameters, batch) or the Python loop around it, shared by both
-# paths (epochs, schedules, augmentation draws, EMA, the kept epoch, the warm start). Fields
+# (layers, loss, optimiser hyperparameters, batch, mixing) or the Python loop around it, shared
+# by both paths (epochs, schedules, augmentation and mixing draws, EMA, the kept epoch, the warm
+# start). Fields
 # that pick a kind (activation, pool, optimizer) are checked on the model and optimiser the
 # recipe builds, below. A field missing here, such as a new one, keeps the native step only at
 # its default value: adding a field cannot silently change what the native step computes.
@@ -32,7 +33,7 @@ NATIVE_FIELDS = frozenset({
     "name", "use_dropout", "use_batch_norm", "dropout_rate", "epochs", "batch_size", "lr",
     "weight_decay", "optimizer", "warm_start_from", "warm_start_epochs", "activation", "pool",
     "translate", "flip", "erasing", "schedule", "warmup_epochs", "label_smoothing", "ema",
-    "checkpoint",
+    "checkpoint", "mixup", "cutmix", "mix_prob",
 })
 
 

@@ -23,6 +23,7 @@
 #include "pool.c"
 #include "threadpool.c"
 #include "workspace.c"
+#include "mix.c"
 #include "augment_pack.c"
 #include "loss.c"
 #include "batchnorm.c"

@@ -1,11 +1,14 @@
-/* loss.c: one concern, cross-entropy (with label smoothing) and its gradient. */
+/* loss.c: one concern, cross-entropy (with label smoothing, on soft targets) and its gradient. */
 
 /* Cross-entropy, mean over the whole batch of B: its gradient into dlg (0 on padding lanes),
  * the summed loss (in double) and the number of correct argmax predictions into totals. With
  * label smoothing eps, torch's: the target is (1 - eps) onehot + eps / 10, so an image's loss is
  * (1 - eps)(lse - z_y) + eps (lse - mean z) and its gradient softmax - target. eps = 0 runs the
- * plain loss's own arithmetic, not the smoothed formula, whose extra terms round differently. */
-static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double smoothing, double *totals)
+ * plain loss's own arithmetic, not the smoothed formula, whose extra terms round differently.
+ * With mixing (lam not NULL), image b's target is the soft lam[b] onehot(labels[b]) + (1 -
+ * lam[b]) onehot(partners[b]), smoothed on top; it counts as correct for labels[b]. */
+static void loss_fwd_bwd(chunk *c, const int64_t *labels, const int64_t *partners, const float *lam, double inv_b,
+                         double smoothing, double *totals)
 {
     float mx[BATCH], sum[BATCH];
     for (int v = 0; v < NV; v++) {
@@ -33,7 +36,18 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, double inv_b, double s
     }
     for (int b = 0; b < c->n; b++) {
         const int y = (int)labels[b];
-        if (smoothing != 0.0) {
+        if (lam) {
+            const int y2 = (int)partners[b];
+            const double w = (1.0 - smoothing) * lam[b], w2 = (1.0 - smoothing) * (1.0 - lam[b]);
+            const double lse = log((double)sum[b]) + mx[b];
+            double zsum = 0.0;
+            for (int k = 0; k < F3; k++)
+                zsum += c->lg[k * BATCH + b];
+            totals[0] += w * (lse - c->lg[y * BATCH + b]) + w2 * (lse - c->lg[y2 * BATCH + b])
+                         + smoothing * (lse - zsum / F3);
+            c->dlg[y * BATCH + b] -= (float)(w * inv_b);
+            c->dlg[y2 * BATCH + b] -= (float)(w2 * inv_b);
+        } else if (smoothing != 0.0) {
             const double lse = log((double)sum[b]) + mx[b];
             double zsum = 0.0;
             for (int k = 0; k < F3; k++)

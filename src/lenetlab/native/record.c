@@ -24,6 +24,9 @@
     X(const int64_t *, move)     /* augmentation (augment_t), from the batch's first image */     \
     X(const float *, erase_rows)                                                                  \
     X(const float *, erase_cols)                                                                  \
+    X(const int64_t *, mix_with) /* mixing (mix_t), from the batch's first image, or NULL */      \
+    X(const float *, mix_lam)                                                                     \
+    X(const int64_t *, mix_box)                                                                   \
     X(int64_t, rows)             /* rows of x (ln_forward: the images) */                         \
     X(int64_t, batch)            /* images in the batch */                                        \
     X(double, bn_eps)                                                                             \

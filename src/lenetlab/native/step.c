@@ -10,6 +10,7 @@ typedef struct {
     ln_ws *ws;
     const ln_args *a;
     augment_t aug;
+    mix_t mix;
     int nch, B, bn;
     float istd1[C1], istd2[C2];
 } step_ctx;
@@ -106,7 +107,7 @@ static void stage_pack(step_ctx *X, int t, int T)
     share(X->nch * LANE_GROUPS, t, T, &lo, &hi);
     for (int u = lo; u < hi; u++) {
         const int k = u / LANE_GROUPS, b0 = u % LANE_GROUPS * 16;
-        pack_input(&ch[k], A->x, A->idx, (int64_t)k * BATCH, &X->aug, b0);
+        pack_input(&ch[k], A->x, A->idx, (int64_t)k * BATCH, &X->aug, &X->mix, b0);
     }
     if (A->drop) {
         share(X->nch * F1, t, T, &lo, &hi);
@@ -251,11 +252,17 @@ static void classifier_fwd(step_ctx *X, int k, int t, int T)
 #endif
     SYNC();
     if (t == 0) { /* fc3, the loss and fc3's gradients */
-        int64_t labels[BATCH];
+        int64_t labels[BATCH], partners[BATCH]; /* the images' labels, and their partners' (mixing) */
         linear_fwd10(c->a4, P[P_F3W], P[P_F3B], c->lg, 0, F3, F2, F2, 1);
-        for (int b = 0; b < c->n; b++)
+        for (int b = 0; b < c->n; b++) {
             labels[b] = A->y[A->idx ? A->idx[k * BATCH + b] : k * BATCH + b];
-        loss_fwd_bwd(c, labels, 1.0 / X->B, A->smoothing, A->totals);
+            if (A->mix_with) {
+                const int64_t p = A->mix_with[k * BATCH + b];
+                partners[b] = A->y[A->idx ? A->idx[p] : p];
+            }
+        }
+        loss_fwd_bwd(c, labels, A->mix_with ? partners : NULL, A->mix_with ? A->mix_lam + k * BATCH : NULL,
+                     1.0 / X->B, A->smoothing, A->totals);
         linear_wgrad10(c->dlg, c->a4, ws->grad + goff(P_F3W), 0, F3, F2);
         bias_grad(c->dlg, ws->grad + goff(P_F3B), F3);
     }
@@ -462,8 +469,9 @@ static void step_job(void *arg, int t, int T)
 
 /* One training step on a batch of B images: forward, mean cross-entropy, backward, one update,
  * on a->threads threads (see ln_args for the fields). Returns LN_OK, or LN_BAD_INDEX for an
- * index out of range, LN_BAD_LABEL for a label out of range, LN_NO_MEMORY, LN_BAD_BATCH for a
- * batch size out of range (nothing is changed then). */
+ * index out of range, LN_BAD_LABEL for a label out of range, LN_BAD_MIX for mixing outside
+ * the batch or the image (mix_valid), LN_NO_MEMORY, LN_BAD_BATCH for a batch size out of range
+ * (nothing is changed then). */
 int ln_train_step(ln_ws *ws, const ln_args *a)
 {
     if (a->batch < 1 || a->batch > (1 << 24))
@@ -476,12 +484,15 @@ int ln_train_step(ln_ws *ws, const ln_args *a)
         if (a->y[r] < 0 || a->y[r] >= F3)
             return LN_BAD_LABEL;
     }
+    const mix_t mix = {a->mix_with, a->mix_lam, a->mix_box};
+    if (mix.with && !(mix.lam && mix_valid(&mix, B)))
+        return LN_BAD_MIX;
     const int nch = (B + BATCH - 1) / BATCH;
     if (ws_reserve(ws, nch))
         return LN_NO_MEMORY;
     for (int k = 0; k < nch; k++)
         set_lanes(&ws->ch[k], B - k * BATCH < BATCH ? B - k * BATCH : BATCH);
-    step_ctx X = {ws, a, {a->move, a->pad, a->erase_rows, a->erase_cols, (float)a->background}, nch, B,
+    step_ctx X = {ws, a, {a->move, a->pad, a->erase_rows, a->erase_cols, (float)a->background}, mix, nch, B,
                   a->params[P_BN1W] != NULL, {0}, {0}};
     pool_run(&ws->pool, a->threads, step_job, &X);
     return LN_OK;

@@ -13,6 +13,7 @@ import weakref
 import torch
 
 from ..augment import EpochDraws
+from ..mixing import MixDraws
 from ..model import LeNet5V1, _layers
 from . import library
 from .abi import CONSTANTS, StepArgs
@@ -152,22 +153,26 @@ class NativeTrainer:
             self._bound = self._identity()
             self._keep = (s1, s2, steps)  # held, so that no new tensor takes a bound one's id
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, dropout_scale: torch.Tensor | None = None) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, dropout_scale: torch.Tensor | None = None,
+                   mix: MixDraws | None = None, premixed: bool = False) -> None:
         """One step on the batch (x: (B, 1, 28, 28) float32, y: (B,) int64); dropout_scale is
-        keep / (1 - p) of shape (B, 120), or None for no dropout."""
-        self._step(x, y, None, len(x), dropout_scale)
+        keep / (1 - p) of shape (B, 120), or None for no dropout; mix: the batch's mixing (its
+        first B draws): the images mix.images(x, 0) (x itself if premixed: mixed already) and
+        the soft targets mix.targets(y, 0)."""
+        self._step(x, y, None, len(x), dropout_scale, None, 0, mix, premixed)
 
     def train_step_indexed(self, train_x: torch.Tensor, train_y: torch.Tensor, idx: torch.Tensor,
                            dropout_scale: torch.Tensor | None = None, draws: EpochDraws | None = None,
-                           start: int = 0) -> None:
+                           start: int = 0, mix: MixDraws | None = None) -> None:
         """train_step(train_x[idx], train_y[idx], dropout_scale) with the gather done in C; with
         draws, the images are draws.apply(train_x[idx], start), augmented in the same copy (the
-        batch being images start, start + 1, ... of the epoch's draws)."""
+        batch being images start, start + 1, ... of the epoch's draws); with mix, then
+        mix.images(..., start), trained on the soft targets mix.targets(train_y[idx], start)."""
         check_tensor(idx, torch.int64, (len(idx),), "idx")
-        self._step(train_x, train_y, idx, len(idx), dropout_scale, draws, start)
+        self._step(train_x, train_y, idx, len(idx), dropout_scale, draws, start, mix)
 
     def _step(self, x, y, idx, batch: int, dropout_scale, draws: EpochDraws | None = None,
-              start: int = 0) -> None:
+              start: int = 0, mix: MixDraws | None = None, premixed: bool = False) -> None:
         check_tensor(x, torch.float32, (len(x), 1, 28, 28), "x")
         check_tensor(y, torch.int64, (len(x),), "y")
         if batch < 1:
@@ -187,11 +192,17 @@ class NativeTrainer:
         a.weight_decay = group["weight_decay"]
         a.smoothing = self.label_smoothing
         a.move, a.pad, a.erase_rows, a.erase_cols, a.background = augment_args(draws, start, batch)
+        a.mix_with, a.mix_lam, a.mix_box = mix_args(mix, start, batch)
+        if premixed:
+            a.mix_box = None  # the soft targets only
         rc = self._lib.ln_train_step(self._ws, a)
         if rc == CONSTANTS["LN_BAD_INDEX"]:
             raise IndexError("an index of the batch is out of range")
         if rc == CONSTANTS["LN_BAD_LABEL"]:
             raise ValueError("a label is outside 0..9")
+        if rc == CONSTANTS["LN_BAD_MIX"]:
+            raise ValueError("the mixing draws reach outside the batch or the image, or a weight is "
+                             "outside [0, 1]")
         if rc == CONSTANTS["LN_BAD_BATCH"]:
             raise ValueError(f"the native step refused a batch of {batch}")
         if rc != CONSTANTS["LN_OK"]:
@@ -227,3 +238,18 @@ def augment_args(draws: EpochDraws | None, start: int, batch: int) -> tuple:
     move, rows, cols = (None if t is None else t.data_ptr() + start * t.stride(0) * t.element_size()
                         for t in (draws.move, draws.rows, draws.cols))
     return move, draws.aug.translate, rows, cols, draws.background
+
+
+def mix_args(mix: MixDraws | None, start: int, batch: int) -> tuple:
+    """The record's mixing fields (mix_with, mix_lam, mix_box): pointers to the batch's own
+    slices of the epoch's draws (the C step checks their values), or NULLs."""
+    if mix is None:
+        return None, None, None
+    n = len(mix.partner)
+    check_tensor(mix.partner, torch.int64, (n,), "mix.partner")
+    check_tensor(mix.lam, torch.float32, (n,), "mix.lam")
+    check_tensor(mix.box, torch.int64, (n, 4), "mix.box")
+    if not 0 <= start <= n - batch:
+        raise IndexError(f"the mixing draws have no images {start}..{start + batch - 1}")
+    return tuple(t.data_ptr() + start * t.stride(0) * t.element_size()
+                 for t in (mix.partner, mix.lam, mix.box))
