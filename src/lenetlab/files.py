@@ -5,6 +5,7 @@ any moment leaves either the old file or the new one. Every JSON file lenetlab w
 itself (run plan, trial results, summary) is strict JSON stamped with a format number, its
 kind and a SHA-256 of its own content: read_record() is the one reader, and any damage or
 hand edit becomes one RunDirError line naming the file, instead of silently wrong numbers.
+The TOML specs users write (sweeps, searches) come in through read_toml.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from .errors import OutputError, RunDirError
+from .errors import OutputError, RunDirError, SpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 FORMAT = 1
 
@@ -158,3 +165,29 @@ def read_record(path: Path, kind: str) -> dict:
         raise RunDirError(f"{path}: damaged or edited (its checksum does not match its content)")
     del record["format"], record["file"]
     return record
+
+
+T = TypeVar("T")
+
+
+def read_typed(path: Path, kind: str, parse: Callable[[dict], T], what: str) -> T:
+    """The record at path (read_record) made a typed record by parse, a from_dict: a field that
+    does not fit is one RunDirError naming the file, as damage is."""
+    body = read_record(path, kind)
+    try:
+        return parse(body)
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as exc:
+        raise RunDirError(f"{path}: not a {what} this lenetlab reads ({exc})") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file a user wrote (a spec): its table, or one SpecError naming the file."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: unreadable ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML ({exc})") from None

@@ -113,11 +113,7 @@ def read_plan(run_dir: Path) -> RunPlan:
         raise RunDirError(f"{run_dir}: no such run folder")
     if not plan_path(run_dir).is_file():
         raise RunDirError(f"{run_dir}: not a lenetlab run folder (no run.json)")
-    body = files.read_record(plan_path(run_dir), "run-plan")
-    try:
-        return RunPlan.from_dict(body)
-    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as exc:
-        raise RunDirError(f"{plan_path(run_dir)}: not a run plan this lenetlab reads ({exc})") from None
+    return files.read_typed(plan_path(run_dir), "run-plan", RunPlan.from_dict, "run plan")
 
 
 def new_run_dir(out: Path, name: str | None, kind: str) -> Path:

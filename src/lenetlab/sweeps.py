@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import OptionError, SpecError
+from .files import read_toml
 from .recipes import FIELDS, RECIPES, Recipe, check_field, with_fields
 from .rundir import MAX_TRIALS, check_size, is_folder_name, parse_seeds
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 KEYS = ("variant", *FIELDS)
 Configs = list[tuple[str, Recipe]]
@@ -133,14 +128,7 @@ def expand(spec: dict, max_trials: int = MAX_TRIALS) -> Sweep:
 
 def load_spec(path: str | Path, max_trials: int = MAX_TRIALS) -> Sweep:
     path = Path(path)
-    try:
-        spec = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: unreadable ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML ({exc})") from None
+    spec = read_toml(path)
     try:
         return expand(spec, max_trials)
     except OptionError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import files
 from .checked import checked, is_folder_name, require
-from .errors import OptionError, RunDirError, SpecError
+from .errors import RunDirError
 from .provenance import library_versions
 from .records import RunOptions, TrialResult
 from .rundir import MAX_SEEDS, plan_path
@@ -60,11 +60,7 @@ def write_tune_plan(run_dir: Path, plan: TunePlan) -> None:
 
 def read_tune_plan(run_dir: Path) -> TunePlan:
     """The plan of a search's run folder; RunDirError for anything else."""
-    body = files.read_record(plan_path(run_dir), "tune-plan")
-    try:
-        return TunePlan.from_dict(body)
-    except (KeyError, TypeError, ValueError, AttributeError, SpecError, OptionError) as exc:
-        raise RunDirError(f"{plan_path(run_dir)}: not a search plan this lenetlab reads ({exc})") from None
+    return files.read_typed(plan_path(run_dir), "tune-plan", TunePlan.from_dict, "search plan")
 
 
 def is_tune_run(run_dir: Path) -> bool:
@@ -167,8 +163,4 @@ def write_tune_summary(run_dir: Path, summary: TuneSummary) -> None:
 
 
 def read_tune_summary(run_dir: Path) -> TuneSummary:
-    body = files.read_record(summary_path(run_dir), "tune-summary")
-    try:
-        return TuneSummary.from_dict(body)
-    except (KeyError, TypeError, ValueError, AttributeError, SpecError, OptionError) as exc:
-        raise RunDirError(f"{summary_path(run_dir)}: not a search summary lenetlab reads ({exc})") from None
+    return files.read_typed(summary_path(run_dir), "tune-summary", TuneSummary.from_dict, "search summary")

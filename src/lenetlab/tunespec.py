@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checked import is_folder_name
 from .errors import OptionError, SpecError
+from .files import read_toml
 from .recipes import FIELDS, RECIPES, Recipe, check_field, with_fields
 from .rundir import parse_seeds
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PRUNERS = ("hyperband", "successive_halving", "none")
 MAX_BUDGET = 10_000  # trials of one search
@@ -217,15 +212,7 @@ def parse(table: dict) -> TuneSpec:
 
 def load_tune_spec(path: str | Path) -> TuneSpec:
     """A spec file, checked: SpecError naming the file and the key."""
-    path = Path(path)
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: unreadable ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML ({exc})") from None
+    table = read_toml(path)
     try:
         return parse(table)
     except (SpecError, OptionError) as exc:

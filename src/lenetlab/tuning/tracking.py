@@ -12,7 +12,6 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import tracking
@@ -119,42 +118,23 @@ class TuneLog:
                 f"see them with: {tracking.where_to_look(self.uri, self.experiment_id, self.parent_id)}")
 
 
-class TuneTracker:
-    """Logs a search live (tuning/run.py calls begin, start, done, finish); a failure of the store
-    ends the logging, never the search, and one line says how to log it later."""
+class TuneTracker(tracking.Tracker):
+    """Logs a search live: tracking.Tracker's handling of a failing store, with TuneLog's runs.
+    tuning/run.py calls begin(plan), start, done, then finish(summary, confirmation); the
+    command calls close if the search stops."""
 
-    def __init__(self, uri: str | None, run_dir: Path, echo: Callable[[str], None] | None = None) -> None:
-        self.uri, self.run_dir, self.echo = tracking.resolve_uri(uri), Path(run_dir), echo
-        self.log: TuneLog | None = None
-        self.problem: str | None = None
-        self.running: set[str] = set()
-        self.option = f"--mlflow {shlex.quote(self.uri)}"
+    def _open(self) -> None:
+        self.log = TuneLog(self.uri, self.run_dir, read_tune_plan(self.run_dir))
 
-    def _try(self, action: Callable[[], None]) -> None:
-        if self.problem is None:
-            try:
-                action()
-            except Exception as exc:  # the store's problem must not stop the search
-                self.problem = tracking.reason(exc)
-
-    def begin(self, plan: TunePlan) -> None:
+    def begin(self, plan: TunePlan) -> None:  # type: ignore[override]
         if self.echo:
             self.echo(f"mlflow: logging to {self.uri}, experiment {plan.name!r}")
-        self._try(lambda: setattr(self, "log", TuneLog(self.uri, self.run_dir, plan)))
+        self._try(self._open)
 
-    def start(self, trial: Trial) -> None:
-        self.running.add(trial.key)
-        self._try(lambda: self.log.start_trial(trial))
-
-    def done(self, result: TrialResult) -> None:
-        self.running.discard(result.trial.key)
-        self._try(lambda: self.log.log_trial(result))
-
-    def finish(self, summary: TuneSummary, confirmation: Summary) -> None:
+    def finish(self, summary: TuneSummary, confirmation: Summary) -> None:  # type: ignore[override]
         if self.problem is not None or self.log is None:  # tried again from the start, once
             self.problem = None
-            self._try(lambda: setattr(self, "log", TuneLog(self.uri, self.run_dir,
-                                                           read_tune_plan(self.run_dir))))
+            self._try(self._open)
         self._try(lambda: self.log.finish(summary, confirmation))
         if self.problem is None:
             print(self.log.described())
@@ -162,13 +142,6 @@ class TuneTracker:
             print(f"lenetlab: warning: could not log to MLflow at {self.uri} ({self.problem}); the run "
                   f"folder is complete, log it later with: lenetlab log-mlflow "
                   f"{shlex.quote(str(self.run_dir))} {self.option}", file=sys.stderr)
-
-    def close(self, status: str = "KILLED") -> None:
-        if self.log is not None:
-            self._try(lambda: self.log.stop(status, self.running))
-        if self.problem is not None:
-            print(f"lenetlab: warning: could not log to MLflow at {self.uri} ({self.problem}); resuming "
-                  f"with {self.option} logs the whole search", file=sys.stderr)
 
 
 def log_tune_dir(uri: str | None, run_dir: Path) -> str:
