@@ -14,6 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, write_idx
@@ -65,6 +70,16 @@ def test_a_bad_spec_gets_one_line_naming_the_key(tmp_path, text, fragments):
     spec.write_text(text)
     assert_one_line_error(run_cli("tune", spec, "--out", tmp_path), str(spec), *fragments)
     assert not any(tmp_path.glob("tune-*"))
+
+
+def test_the_docs_spec_and_the_example_are_valid_specs():
+    from lenetlab.tunespec import load_tune_spec, parse
+
+    repo = Path(__file__).resolve().parents[1]
+    shown = (repo / "docs" / "tune.md").read_text().split("```toml")[1].split("```")[0]
+    assert set(parse(tomllib.loads(shown)).space) == {"lr", "batch_size", "epochs"}
+    assert set(load_tune_spec(repo / "examples" / "tune.toml").space) == {"lr", "weight_decay", "batch_size",
+                                                                          "epochs"}
 
 
 @pytest.mark.parametrize("flag, value", [("--trials", "0"), ("--timeout", "0"), ("--timeout", "-5")])
@@ -287,7 +302,7 @@ def test_a_journal_from_someone_else_is_refused_with_one_line(tmp_path, finished
     shutil.copytree(finished, run)
     journal = run / "search.journal"
     text = journal.read_text()
-    forged = re.sub(r'("param_name":"lr","param_value_internal":)[0-9.e-]+', r"\g<1>5.0", text, count=1)
+    forged = re.sub(r'("params":\{"lr":)[0-9.e-]+', r"\g<1>5.0", text, count=1)
     assert forged != text  # a learning rate of 5, outside the spec's range
     journal.write_text(forged)
     (run / "tune.json").unlink()  # so resume reads the journal again
@@ -315,3 +330,34 @@ def test_the_overhead_benchmark_runs_and_accounts_for_every_trial(data_dir):
     assert result.returncode == 0, result.stderr
     assert "search: 3 trials" in result.stdout
     assert "overhead per trial beyond its epochs:" in result.stdout and "cores busy:" in result.stdout
+
+
+def test_a_pruning_answer_is_the_same_after_a_kill_between_its_lines(tmp_path):
+    """Killed after the pruner marked the trial's rung but before lenetlab noted its answer: the
+    resumed trial, telling that epoch again, gets the first answer (Optuna itself, asked again,
+    would say go on, its rung being marked)."""
+    import optuna
+
+    from lenetlab.records import Trial
+    from lenetlab.tunespec import parse
+    from lenetlab.tuning.referee import JUDGING, PRUNED_AT, Referee
+    from lenetlab.tuning.study import distributions, open_study
+
+    spec = parse({**SMALL, "trials": 5})
+    study = open_study(tmp_path, spec)
+    space = distributions(spec)
+    referee = Referee(str(tmp_path), spec)
+    for number, accuracy in enumerate([0.80, 0.81, 0.82]):  # each the best so far: none pruned
+        asked = study.ask(space)
+        assert referee.for_trial(Trial(f"trial{number}", spec.recipe(asked.params), 0))(1, accuracy) is False
+        study.tell(number, accuracy)
+    slow = study.ask(space)
+    # The referee's lines up to the pruner's own, as a worker killed there left them.
+    study._storage.set_trial_intermediate_value(slow._trial_id, 1, 0.5)
+    study._storage.set_trial_system_attr(slow._trial_id, JUDGING, {"epoch": 1, "marks": 0})
+    assert optuna.trial.Trial(study, slow._trial_id).should_prune() is True
+    assert optuna.trial.Trial(study, slow._trial_id).should_prune() is False  # Optuna, asked again
+    resumed = Referee(str(tmp_path), spec).for_trial(Trial("trial3", spec.recipe(slow.params), 0))
+    assert resumed(1, 0.5) is True
+    assert study._storage.get_trial(slow._trial_id).system_attrs[PRUNED_AT] == 1
+    assert resumed(1, 0.5) is True  # and noted: the same answer without asking again

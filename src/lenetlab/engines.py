@@ -219,7 +219,7 @@ def run_local(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunO
                 if message:
                     result = record_failure(run_dir, trial, run_id, message[1])
                 else:
-                    result = read_result(run_dir, trial, run_id)
+                    result = read_result(run_dir, trial, run_id, search=not splits.has_test)
                 if result is None:
                     code = process.exitcode
                     how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
@@ -307,12 +307,9 @@ class RefereeHost:
 
     def __init__(self, referee: Referee) -> None:
         self.referee = referee
-        self.hooks: dict[str, OnEpoch] = {}
 
     def epoch(self, trial: Trial, epoch: int, accuracy: float) -> bool:
-        if trial.key not in self.hooks:
-            self.hooks[trial.key] = self.referee.for_trial(trial)
-        return self.hooks[trial.key](epoch, accuracy)
+        return self.referee.for_trial(trial)(epoch, accuracy)
 
 
 class _RemoteReferee:
@@ -366,7 +363,7 @@ def run_ray(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOpt
             raise OptionError("engine", f"{{option}} ray: cannot start or reach Ray"
                               f"{' at ' + address if address else ''} ({detail})") from None
     run_dir = Path(run_dir).resolve()  # the same folder for the sink and any task that reaches it
-    sink = None
+    sink = host = None
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         files.write_text(token_path(run_dir), run_id)
@@ -375,8 +372,8 @@ def run_ray(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOpt
         sink = ray.remote(num_cpus=0, scheduling_strategy=here)(CheckpointSink).remote(str(run_dir))
         data_ref = ray.put(data)  # shipped to the object store once, shared by every task
         if referee is not None:  # its storage is on this host: every task's epochs are judged here
-            referee = _RemoteReferee(ray.remote(num_cpus=0, scheduling_strategy=here)(RefereeHost)
-                                     .remote(referee))
+            host = ray.remote(num_cpus=0, scheduling_strategy=here)(RefereeHost).remote(referee)
+            referee = _RemoteReferee(host)
         # A dead worker or host: retried (it resumes from its last checkpoint). An exception
         # of the trial itself: failed at once.
         task = ray.remote(num_cpus=options.threads, max_retries=retries, retry_exceptions=False)(_ray_trial)
@@ -419,10 +416,11 @@ def run_ray(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOpt
                 on_start(following)
     finally:
         token_path(run_dir).unlink(missing_ok=True)
-        if sink is not None:
-            try:
-                ray.kill(sink)
-            except Exception:  # the cluster is gone: so is the actor; keep the first error
-                pass
+        for actor in (sink, host):
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:  # the cluster is gone: so is the actor; keep the first error
+                    pass
         if started_here:
             ray.shutdown()

@@ -89,12 +89,15 @@ RECIPES["tuned"] = Recipe(
 @dataclass(frozen=True)
 class Field:
     """A recipe field a user may set: its type, its valid range, its short name in
-    configuration names (baseline-wd0.001) and the help text that states the range."""
+    configuration names (baseline-wd0.001) and the help text that states the range.
+    interval: whether its valid numbers are one interval (a search may range over any part of
+    it); ema's are not (0, or 0.5 to <1)."""
 
     kind: type
     valid: Callable[[object], bool]
     short: str
     help: str
+    interval: bool = True
 
 
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -122,7 +125,8 @@ FIELDS: dict[str, Field] = {
                            "fewer than the epochs"),
     "label_smoothing": Field(float, lambda v: 0 <= v < 1, "ls", "label smoothing, 0 to <1"),
     "ema": Field(float, lambda v: v == 0 or 0.5 <= v < 1, "ema", "decay per step of an exponential "
-                 "moving average of the weights, which is then the trained model: 0 (off) or 0.5 to <1"),
+                 "moving average of the weights, which is then the trained model: 0 (off) or 0.5 to <1",
+                 interval=False),
     "checkpoint": Field(str, lambda v: v in ("last", "best_val"), "ck", "which epoch's model is the "
                         "result: last (the original) or best_val (highest validation accuracy)"),
     "mixup": Field(float, lambda v: 0 <= v <= 100, "mix", "mixup's strength: alpha of "

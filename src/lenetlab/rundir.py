@@ -175,14 +175,18 @@ def weights_path(run_dir: Path, trial: Trial) -> Path:
     return Path(run_dir) / "models" / f"seed{trial.seed}" / file_name(trial.config)
 
 
-def read_result(run_dir: Path, trial: Trial, run_id: str) -> TrialResult | None:
-    """This run's recorded result of trial, or None when missing, damaged, another run's, or
-    when its weights file is not the one it recorded: then the trial runs again."""
+def read_result(run_dir: Path, trial: Trial, run_id: str, search: bool = False) -> TrialResult | None:
+    """This run's recorded result of trial, or None when missing, damaged, another run's, not of
+    its kind, or when its weights file is not the one it recorded: then the trial runs again.
+    search: the run is a search, whose trials are judged without the test split and may be
+    pruned; a study's or sweep's are tested, done or failed."""
     try:
         result = TrialResult.from_dict(files.read_record(result_path(run_dir, trial), "trial"))
     except (RunDirError, KeyError, TypeError, ValueError, AttributeError):  # damaged: the trial runs again
         return None
     if result.run_id != run_id or result.trial != trial:
+        return None
+    if (result.tested == search and result.status != "failed") or (result.pruned and not search):
         return None
     if result.done and files.sha256_file(Path(run_dir) / result.weights) != result.weights_sha256:
         return None

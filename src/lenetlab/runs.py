@@ -17,7 +17,15 @@ from .errors import RunDirError
 from .markup import plain
 from .rundir import plan_path, read_plan, read_results
 from .summary import load_summary
-from .tunerecords import is_tune_run, read_search_results, read_tune_plan, read_tune_summary, summary_path
+from .tunerecords import (
+    BEST,
+    CONFIRM,
+    is_tune_run,
+    read_search_results,
+    read_tune_plan,
+    read_tune_summary,
+    summary_path,
+)
 
 
 @dataclass(frozen=True)
@@ -67,14 +75,18 @@ def describe_search(run_dir: Path) -> RunState:
     if holder is None and summary_path(run_dir).exists():
         try:
             summary = read_tune_summary(run_dir)
-            confirmation = load_summary(run_dir / "confirm")
+            confirmation = load_summary(run_dir / CONFIRM)
+            tested = confirmation.config(BEST).final
         except RunDirError as exc:
             return RunState(run_dir, "tune", state=f"damaged ({exc})")
-        best, tested = summary.best_row, confirmation.config("best").final
+        except KeyError:
+            return RunState(run_dir, "tune", state=f"damaged ({CONFIRM}: no {BEST} configuration)")
+        best = summary.best_row
+        test = f"test {tested['test'].mean:.4f}" if tested else "test -"
         return RunState(run_dir, "tune", state="finished", search=(
             f"{len(summary.trials)} of {budget} trial(s): {summary.count('complete')} complete, "
             f"{summary.count('pruned')} pruned, {summary.count('failed')} failed  best val {best.value:.4f} "
-            f"(trial {best.number}), test {tested['test'].mean:.4f}" if tested else "no test"))
+            f"(trial {best.number}), {test}"))
     ended = read_search_results(run_dir, plan.run_id)
     counts = {state: sum(r.status == state for r in ended) for state in ("done", "pruned", "failed")}
     best = max((r.final("val") for r in ended if r.done), default=None)

@@ -15,6 +15,7 @@ from . import files
 from .checked import checked, is_folder_name, require
 from .errors import RunDirError
 from .provenance import library_versions
+from .recipes import with_fields
 from .records import RunOptions, TrialResult
 from .rundir import MAX_SEEDS, plan_path
 from .tunespec import TuneSpec
@@ -93,7 +94,7 @@ class TuneSummary:
     search_time_s: float
     spec: TuneSpec
     trials: list[TrialRow]
-    best: int | None  # the trial number chosen on validation
+    best: int  # the trial number chosen on validation
     importance: dict[str, float] | None  # by field, summing to 1; None when it could not be measured
     importance_note: str  # how it was measured, or why not
 
@@ -124,13 +125,13 @@ class TuneSummary:
         for row in rows:
             where = f"trials: {row.number}"
             require(row.state in TRIAL_STATES and set(row.params) == space, f"{where} does not fit")
-            summary.spec.recipe(row.params)  # each field's value checked as the spec's own
+            with_fields(summary.spec.base, row.params, "trials.")  # each field checked as the spec's own
             require((row.value is not None) == (row.state == "complete"), f"{where}: its value")
             shares = [*row.val_by_epoch.values(), *([row.value] if row.value is not None else [])]
-            require(all(map(_accuracy, shares)) and row.epochs >= 0 and row.wall_time_s >= 0,
-                    f"{where}: its numbers")
-        require(summary.best is None or summary.best_row is not None
-                and summary.best_row.state == "complete", "best: not a complete trial")
+            require(all(map(_accuracy, shares)) and row.epochs == max(row.val_by_epoch, default=0)
+                    and row.wall_time_s >= 0, f"{where}: its numbers")
+        require(summary.best_row is not None and summary.best_row.state == "complete",
+                "best: not a complete trial")
         require(summary.importance is None or set(summary.importance) <= space
                 and all(_accuracy(v) for v in summary.importance.values()), "importance: not the fields'")
         return summary
@@ -149,7 +150,8 @@ def read_search_results(run_dir: Path, run_id: str) -> list[TrialResult]:
             result = TrialResult.from_dict(files.read_record(path, "trial"))
         except (RunDirError, KeyError, TypeError, ValueError, AttributeError):
             continue
-        if result.run_id == run_id and path.name == f"{result.trial.key}.json":
+        if (result.run_id == run_id and path.name == f"{result.trial.key}.json"
+                and (not result.tested or result.status == "failed")):
             found.append(result)
     return found
 

@@ -24,7 +24,6 @@ without them; tuning/ turns the space into Optuna's distributions.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,7 +79,8 @@ class TuneSpec:
 
     @property
     def base(self) -> Recipe:
-        """The recipe the search starts from, and the one the best is confirmed against."""
+        """The recipe every trial starts from: the variant with the fixed fields. (The best is
+        confirmed against the variant as published: tuning/run.py's best_spec.)"""
         return with_fields(RECIPES[self.variant], self.fixed)
 
     def recipe(self, params: dict) -> Recipe:
@@ -148,16 +148,28 @@ def _dimension(key: str, value) -> Range | Choices:
         raise SpecError(f"{where}.log: expected true or false, got {log!r}")
     if low > high:
         raise SpecError(f"{where}: low {low!r} is above high {high!r}")
+    if not FIELDS[key].interval and low != high and not (low > 0 or high == 0):
+        raise SpecError(f"{where}: its values are not one interval ({FIELDS[key].help}); range over "
+                        f"one part of them or list the choices")
     if log and low <= 0:
         raise SpecError(f"{where}: a log range must stay above 0, got low {low!r}")
     return Range(low, high, log)
 
 
-def _corners(space: Space) -> list[dict]:
-    """Each range at either end, each choice: the trials whose recipes must all be valid."""
-    axes = [[(key, v) for v in ([dim.low, dim.high] if isinstance(dim, Range) else dim.values)]
-            for key, dim in space.items()]
-    return [dict(combo) for combo in itertools.islice(itertools.product(*axes), 4096)]
+def _ends(dim: Range | Choices) -> list:
+    return [dim.low, dim.high] if isinstance(dim, Range) else list(dim.values)
+
+
+def _check_together(base: Recipe, space: Space) -> None:
+    """Every trial's recipe is valid: each field's values on the base (dropout_rate needs a
+    dropout layer, ...), and the warm-up at its longest within the epochs at their fewest."""
+    for key, dim in space.items():
+        for value in _ends(dim):
+            with_fields(base, {key: value}, "search.")
+    if "warmup_epochs" in space or "epochs" in space:
+        longest = max(_ends(space["warmup_epochs"])) if "warmup_epochs" in space else base.warmup_epochs
+        fewest = min(_ends(space["epochs"])) if "epochs" in space else base.epochs
+        with_fields(base, {"warmup_epochs": longest, "epochs": fewest}, "search.")
 
 
 def parse(table: dict) -> TuneSpec:
@@ -201,8 +213,7 @@ def parse(table: dict) -> TuneSpec:
         base = with_fields(RECIPES[variant], fixed)
     except OptionError as exc:  # fields that do not fit together (a warm-up as long as the run)
         raise SpecError(str(exc)) from None
-    for corner in _corners(space):  # every trial's recipe is valid (warm-up within the epochs, ...)
-        with_fields(base, corner, "search.")
+    _check_together(base, space)
     spec = TuneSpec(name, variant, fixed, space, trials, None if timeout is None else float(timeout), seed,
                     pruner, min_epochs, trial_seed, confirm_seeds)
     if min_epochs > spec.max_epochs():

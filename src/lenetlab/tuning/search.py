@@ -96,7 +96,7 @@ class Search:
         again = []
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = self._trial(frozen.number, frozen.params)
-            result = read_result(self.run_dir, trial, self.plan.run_id)
+            result = read_result(self.run_dir, trial, self.plan.run_id, search=True)
             if result is not None:
                 self.tell(result)
             else:
@@ -106,12 +106,21 @@ class Search:
     def trials(self, again: list[Trial]) -> Iterator[Trial]:
         """The trials to run: those left running first, then new ones while budget and time last."""
         yield from again
-        space = distributions(self.spec)
         while len(self.study.get_trials(deepcopy=False)) < self.spec.trials and self._time_left():
-            number = len(self.study.get_trials(deepcopy=False))
-            self.study.sampler = sampler(self.spec, number)
-            asked = self.study.ask(space)
-            yield self._trial(asked.number, asked.params)
+            yield self._ask()
+
+    def _ask(self) -> Trial:
+        """The next trial: asked of the sampler on a copy of the study in memory, then written to
+        the journal whole, as one line (Optuna's own ask writes the trial, then each field: a
+        kill between them would leave a trial with some of its fields)."""
+        space = distributions(self.spec)
+        known = self.study.get_trials(deepcopy=False)
+        replica = optuna.create_study(direction="maximize", sampler=sampler(self.spec, len(known)))
+        replica.add_trials(known)
+        params = replica.ask(space).params
+        template = optuna.trial.create_trial(state=TrialState.RUNNING, params=params, distributions=space)
+        self.study._storage.create_new_trial(self.study._study_id, template_trial=template)
+        return self._trial(len(known), params)
 
     def tell(self, result: TrialResult) -> None:
         """The study told how a trial ended: its kept model's validation accuracy, pruned, or failed."""
@@ -149,10 +158,12 @@ class Search:
                 on_start(trial)
 
         referee = Referee(str(self.run_dir), self.spec)
-        if self.plan.engine == "ray":
-            run_ray(self.trials(again), self.plan.run_id, self.run_dir, self.plan.options, address, workers,
-                    data, start, done, ray_retries, referee=referee)
-        else:
-            run_local(self.trials(again), self.plan.run_id, self.run_dir, self.plan.options, data, workers,
-                      start, done, referee=referee)
-        self.record_elapsed()
+        try:
+            if self.plan.engine == "ray":
+                run_ray(self.trials(again), self.plan.run_id, self.run_dir, self.plan.options, address,
+                        workers, data, start, done, ray_retries, referee=referee)
+            else:
+                run_local(self.trials(again), self.plan.run_id, self.run_dir, self.plan.options, data,
+                          workers, start, done, referee=referee)
+        finally:  # Ctrl-C too: the timeout counts this session (a kill -9 loses what the last trial left)
+            self.record_elapsed()

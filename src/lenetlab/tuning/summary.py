@@ -57,7 +57,7 @@ def build_summary(run_dir: Path, plan: TunePlan, study: optuna.Study) -> TuneSum
     rows = []
     for frozen in study.get_trials(deepcopy=False):
         trial = Trial(trial_name(frozen.number), plan.spec.recipe(frozen.params), plan.spec.trial_seed)
-        result = read_result(run_dir, trial, plan.run_id)
+        result = read_result(run_dir, trial, plan.run_id, search=True)
         val = {row.epoch: row.accuracy for row in result.history if row.split == "val"} if result else {}
         rows.append(TrialRow(
             number=frozen.number, state=STATES[frozen.state], params=dict(frozen.params),

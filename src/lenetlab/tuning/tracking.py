@@ -87,7 +87,7 @@ class TuneLog:
         spec = self.plan.spec
         for row in summary.trials:
             trial = Trial(f"trial{row.number}", spec.recipe(row.params), spec.trial_seed)
-            result = read_result(self.run_dir, trial, self.plan.run_id)
+            result = read_result(self.run_dir, trial, self.plan.run_id, search=True)
             if result is not None:
                 self.log_trial(result)
         for name in ("tune.json", "best.toml", "report.md", "report.html"):
