@@ -168,6 +168,13 @@ class TrialResult:
         """Whether it was trained with the test split evaluated (not a search's trial)."""
         return any(row.split == "test" for row in self.history)
 
+    def of_kind(self, search: bool) -> bool:
+        """Whether it can be a trial of a search (search) or of a study or sweep: a search's are
+        judged without the test split and may be pruned; a study's are tested, done or failed."""
+        if self.status == "failed":
+            return True
+        return not self.tested if search else self.tested and not self.pruned
+
     def final(self, split: str) -> float:
         """The kept model's accuracy on split."""
         return final_accuracies(self.history, self.kept_epoch)[split]

@@ -186,7 +186,7 @@ def read_result(run_dir: Path, trial: Trial, run_id: str, search: bool = False) 
         return None
     if result.run_id != run_id or result.trial != trial:
         return None
-    if (result.tested == search and result.status != "failed") or (result.pruned and not search):
+    if not result.of_kind(search):
         return None
     if result.done and files.sha256_file(Path(run_dir) / result.weights) != result.weights_sha256:
         return None

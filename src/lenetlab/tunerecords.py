@@ -151,7 +151,7 @@ def read_search_results(run_dir: Path, run_id: str) -> list[TrialResult]:
         except (RunDirError, KeyError, TypeError, ValueError, AttributeError):
             continue
         if (result.run_id == run_id and path.name == f"{result.trial.key}.json"
-                and (not result.tested or result.status == "failed")):
+                and result.of_kind(search=True)):
             found.append(result)
     return found
 

@@ -26,6 +26,7 @@ from ..rundir import read_result
 from ..tunerecords import TunePlan, write_tune_plan
 from .referee import Referee
 from .study import distributions, sampler, trial_name
+from .summary import best_trial
 
 
 @dataclass
@@ -77,8 +78,7 @@ class Search:
     def standing(self) -> Standing:
         trials = self.study.get_trials(deepcopy=False)
         ended = [t for t in trials if t.state != TrialState.RUNNING]
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = max(complete, key=lambda t: (t.value, -t.number), default=None)
+        best = best_trial(self.study)
         return Standing(len(ended), self.spec.trials, sum(t.state == TrialState.PRUNED for t in trials),
                         best.value if best else None, best.number if best else None)
 
