@@ -184,13 +184,20 @@ def test_log_mlflow_logs_a_search_once(tmp_path, finished):
 
 
 def test_the_timeout_counts_the_search_across_resumes(tmp_path, data_dir):
-    """A timeout shorter than one trial: the one worker's first trial runs, no other is asked,
-    and resuming the finished search asks none either (the time spent is in run.json)."""
-    run = make_search(tmp_path, "timed", data_dir, spec={**SMALL, "trials": 50, "timeout": 0.5}, workers=1)
-    assert len(journal_trials(run)) == 1
+    """A search whose timeout its earlier sessions have spent: resumed with budget left, it asks
+    no new trial (the time spent is in run.json) and finishes."""
+    from dataclasses import replace
+
+    from lenetlab.tunerecords import read_tune_plan, write_tune_plan
+
+    run = make_search(tmp_path, "timed", data_dir, spec={**SMALL, "trials": 2}, workers=1)
+    plan = read_tune_plan(run)
+    assert plan.elapsed_s > 0
+    plan.spec = replace(plan.spec, trials=50, timeout=plan.elapsed_s)  # as if started with these
+    write_tune_plan(run, plan)
     result = run_cli("resume", run, "--data-dir", data_dir, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert len(journal_trials(run)) == 1
+    assert len(journal_trials(run)) == 2
 
 
 # ----------------------------------------------------------------------------- the test set
