@@ -37,7 +37,7 @@ class StepArgs(ctypes.Structure):
     _fields_ = [("params", _P), ("run", _P), ("nbt", _P), ("s1", _P), ("s2", _P), ("steps", _P),
                 ("x", _P), ("y", _P), ("idx", _P), ("drop", _P), ("totals", _P), ("out", _P),
                 ("move", _P), ("erase_rows", _P), ("erase_cols", _P),
-                ("mix_with", _P), ("mix_lam", _P), ("mix_box", _P),
+                ("mix_with", _P), ("mix_lam", _P), ("mix_box", _P), ("targets", _P),
                 ("rows", _I64), ("batch", _I64),
                 ("bn_eps", _D), ("bn_momentum", _D), ("lr", _D), ("beta1", _D), ("beta2", _D),
                 ("eps", _D), ("weight_decay", _D), ("momentum", _D), ("smoothing", _D),

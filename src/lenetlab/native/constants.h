@@ -7,7 +7,7 @@
     X(OPT_ADAM, 0) X(OPT_ADAMW, 1) X(OPT_SGD, 2)                                                  \
     /* what ln_train_step and ln_forward return */                                                \
     X(LN_OK, 0) X(LN_BAD_INDEX, -1) X(LN_BAD_LABEL, -2) X(LN_NO_MEMORY, -3) X(LN_BAD_BATCH, -4)    \
-    X(LN_BAD_MIX, -5)                                                                             \
+    X(LN_BAD_MIX, -5) X(LN_BAD_TARGET, -6)                                                        \
     /* threads a call runs on at most (more run as this many) */                                  \
     X(LN_MAX_THREADS, 64)                                                                         \
     /* the parameter slots of ln_args.params, in LeNet5V1.parameters() order */                   \

@@ -6,9 +6,11 @@
  * (1 - eps)(lse - z_y) + eps (lse - mean z) and its gradient softmax - target. eps = 0 runs the
  * plain loss's own arithmetic, not the smoothed formula, whose extra terms round differently.
  * With mixing (lam not NULL), image b's target is the soft lam[b] onehot(labels[b]) + (1 -
- * lam[b]) onehot(partners[b]), smoothed on top; it counts as correct for labels[b]. */
-static void loss_fwd_bwd(chunk *c, const int64_t *labels, const int64_t *partners, const float *lam, double inv_b,
-                         double smoothing, double *totals)
+ * lam[b]) onehot(partners[b]), smoothed on top; it counts as correct for labels[b]. With
+ * targets (not NULL: distillation, (n, 10) from the chunk's first image), image b's target is
+ * targets[b] itself, smoothed on top, and lam and partners are not read. */
+static void loss_fwd_bwd(chunk *c, const int64_t *labels, const int64_t *partners, const float *lam,
+                         const float *targets, double inv_b, double smoothing, double *totals)
 {
     float mx[BATCH], sum[BATCH];
     for (int v = 0; v < NV; v++) {
@@ -36,7 +38,17 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, const int64_t *partner
     }
     for (int b = 0; b < c->n; b++) {
         const int y = (int)labels[b];
-        if (lam) {
+        if (targets) {
+            const double lse = log((double)sum[b]) + mx[b];
+            double zsum = 0.0, loss = 0.0;
+            for (int k = 0; k < F3; k++) {
+                const double w = (1.0 - smoothing) * targets[b * F3 + k];
+                zsum += c->lg[k * BATCH + b];
+                loss += w * (lse - c->lg[k * BATCH + b]);
+                c->dlg[k * BATCH + b] -= (float)(w * inv_b);
+            }
+            totals[0] += loss + smoothing * (lse - zsum / F3);
+        } else if (lam) {
             const int y2 = (int)partners[b];
             const double w = (1.0 - smoothing) * lam[b], w2 = (1.0 - smoothing) * (1.0 - lam[b]);
             const double lse = log((double)sum[b]) + mx[b];

@@ -27,6 +27,7 @@
     X(const int64_t *, mix_with) /* mixing (mix_t), from the batch's first image, or NULL */      \
     X(const float *, mix_lam)                                                                     \
     X(const int64_t *, mix_box)                                                                   \
+    X(const float *, targets)    /* (batch, 10) soft targets, or NULL: the labels (and mixing) */ \
     X(int64_t, rows)             /* rows of x (ln_forward: the images) */                         \
     X(int64_t, batch)            /* images in the batch */                                        \
     X(double, bn_eps)                                                                             \

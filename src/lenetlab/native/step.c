@@ -262,7 +262,8 @@ static void classifier_fwd(step_ctx *X, int k, int t, int T)
             }
         }
         loss_fwd_bwd(c, labels, A->mix_with ? partners : NULL, A->mix_with ? A->mix_lam + k * BATCH : NULL,
-                     1.0 / X->B, A->smoothing, A->totals);
+                     A->targets ? A->targets + (int64_t)k * BATCH * F3 : NULL, 1.0 / X->B, A->smoothing,
+                     A->totals);
         linear_wgrad10(c->dlg, c->a4, ws->grad + goff(P_F3W), 0, F3, F2);
         bias_grad(c->dlg, ws->grad + goff(P_F3B), F3);
     }
@@ -470,7 +471,8 @@ static void step_job(void *arg, int t, int T)
 /* One training step on a batch of B images: forward, mean cross-entropy, backward, one update,
  * on a->threads threads (see ln_args for the fields). Returns LN_OK, or LN_BAD_INDEX for an
  * index out of range, LN_BAD_LABEL for a label out of range, LN_BAD_MIX for mixing outside
- * the batch or the image (mix_valid), LN_NO_MEMORY, LN_BAD_BATCH for a batch size out of range
+ * the batch or the image (mix_valid), LN_BAD_TARGET for a soft target outside [0, 1] (or
+ * NaN), LN_NO_MEMORY, LN_BAD_BATCH for a batch size out of range
  * (nothing is changed then). */
 int ln_train_step(ln_ws *ws, const ln_args *a)
 {
@@ -487,6 +489,10 @@ int ln_train_step(ln_ws *ws, const ln_args *a)
     const mix_t mix = {a->mix_with, a->mix_lam, a->mix_box};
     if (mix.with && !(mix.lam && mix_valid(&mix, B)))
         return LN_BAD_MIX;
+    if (a->targets)
+        for (int64_t i = 0; i < (int64_t)B * F3; i++)
+            if (!(a->targets[i] >= 0.f && a->targets[i] <= 1.f)) /* NaN fails too */
+                return LN_BAD_TARGET;
     const int nch = (B + BATCH - 1) / BATCH;
     if (ws_reserve(ws, nch))
         return LN_NO_MEMORY;

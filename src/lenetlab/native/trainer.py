@@ -154,31 +154,38 @@ class NativeTrainer:
             self._keep = (s1, s2, steps)  # held, so that no new tensor takes a bound one's id
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, dropout_scale: torch.Tensor | None = None,
-                   mix: MixDraws | None = None, premixed: bool = False) -> None:
+                   mix: MixDraws | None = None, premixed: bool = False,
+                   targets: torch.Tensor | None = None) -> None:
         """One step on the batch (x: (B, 1, 28, 28) float32, y: (B,) int64); dropout_scale is
         keep / (1 - p) of shape (B, 120), or None for no dropout; mix: the batch's mixing (its
         first B draws): the images mix.images(x, 0) (x itself if premixed: mixed already) and
-        the soft targets mix.targets(y, 0)."""
-        self._step(x, y, None, len(x), dropout_scale, None, 0, mix, premixed)
+        the soft targets mix.targets(y, 0); targets: (B, 10) float32 soft targets, each in
+        [0, 1], which replace the labels' (and mixing's) in the loss (distillation)."""
+        self._step(x, y, None, len(x), dropout_scale, None, 0, mix, premixed, targets)
 
     def train_step_indexed(self, train_x: torch.Tensor, train_y: torch.Tensor, idx: torch.Tensor,
                            dropout_scale: torch.Tensor | None = None, draws: EpochDraws | None = None,
-                           start: int = 0, mix: MixDraws | None = None) -> None:
+                           start: int = 0, mix: MixDraws | None = None,
+                           targets: torch.Tensor | None = None) -> None:
         """train_step(train_x[idx], train_y[idx], dropout_scale) with the gather done in C; with
         draws, the images are draws.apply(train_x[idx], start), augmented in the same copy (the
         batch being images start, start + 1, ... of the epoch's draws); with mix, then
-        mix.images(..., start), trained on the soft targets mix.targets(train_y[idx], start)."""
+        mix.images(..., start), trained on the soft targets mix.targets(train_y[idx], start);
+        targets: the batch's own (B, 10) soft targets, as train_step's."""
         check_tensor(idx, torch.int64, (len(idx),), "idx")
-        self._step(train_x, train_y, idx, len(idx), dropout_scale, draws, start, mix)
+        self._step(train_x, train_y, idx, len(idx), dropout_scale, draws, start, mix, False, targets)
 
     def _step(self, x, y, idx, batch: int, dropout_scale, draws: EpochDraws | None = None,
-              start: int = 0, mix: MixDraws | None = None, premixed: bool = False) -> None:
+              start: int = 0, mix: MixDraws | None = None, premixed: bool = False,
+              targets: torch.Tensor | None = None) -> None:
         check_tensor(x, torch.float32, (len(x), 1, 28, 28), "x")
         check_tensor(y, torch.int64, (len(x),), "y")
         if batch < 1:
             raise ValueError("empty batch")
         if dropout_scale is not None:
             check_tensor(dropout_scale, torch.float32, (batch, 120), "dropout_scale")  # 120: fc1's outputs
+        if targets is not None:
+            check_tensor(targets, torch.float32, (batch, 10), "targets")
         self._bind()
         a, group = self._args, self.optimizer.param_groups[0]
         a.relu, a.maxpool = variant(self.model)
@@ -195,6 +202,7 @@ class NativeTrainer:
         a.mix_with, a.mix_lam, a.mix_box = mix_args(mix, start, batch)
         if premixed:
             a.mix_box = None  # the soft targets only
+        a.targets = targets.data_ptr() if targets is not None else None
         rc = self._lib.ln_train_step(self._ws, a)
         if rc == CONSTANTS["LN_BAD_INDEX"]:
             raise IndexError("an index of the batch is out of range")
@@ -203,6 +211,8 @@ class NativeTrainer:
         if rc == CONSTANTS["LN_BAD_MIX"]:
             raise ValueError("the mixing draws reach outside the batch or the image, or a weight is "
                              "outside [0, 1]")
+        if rc == CONSTANTS["LN_BAD_TARGET"]:
+            raise ValueError("a soft target is outside [0, 1]")
         if rc == CONSTANTS["LN_BAD_BATCH"]:
             raise ValueError(f"the native step refused a batch of {batch}")
         if rc != CONSTANTS["LN_OK"]:
