@@ -157,7 +157,8 @@ def _local_worker(trial: Trial, run_id: str, run_dir: str, options: RunOptions, 
     try:
         result, state_dict = execute_trial(trial, run_id, splits, options, checkpoint_path(run, trial),
                                            threads=lambda: shares[slot],
-                                           on_epoch=referee.for_trial(trial) if referee else None)
+                                           on_epoch=referee.for_trial(trial) if referee else None,
+                                           run_dir=run)
         record_trial(run, result, state_dict, checksums)
     except OutputError as exc:
         report.send(("fatal", str(exc)))
@@ -332,13 +333,15 @@ def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions, 
     data_refs: [the data set's object ref], in a list so that Ray hands over the ref, not a copy
     of the data set for every task."""
     run = Path(run_dir)
-    if reaches(run, run_id):
+    here = reaches(run, run_id)
+    if here:
         store = FileCheckpoint(checkpoint_path(run, trial))
     else:
         store = _SinkCheckpoint(sink, trial)
     splits = _ray_worker_splits(data_refs[0], options)
     return execute_trial(trial, run_id, splits, options, store,
-                         on_epoch=referee.for_trial(trial) if referee else None)
+                         on_epoch=referee.for_trial(trial) if referee else None,
+                         run_dir=run if here else None)
 
 
 def run_ray(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,

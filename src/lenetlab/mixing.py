@@ -64,10 +64,14 @@ class MixDraws:
 
     def targets(self, y: torch.Tensor, start: int) -> torch.Tensor:
         """The soft targets (B, 10) of the batch's labels y: lam onehot(y) + (1 - lam) onehot(y_partner)."""
-        stop = start + len(y)
+        return self.blend(F.one_hot(y, CLASSES).to(self.lam.dtype), start)
+
+    def blend(self, targets: torch.Tensor, start: int) -> torch.Tensor:
+        """The batch's soft targets (B, 10) mixed as its images are: lam t + (1 - lam) t_partner
+        (a teacher's targets, teaching.py; targets() is this on one-hot labels)."""
+        stop = start + len(targets)
         lam = self.lam[start:stop, None]
-        own = F.one_hot(y, CLASSES).to(lam.dtype)
-        return lam * own + (1 - lam) * own[self.partner[start:stop]]
+        return lam * targets + (1 - lam) * targets[self.partner[start:stop]]
 
 
 def draw(mix: Mixing, n: int, batch: int, seed: int, device: torch.device | str = "cpu") -> MixDraws:

@@ -54,6 +54,13 @@ class Recipe:
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_prob: float = 1.0
+    # Knowledge distillation: the averaged softmax of teacher_models models of the recipe named
+    # teacher (trained once per run folder, teaching.py) mixed into each image's target.
+    teacher: str = ""
+    teacher_models: int = 3
+    teacher_epochs: int = 0  # 0: the teacher recipe's own
+    distill: float = 0.0
+    distill_temp: float = 1.0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -135,6 +142,16 @@ FIELDS: dict[str, Field] = {
                     "Beta(alpha, alpha), 0 (off) to 100"),
     "mix_prob": Field(float, lambda v: 0 < v <= 1, "mp", "probability that a batch is mixed (mixup "
                       "or CutMix; with both, a fair coin per batch picks one), >0 to 1"),
+    "teacher": Field(str, lambda v: v == "" or (v in RECIPES and not RECIPES[v].teacher), "te",
+                     "the recipe whose models teach (distillation), one without a teacher of its "
+                     "own, or empty (none)"),
+    "teacher_models": Field(int, lambda v: 1 <= v <= 16, "tm", "models in the teaching ensemble, 1 to 16"),
+    "teacher_epochs": Field(int, lambda v: 0 <= v <= 1000, "tep", "epochs each teacher model trains, "
+                            "0 (the teacher recipe's own) to 1000"),
+    "distill": Field(float, lambda v: 0 <= v <= 1, "kd", "weight of the teacher's probabilities in "
+                     "each image's target, 0 to 1 (the label's is 1 minus it)"),
+    "distill_temp": Field(float, lambda v: 0.05 <= v <= 100, "kt", "temperature of the teacher's "
+                          "probabilities, 0.05 to 100 (1: as they are)"),
 }
 
 
@@ -171,6 +188,9 @@ def with_fields(base: Recipe, changes: dict, where: str = "") -> Recipe:
     if "dropout_rate" in checked and not base.use_dropout:
         raise problem("dropout_rate", f"variant {base.name!r} has no dropout layer")
     recipe = replace(base, **checked)
+    if (recipe.distill > 0) != bool(recipe.teacher):
+        key = "distill" if "distill" in checked or "teacher" not in checked else "teacher"
+        raise problem(key, distill_problem(recipe))
     if recipe.warmup_epochs >= recipe.epochs and recipe.warmup_epochs > 0:
         key = "warmup_epochs" if "warmup_epochs" in checked or "epochs" not in checked else "epochs"
         raise problem(key, f"the warm-up ({recipe.warmup_epochs} epochs) must be shorter than the run "
@@ -193,11 +213,29 @@ def recipe_from_dict(entry: dict) -> Recipe:
     except SpecError as exc:
         raise ValueError(str(exc)) from None
     checked(recipe, "recipe")
+    if (recipe.distill > 0) != bool(recipe.teacher):
+        raise ValueError(f"recipe.distill: {distill_problem(recipe)}")
     if recipe.warm_start_from is not None and recipe.warm_start_from not in RECIPES:
         raise ValueError(f"recipe.warm_start_from: unknown variant {recipe.warm_start_from!r}")
     if not 0 <= recipe.warm_start_epochs <= 1000:
         raise ValueError(f"recipe.warm_start_epochs: {recipe.warm_start_epochs} is not 0 to 1000")
     return recipe
+
+
+def distill_problem(recipe: Recipe) -> str:
+    """Why distill and teacher do not go together (one set without the other)."""
+    if recipe.teacher:
+        return f"a teacher ({recipe.teacher!r}) teaches only with distill above 0"
+    return f"distill {recipe.distill} needs a teacher (the recipe whose models teach)"
+
+
+def teacher_recipe(recipe: Recipe) -> Recipe:
+    """The recipe each of recipe's teacher models trains with: its teacher's, for
+    teacher_epochs if set (the warm-up scaled with it)."""
+    base = RECIPES[recipe.teacher]
+    if recipe.teacher_epochs in (0, base.epochs):
+        return base
+    return scale_epochs(base, recipe.teacher_epochs / base.epochs)
 
 
 def scale_epochs(recipe: Recipe, scale: float) -> Recipe:
@@ -207,7 +245,11 @@ def scale_epochs(recipe: Recipe, scale: float) -> Recipe:
     warm = max(1, round(recipe.warm_start_epochs * scale)) if recipe.warm_start_from else 0
     epochs = max(1, round(recipe.epochs * scale))
     warmup = min(round(recipe.warmup_epochs * scale), epochs - 1)  # still shorter than the run
-    return replace(recipe, epochs=epochs, warm_start_epochs=warm, warmup_epochs=warmup)
+    teacher = 0
+    if recipe.teacher:
+        teacher = max(1, round((recipe.teacher_epochs or RECIPES[recipe.teacher].epochs) * scale))
+    return replace(recipe, epochs=epochs, warm_start_epochs=warm, warmup_epochs=warmup,
+                   teacher_epochs=teacher)
 
 
 _NAMES = [f.name for f in fields(Recipe)]

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+from . import teaching
 from .data import FashionMNIST
 from .engines import default_workers, run_local, run_ray, usable_cores
 from .errors import RunDirError
@@ -100,11 +101,19 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
         if display:
             display.done(result)
 
-    if plan.engine == "ray":
-        run_ray(todo, plan.run_id, run_dir, plan.options, address, workers, data, start_one, done,
-                ray_retries)
-    else:
-        run_local(todo, plan.run_id, run_dir, plan.options, data, workers, start_one, done)
+    def run_trials(trials: list[Trial], folder: Path, on_start, on_done) -> None:
+        count = max(1, min(workers, len(trials)))
+        if plan.engine == "ray":
+            run_ray(trials, plan.run_id, folder, plan.options, address, count, data, on_start, on_done,
+                    ray_retries)
+        else:
+            run_local(trials, plan.run_id, folder, plan.options, data, count, on_start, on_done)
+
+    # the teachers of distilling recipes first, each once for the whole run (not on the display)
+    teaching.prepare(run_dir, [t.recipe for t in todo], plan.run_id, plan.options, data,
+                     lambda trials, folder: run_trials(trials, folder, lambda trial: None,
+                                                       lambda result: record_elapsed()))
+    run_trials(todo, run_dir, start_one, done)
     record_elapsed()
     return finalize(run_dir, plan, data)
 

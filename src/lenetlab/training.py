@@ -193,6 +193,13 @@ class TrialOutput:
     pruned: bool = False  # stopped early by on_epoch (a search's pruner)
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch trained here: steps and evaluations
 
+class Teacher(Protocol):
+    """A teacher's soft targets for a batch (teaching.Outputs)."""
+
+    def targets(self, idx: torch.Tensor, move: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """(B, 10) float32 targets of the training images idx, moved by move (None: not moved)."""
+
+
 # Told each epoch's number and the evaluated model's validation accuracy once the epoch is done;
 # True stops the trial there (pruned). A search's pruner answers it (tuning/referee.py).
 OnEpoch = Callable[[int, float], bool]
@@ -291,11 +298,13 @@ class Steps(Protocol):
     dropout_p): step() per batch, then totals() once."""
 
     def step(self, i: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
-             draws: EpochDraws | None, start: int, mix: mixing.MixDraws | None = None) -> None:
+             draws: EpochDraws | None, start: int, mix: mixing.MixDraws | None = None,
+             targets: torch.Tensor | None = None) -> None:
         """One step on x[idx], y[idx], the images augmented by draws if any (the batch being
         images start, start + 1, ... of the epoch), then mixed by mix if any (soft targets);
-        keep: the dropout mask (B, 120) or None. Raises _NonFinite at the first non-finite
-        loss where that is known at once."""
+        keep: the dropout mask (B, 120) or None; targets: the batch's (B, 10) soft targets
+        (a teacher's, mixed already), which replace the labels' in the loss. Raises _NonFinite
+        at the first non-finite loss where that is known at once."""
 
     def totals(self) -> tuple[float, int, int | None]:
         """(summed loss, correct predictions, index of the first non-finite step or None)."""
@@ -316,11 +325,14 @@ class _TorchSteps:
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def step(self, i, x, y, idx, keep, draws, start, mix=None) -> None:
+    def step(self, i, x, y, idx, keep, draws, start, mix=None, targets=None) -> None:
         x, y = x[idx], y[idx]
         if draws is not None:
             x = draws.apply(x, start)
-        if mix is None:
+        if targets is not None:  # a teacher's; a mixed image counts as correct for its own label y
+            logits = fast_forward(self.model, mix.images(x, start) if mix is not None else x, keep)
+            loss = F.cross_entropy(logits, targets.to(logits.dtype), label_smoothing=self.label_smoothing)
+        elif mix is None:
             logits = fast_forward(self.model, x, keep)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         else:  # soft targets; a mixed image counts as correct for its own label y
@@ -354,9 +366,9 @@ class _NativeSteps:
         self.trainer = native.NativeTrainer(model, optimizer, label_smoothing=label_smoothing)
         self.loss_sum, self.correct, self.first_bad = 0.0, 0, None
 
-    def step(self, i, x, y, idx, keep, draws, start, mix=None) -> None:
+    def step(self, i, x, y, idx, keep, draws, start, mix=None, targets=None) -> None:
         scale = None if keep is None else keep.float().div_(1.0 - self.dropout_p)
-        self.trainer.train_step_indexed(x, y, idx, scale, draws, start, mix)
+        self.trainer.train_step_indexed(x, y, idx, scale, draws, start, mix, targets)
         loss, correct = self.trainer.take_totals()
         self.loss_sum += loss
         self.correct += correct
@@ -389,6 +401,7 @@ class _Run:
     kernels: str
     kept: Kept
     progress: bool
+    teacher: Teacher | None = None  # distillation's soft targets (teaching.Outputs)
     epoch_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -418,6 +431,7 @@ def _train_epoch(run: _Run, phase: Phase, optimizer: torch.optim.Optimizer, epoc
     mixes = mixing.Mixing(phase.recipe.mixup, phase.recipe.cutmix, phase.recipe.mix_prob)
     if mixes.active:
         mix = mixing.draw(mixes, n, batch, derived_seed(run.seed, epoch, 3), device)
+    teacher = run.teacher if phase.recipe.teacher else None  # not a warm start's first recipe
     per_epoch = run.steps_per_epoch
     first_step, phase_steps = (epoch - phase.first_epoch) * per_epoch, phase.epochs * per_epoch
     warmup_steps = phase.recipe.warmup_epochs * per_epoch
@@ -431,7 +445,14 @@ def _train_epoch(run: _Run, phase: Phase, optimizer: torch.optim.Optimizer, epoc
             lr = learning_rate(phase.recipe, first_step + i, phase_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            steps.step(i, run.splits.train_x, run.splits.train_y, idx, keep, draws, start, mix)
+            targets = None
+            if teacher is not None:
+                moved = draws is not None and draws.move is not None
+                move = draws.move[start:start + len(idx)] if moved else None
+                targets = teacher.targets(idx, move, run.splits.train_y[idx])
+                if mix is not None:
+                    targets = mix.blend(targets, start).contiguous()
+            steps.step(i, run.splits.train_x, run.splits.train_y, idx, keep, draws, start, mix, targets)
             run.kept.after_step()
     except _NonFinite:
         pass
@@ -475,6 +496,7 @@ def train_trial(
     kernels: str = "auto",
     threads: Callable[[], int] | None = None,
     on_epoch: OnEpoch | None = None,
+    teacher: Teacher | None = None,
 ) -> TrialOutput:
     """Train one recipe from one seed; evaluate train/val/test every epoch (train/val where the
     splits have no test split: then no test result is made at all).
@@ -485,15 +507,19 @@ def train_trial(
     epoch how many threads to train with (torch.set_num_threads; the native step follows it).
     on_epoch, if given, is told each epoch's validation accuracy before its checkpoint is saved
     (so every epoch a checkpoint holds has been told), and stops the trial when it answers True.
+    teacher: a recipe with a teacher's soft targets for its batches (teaching.outputs_for).
     Raises Diverged at the first non-finite loss. The kept model: see Kept.
     """
     device = splits.train_x.device
     if device.type == "cuda":  # same seed, same numbers: no nondeterministic cuDNN algorithms
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+    if bool(recipe.teacher) != (teacher is not None):
+        raise ValueError(f"recipe {recipe.name!r}: " + ("its teacher's outputs are needed" if recipe.teacher
+                                                         else "a teacher given, but it has none"))
     model = build_model(recipe, seed).to(device)
     run = _Run(recipe, seed, splits, model, choose_kernels(kernels, recipe, device), Kept(model, recipe),
-               progress)
+               progress, teacher)
     history: list[EpochMetrics] = []
     if isinstance(checkpoint, (str, Path)):
         checkpoint = FileCheckpoint(Path(checkpoint))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import files, native
+from . import files, native, teaching
 from .data import Splits
 from .native.gate import choose as choose_kernels
 from .provenance import library_versions, machine_info
@@ -32,7 +32,7 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
                   checkpoint: Path | CheckpointStore | None, progress: bool = False,
                   log: Callable[[str], None] | None = None,
                   threads: Callable[[], int] | None = None,
-                  on_epoch: OnEpoch | None = None) -> tuple[TrialResult, dict]:
+                  on_epoch: OnEpoch | None = None, run_dir: Path | None = None) -> tuple[TrialResult, dict]:
     """Train and evaluate one trial: its result (failed if it diverged, pruned if on_epoch
     stopped it) and its weights (CPU tensors; none for a pruned trial).
 
@@ -43,7 +43,8 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
     do not depend on the thread count; PyTorch's kernels keep options.threads, since theirs do
     (measured with 1 and 2 threads: baseline's weights 1.3e-6 apart after 3 epochs, batch_norm's
     validation accuracy 0.0007 apart after one). So the same seed gives the same numbers
-    whenever the other trials happen to finish.
+    whenever the other trials happen to finish. run_dir: the run folder, where a recipe with a
+    teacher finds its outputs (teaching.py; None: a worker that does not reach it).
     """
     torch.set_num_threads(options.threads)
     splits = splits.to(options.device)
@@ -55,10 +56,11 @@ def execute_trial(trial: Trial, run_id: str, splits: Splits, options: RunOptions
         return used[-1]
 
     started = time.perf_counter()
+    teacher = teaching.outputs_for(trial.recipe, run_dir, splits)
     try:
         output = train_trial(trial.recipe, trial.seed, splits, checkpoint=checkpoint,
                              progress=progress, log=log, kernels=options.kernels, threads=epoch_threads,
-                             on_epoch=on_epoch)
+                             on_epoch=on_epoch, teacher=teacher)
     except Diverged as exc:
         return TrialResult(trial, run_id, "failed", error=str(exc), options=options), {}
     status = "pruned" if output.pruned else "done"

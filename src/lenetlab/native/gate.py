@@ -33,7 +33,8 @@ NATIVE_FIELDS = frozenset({
     "name", "use_dropout", "use_batch_norm", "dropout_rate", "epochs", "batch_size", "lr",
     "weight_decay", "optimizer", "warm_start_from", "warm_start_epochs", "activation", "pool",
     "translate", "flip", "erasing", "schedule", "warmup_epochs", "label_smoothing", "ema",
-    "checkpoint", "mixup", "cutmix", "mix_prob",
+    "checkpoint", "mixup", "cutmix", "mix_prob", "teacher", "teacher_models", "teacher_epochs",
+    "distill", "distill_temp",
 })
 
 
