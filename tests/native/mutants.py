@@ -67,6 +67,26 @@ MUTANTS = {
     "soft-target-weights-swapped": (
         "loss.c", "w2 = (1.0 - smoothing) * (1.0 - lam[b]);", "w2 = (1.0 - smoothing) * lam[b];",
         "the partner's label weighted lam, not 1 - lam, in the loss and its gradient"),
+    "given-targets-ignored": (
+        "step.c", "A->targets ? A->targets + (int64_t)k * BATCH * F3 : NULL", "NULL",
+        "the given soft targets ignored: the loss on the labels' (or mixing's) targets"),
+    "given-targets-first-chunk": (
+        "step.c", "A->targets + (int64_t)k * BATCH * F3 : NULL", "A->targets : NULL",
+        "every chunk's loss on the first chunk's rows of the given targets"),
+    "given-targets-unsmoothed": (
+        "loss.c", "const double w = (1.0 - smoothing) * targets[b * F3 + k];",
+        "const double w = targets[b * F3 + k];",
+        "the given targets not scaled by 1 - eps under label smoothing (eps / 10 still added)"),
+    "given-targets-sum-one": (
+        "loss.c", "const double more = (1.0 - smoothing) * (tsum - 1.0) * inv_b;", "const double more = 0.0;",
+        "the gradient on given targets taking each row's sum as 1, where torch multiplies softmax by it"),
+    "given-targets-unchecked": (
+        "step.c", "return LN_BAD_TARGET;", "break;",
+        "a given target outside [0, 1] or NaN not refused: the step trains on it"),
+    "given-targets-nan-accepted": (
+        "step.c", "if (!(a->targets[i] >= 0.f && a->targets[i] <= 1.f)) /* NaN fails too */",
+        "if (a->targets[i] < 0.f || a->targets[i] > 1.f)",
+        "a NaN given target not refused (the range test written so that NaN passes it)"),
 }
 
 

@@ -68,10 +68,12 @@ from support.parity import (
     check_augmenting_in_the_step_is_augmenting_before_it,
     check_bad_input_changes_nothing,
     check_bad_mixing_changes_nothing,
+    check_bad_targets_change_nothing,
     check_forward_matches_fast_forward,
     check_max_pooling_ties_go_to_the_first,
     check_mixing_in_the_step_is_mixing_before_it,
     check_one_step_matches_torch,
+    check_one_step_on_given_targets_matches_torch,
     check_one_step_on_soft_targets_matches_torch,
     check_other_batch_sizes_match_torch,
     check_totals_match_torch,
@@ -418,3 +420,5 @@ test_bad_input_changes_nothing = check_bad_input_changes_nothing
 test_mixing_in_the_step_is_mixing_before_it = check_mixing_in_the_step_is_mixing_before_it
 test_one_step_on_soft_targets_matches_torch = check_one_step_on_soft_targets_matches_torch
 test_bad_mixing_changes_nothing = check_bad_mixing_changes_nothing
+test_one_step_on_given_targets_matches_torch = check_one_step_on_given_targets_matches_torch
+test_bad_targets_change_nothing = check_bad_targets_change_nothing

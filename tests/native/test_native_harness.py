@@ -11,7 +11,7 @@ only the native calls run in the harness process. The harnesses:
   the rest do not (QEMU_CASES);
 - aarch64-clang: clang --target=aarch64-linux-gnu, the one-step cases the x86 test runs on its
   other builds too (the original's variant with each optimiser, and ReLU with max pooling, on
-  hard and on soft targets), and mixing's bits.
+  hard, soft and given targets), and mixing's bits.
 The aarch64 builds take the target flag native.target_flags probes for their compiler, and
 must be the NEON build (16-byte vectors). They carry the marker arm (python -m pytest -m arm
 runs exactly them); where the cross compiler or qemu is missing, they skip saying which.
@@ -44,7 +44,8 @@ REPLAYED = [parity.check_forward_matches_fast_forward, parity.check_one_step_mat
             parity.check_other_batch_sizes_match_torch, parity.check_max_pooling_ties_go_to_the_first,
             parity.check_augmenting_in_the_step_is_augmenting_before_it, parity.check_totals_match_torch,
             parity.check_bad_input_changes_nothing, parity.check_mixing_in_the_step_is_mixing_before_it,
-            parity.check_one_step_on_soft_targets_matches_torch, parity.check_bad_mixing_changes_nothing]
+            parity.check_one_step_on_soft_targets_matches_torch, parity.check_bad_mixing_changes_nothing,
+            parity.check_one_step_on_given_targets_matches_torch, parity.check_bad_targets_change_nothing]
 # Under qemu a batch-64 step takes 0.65 s of CPU (Zen 5, qemu 7.2): of these x86 tests' cases
 # aarch64-gcc runs those that reach code the others do not, which keeps the arm tests to about
 # 2.5 minutes (-m arm: 2 min 28 s of CPU, 195 s of wall time with the cores shared, load 2.4)
@@ -60,9 +61,13 @@ QEMU_CASES = {
     parity.check_mixing_in_the_step_is_mixing_before_it: lambda mix: mix.mixup > 0 and mix.cutmix > 0,
     parity.check_one_step_on_soft_targets_matches_torch:
         lambda variant, optimizer: variant == parity.ALL_ON_RELU_MAX,
+    # given targets (a teacher's, alone and beside mixing) with every layer and smoothing
+    parity.check_one_step_on_given_targets_matches_torch:
+        lambda variant, optimizer: variant == parity.ALL_ON_RELU_MAX,
 }
 # aarch64-clang: the one-step cases the x86 test runs on its other builds too
-CLANG_TESTS = {parity.check_one_step_matches_torch, parity.check_one_step_on_soft_targets_matches_torch}
+CLANG_TESTS = {parity.check_one_step_matches_torch, parity.check_one_step_on_soft_targets_matches_torch,
+               parity.check_one_step_on_given_targets_matches_torch}
 # ... and mixing's bits, which another compiler's contraction of a product into an FMA would
 # move (aarch64-gcc's cases)
 CLANG_QEMU_CASES = {parity.check_mixing_in_the_step_is_mixing_before_it}

@@ -30,7 +30,7 @@ OPTIMIZERS = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
               "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
               "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-3)}
 # (dropout, batch norm, activation, pooling, label smoothing, optimizer, batch, augmentation[,
-# mixing])
+# mixing[, given soft targets]])
 CASES = {
     "baseline": (False, False, "tanh", "avg", 0.0, "adam", 64, None),
     "dropout": (True, False, "tanh", "avg", 0.0, "adam", 64, None),
@@ -46,12 +46,18 @@ CASES = {
     "mixup-batch-130": (True, True, "relu", "max", 0.1, "adamw", 130, Augmentation(2, True, 0.5),
                         mixing.Mixing(mixup=0.4)),
     "cutmix-batch-130": (False, False, "tanh", "avg", 0.0, "adam", 130, None, mixing.Mixing(cutmix=1.0)),
+    # a teacher's targets, each chunk's own rows read on the thread that runs its loss
+    "targets-batch-130": (True, True, "relu", "max", 0.1, "adamw", 130, Augmentation(2, True, 0.5), None,
+                          True),
+    "targets-mixup-batch-130": (False, True, "tanh", "avg", 0.0, "sgd", 130, None, mixing.Mixing(mixup=0.4),
+                                True),
 }
 
 
 def _train(case, threads, lib=None, steps: int = 4):
     """The state after `steps` steps of a case on `threads` threads: model, optimiser state, totals."""
-    dropout, bn, activation, pool, smoothing, optimizer, batch, aug, *mix = case
+    dropout, bn, activation, pool, smoothing, optimizer, batch, aug, *extra = case
+    mix, given = extra[0] if extra else None, len(extra) > 1 and extra[1]
     torch.manual_seed(0)
     model = LeNet5V1(dropout, bn, activation=activation, pool=pool).train()
     opt = OPTIMIZERS[optimizer](model.parameters())
@@ -59,12 +65,13 @@ def _train(case, threads, lib=None, steps: int = 4):
     g = torch.Generator().manual_seed(1)
     data_x, data_y = torch.randn(500, 1, 28, 28, generator=g), torch.randint(0, 10, (500,), generator=g)
     draws = draw(aug, 500, torch.Generator().manual_seed(7), background=-0.8) if aug else None
-    mixes = mixing.draw(mix[0], 500, batch, seed=3) if mix else None
+    mixes = mixing.draw(mix, 500, batch, seed=3) if mix else None
     for s in range(steps):
         start = 17 * s
         idx = torch.randperm(500, generator=g)[:batch]
         scale = (torch.rand(batch, 120, generator=g) >= 0.5).float() / 0.5 if dropout else None
-        trainer.train_step_indexed(data_x, data_y, idx, scale, draws, start, mixes)
+        targets = torch.softmax(2 * torch.randn(batch, 10, generator=g), 1) if given else None
+        trainer.train_step_indexed(data_x, data_y, idx, scale, draws, start, mixes, targets)
     return model.state_dict(), opt.state_dict()["state"], trainer.take_totals()
 
 

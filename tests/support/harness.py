@@ -66,7 +66,8 @@ def _counts() -> dict:
                     "drop": lambda a: a.batch * 120, "totals": lambda a: 2, "out": lambda a: a.rows * 10,
                     "move": lambda a: a.batch, "erase_rows": lambda a: a.batch * 28,
                     "erase_cols": lambda a: a.batch * 28, "mix_with": lambda a: a.batch,
-                    "mix_lam": lambda a: a.batch, "mix_box": lambda a: a.batch * 4},
+                    "mix_lam": lambda a: a.batch, "mix_box": lambda a: a.batch * 4,
+                    "targets": lambda a: a.batch * 10},
         "slots": {"params": params, "s1": params, "s2": params, "steps": [1] * len(params),
                   "run": [t.numel() for t in native.binding.buffers(model)[:4]], "nbt": [1, 1]},
     }

@@ -631,3 +631,110 @@ def check_bad_mixing_changes_nothing():
         with pytest.raises(ValueError, match="mixing"):
             trainer.train_step(x, y, None, bad)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ---- given soft targets: a teacher's per-image targets (distillation), in place of the labels'
+
+def _given_targets(y: torch.Tensor, seed: int = 6) -> torch.Tensor:
+    """(B, 10) float32 probability targets far from the labels', in a teacher's form
+    (teaching.Outputs.targets): each image's one-hot label lerped towards a random softmax by a
+    weight in [0, 1] of its own; the first image's all softmax, the second's its label."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(2 * torch.randn(len(y), 10, generator=g), 1)
+    weight = torch.rand(len(y), 1, generator=g)
+    weight[0], weight[1] = 1.0, 0.0
+    return torch.lerp(F.one_hot(y, 10).float(), probs, weight).clamp_(0.0, 1.0)
+
+
+def _unnormalized_targets(n: int, seed: int = 7) -> torch.Tensor:
+    """(n, 10) float32 targets in [0, 1] whose rows sum to anything from 0 to about 5: F.cross_entropy
+    takes them as they are (its gradient is softmax times the target's sum, less the target)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 10, generator=g) * torch.rand(n, 1, generator=g)
+
+
+GIVEN_MODES = {"alone": None, "unnormalized": None, "mixup": mixing.Mixing(0.4, 0.0),
+               "cutmix": mixing.Mixing(0.0, 1.0)}
+
+
+@pytest.mark.parametrize(("build", "variant", "optimizer"), _on_builds(
+    SOFT_CASES, lambda v, o: v.original or v == ALL_ON_RELU_MAX), indirect=["build"])
+def check_one_step_on_given_targets_matches_torch(build, variant, optimizer):
+    """The loss on given per-image soft targets (targets=, distillation's), with label smoothing
+    on top where the variant has it, on a batch of 100 (two chunks: the second reads its own
+    rows of the targets): alone (train_step; a teacher's, and rows that do not sum to 1, which
+    F.cross_entropy takes as they are), and with the step's own mixup, then CutMix, of a batch
+    gathered in a shuffled order (train_step_indexed; the targets, blended as training.py
+    blends a teacher's, are the batch's in its order and replace mixing's in the loss). Every
+    parameter, buffer and optimiser state element within its rounding bound of the float64
+    step on F.cross_entropy(logits, targets, label_smoothing=...), as torch's own float32 step
+    is; the summed loss within the bound of the float64 loss, the correct predictions (of each
+    image's own label) the float64 ones' but for those rounding may change."""
+    (data_x, data_y), = _random_batches(1, 100, seed=4)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(2))
+    for mode, mix in GIVEN_MODES.items():
+        if mix is None:
+            x, y, mixes, idx = data_x, data_y, None, None
+            target = _given_targets(y) if mode == "alone" else _unnormalized_targets(len(y))
+        else:
+            mixes = mixing.draw(mix, 100, 100, seed=5)
+            idx, y = order, data_y[order]
+            x = mixes.images(data_x[order], 0)
+            target = mixes.blend(_given_targets(y), 0).contiguous()
+            assert (target - mixes.targets(y, 0)).abs().max() > 0.5  # mixing's targets would fail
+        model, opt = _fresh(variant, optimizer)
+        keep, scale = _mask(model, len(x), 0)
+        want = rounding.step(model, opt, x, target, scale, variant.smoothing)
+        loss, bound, correct, uncertain = rounding.loss(model, x, target, scale, variant.smoothing, labels=y)
+        twin = _fresh(variant, optimizer)
+        _soft_torch_step(*twin, x, target, keep, variant.smoothing)
+        _within(_state(*twin), want, TORCH_OUTSIDE.format(0))
+        trainer = native.NativeTrainer(model, opt, label_smoothing=variant.smoothing, lib=build)
+        if mix is None:
+            trainer.train_step(x, y, scale, targets=target)
+        else:
+            trainer.train_step_indexed(data_x, data_y, idx, scale, None, 0, mixes, targets=target)
+        _within(_state(model, opt), want, f"the native step on given targets ({mode})")
+        got_loss, got_correct = trainer.take_totals()
+        assert abs(got_loss - loss) <= bound, (mode, got_loss, loss, bound)
+        assert abs(got_correct - correct) <= uncertain, (mode, got_correct, correct, uncertain)
+
+
+def _snapshot(model, optimizer) -> dict[str, bytes]:
+    """The model's parameters and buffers and the optimiser's state, as bytes."""
+    return {k: v.detach().contiguous().numpy().tobytes() for k, v in _state(model, optimizer).items()}
+
+
+def check_bad_targets_change_nothing():
+    """Given targets with an element above 1, below 0, NaN or infinite (in either chunk; the C
+    step's LN_BAD_TARGET), through either entry point and beside valid mixing, or of the wrong
+    shape, dtype or layout (refused in Python): a ValueError, and the model, the optimiser's
+    state and the totals as they were, byte for byte."""
+    _, (model, opt) = _pair(Variant(bn=True), "adam")
+    trainer = native.NativeTrainer(model, opt)
+    (x, y), = _random_batches(1, 70)  # two chunks, the second short
+    good = _given_targets(y)
+    idx = torch.arange(70).flip(0)
+    mixes = mixing.draw(mixing.Mixing(0.4, 1.0, 0.5), 70, 70, seed=1)
+    trainer.train_step(x, y, targets=good)  # the optimiser's state made: it must not change either
+    trainer.take_totals()
+    before = _snapshot(model, opt)
+    # (flat element, value): rows 0 and 69 (the second chunk's last image)
+    for i, value in ((3, 1.5), (0, -0.1), (695, float("nan")), (699, float("inf")), (12, -float("inf")),
+                     (690, 1.0000001)):
+        bad = good.clone()
+        bad.view(-1)[i] = value
+        with pytest.raises(ValueError, match="soft target is outside"):
+            trainer.train_step(x, y, targets=bad)
+        with pytest.raises(ValueError, match="soft target is outside"):
+            trainer.train_step_indexed(x, y, idx, targets=bad)
+        with pytest.raises(ValueError, match="soft target is outside"):
+            trainer.train_step_indexed(x, y, idx, None, None, 0, mixes, targets=bad)
+    for bad in (good[:, :9].contiguous(), good[:69], torch.cat([good, good[:1]]), good.double(), good.half(),
+                good.t().contiguous().t(), good.reshape(70, 1, 10), torch.zeros(70, 10, dtype=torch.long)):
+        with pytest.raises(ValueError, match="targets must be a contiguous"):
+            trainer.train_step(x, y, targets=bad)
+        with pytest.raises(ValueError, match="targets must be a contiguous"):
+            trainer.train_step_indexed(x, y, idx, targets=bad)
+    assert _snapshot(model, opt) == before
+    assert trainer.take_totals() == (0.0, 0)

@@ -541,9 +541,10 @@ def loss(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0, labels=None)
     """The training-mode forward's summed cross-entropy in float64 and the bound of a float32
     path's (each image's loss lse(z) - sum t z moves by at most 2 max e(z) for its logits'
     bounds e, plus the roundings of exp, log and the sum of 10; soft targets y (B, 10) add
-    those of their 4 roundings, 4 U t |z|), and its number of correct argmax predictions (of
-    labels, by default y) with how many of them rounding may change (a top-2 gap within their
-    logits' bounds)."""
+    those of their 4 roundings, 4 U t |z|, their loss is (sum t) lse(z) - sum t z and a sum
+    above 1 scales the bound), and its number of correct argmax predictions (of labels, by
+    default y) with how many of them rounding may change (a top-2 gap within their logits'
+    bounds)."""
     labels = y if labels is None else labels
     with torch.no_grad():
         s = _Pass(model, x, scale, training=True)
@@ -554,6 +555,10 @@ def loss(model: LeNet5V1, x, y, scale=None, smoothing: float = 0.0, labels=None)
         bound = 2 * e.max(1).values + (gamma(10) + 4 * U) * (lse.abs() + z.abs().max(1).values)
         if y.is_floating_point():
             bound = bound + 4 * U * (target * z.abs()).sum(1) + 2 * U * lse.abs()
+            # F.cross_entropy's sum t (lse - z), for targets that need not sum to 1 (given ones);
+            # each logit's error, and lse's roundings, weigh the target's sum
+            each = lse * target.sum(1) - (target * z).sum(1)
+            bound = bound * target.sum(1).clamp(min=1)
         top2 = z.topk(2, 1)
         e_top = e.gather(1, top2.indices)
         close = (top2.values[:, 0] - top2.values[:, 1]) <= e_top.sum(1)

@@ -8,7 +8,8 @@
  * With mixing (lam not NULL), image b's target is the soft lam[b] onehot(labels[b]) + (1 -
  * lam[b]) onehot(partners[b]), smoothed on top; it counts as correct for labels[b]. With
  * targets (not NULL: distillation, (n, 10) from the chunk's first image), image b's target is
- * targets[b] itself, smoothed on top, and lam and partners are not read. */
+ * targets[b] itself, smoothed on top, and lam and partners are not read; as torch's, its gradient
+ * is softmax times the target's sum less the target (a sum of 1 is not assumed). */
 static void loss_fwd_bwd(chunk *c, const int64_t *labels, const int64_t *partners, const float *lam,
                          const float *targets, double inv_b, double smoothing, double *totals)
 {
@@ -40,12 +41,17 @@ static void loss_fwd_bwd(chunk *c, const int64_t *labels, const int64_t *partner
         const int y = (int)labels[b];
         if (targets) {
             const double lse = log((double)sum[b]) + mx[b];
-            double zsum = 0.0, loss = 0.0;
+            double zsum = 0.0, loss = 0.0, tsum = 0.0;
+            for (int k = 0; k < F3; k++)
+                tsum += targets[b * F3 + k];
+            /* torch's gradient is softmax times the smoothed target's sum, less the target; the
+             * loop above took that sum as 1: add softmax times what it differs by */
+            const double more = (1.0 - smoothing) * (tsum - 1.0) * inv_b;
             for (int k = 0; k < F3; k++) {
                 const double w = (1.0 - smoothing) * targets[b * F3 + k];
                 zsum += c->lg[k * BATCH + b];
                 loss += w * (lse - c->lg[k * BATCH + b]);
-                c->dlg[k * BATCH + b] -= (float)(w * inv_b);
+                c->dlg[k * BATCH + b] += (float)(more * exp(c->lg[k * BATCH + b] - lse) - w * inv_b);
             }
             totals[0] += loss + smoothing * (lse - zsum / F3);
         } else if (lam) {
