@@ -173,3 +173,11 @@ def test_a_bad_field_is_one_line_and_exit_2(field, value, words, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and field in err, err
     assert Recipe("x").teacher == ""
+
+
+def test_train_refuses_a_recipe_with_a_teacher_in_one_line(capsys, data_dir):
+    """One trained model keeps no run folder for a teacher: train says where to run it instead."""
+    code = cli.main(["train", "tuned", "--teacher", "tuned", "--distill", "0.5", "--data-dir", str(data_dir)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "learns from a teacher" in err and "lenetlab study" in err, err

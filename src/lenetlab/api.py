@@ -354,6 +354,9 @@ def train(variant: str, *, seed: int = 0, warm_start: bool = False, out: str | P
         raise OptionError(unknown[0], f"{{option}}: neither an option of train nor a recipe field "
                           f"(fields: {', '.join(FIELDS)})")
     recipe = with_fields(get_recipe(variant, warm_start), recipe_fields)
+    if recipe.teacher:  # its teacher's models live in a run folder, which one trained model has not
+        raise SpecError(f"{recipe.name} learns from a teacher ({recipe.teacher}), which train does not "
+                        f"keep: run it with `lenetlab study --variants {recipe.name}` or a sweep")
     seed = options.check("seed", seed)
     run = options.run_options(device, threads, split_seed, train_subset, kernels)
     run = replace(run, threads=run.threads or torch.get_num_threads())
