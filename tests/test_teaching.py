@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNELS
+from conftest import KERNELS, assert_one_line_error, run_cli
 
 from lenetlab import cli, native, teaching
 from lenetlab.augment import Augmentation, draw
@@ -181,3 +181,31 @@ def test_train_refuses_a_recipe_with_a_teacher_in_one_line(capsys, data_dir):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "learns from a teacher" in err and "lenetlab study" in err, err
+
+
+def test_a_search_trains_its_teacher_once_without_the_test_set_and_confirms_on_test(tmp_path, data_dir):
+    """`lenetlab tune` with a fixed teacher: its models train before the first trial, on the
+    search's data (no test files), every trial learns from the one table, and the confirmation
+    trains its own teacher beside its students."""
+    from support.searches import make_search
+
+    spec = {"variant": "tuned", "epochs": 2, "warmup_epochs": 1, "teacher": "tuned", "teacher_models": 2,
+            "teacher_epochs": 2, "trials": 3, "pruner": "none", "confirm_seeds": 1,
+            "search": {"distill": {"low": 0.3, "high": 0.9}, "distill_temp": [1.0, 3.0]}}
+    run = make_search(tmp_path, "kd", data_dir, spec=spec, workers=2)
+    members = [json.loads(p.read_text()) for p in sorted((teaching.folder(run) / "trials").glob("*.json"))]
+    assert len(members) == 2 and all(m["status"] == "done" and m["test"] is None for m in members)
+    trials = [json.loads(p.read_text()) for p in sorted((run / "trials").glob("trial*.json"))]
+    assert len(trials) == 3 and all(t["status"] == "done" for t in trials)
+    assert len({t["history"][0]["loss"] for t in trials}) == 3  # each its own distill and temperature
+    assert (teaching.folder(run / "confirm") / "tuned-x2-ep2-tr2-flip.npy").is_file()
+    assert json.loads((run / "confirm" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("search, key", [({"teacher_models": [2, 3]}, "search.teacher_models"),
+                                         ({"flip": [True, False]}, "search.flip")])
+def test_a_search_keeps_its_teacher_fixed(tmp_path, search, key):
+    spec = tmp_path / "s.toml"
+    spec.write_text('variant = "tuned"\nteacher = "tuned"\ndistill = 0.5\n[search]\n'
+                    + "".join(f"{k} = {json.dumps(v)}\n" for k, v in search.items()))
+    assert_one_line_error(run_cli("tune", spec, "--out", tmp_path), str(spec), key, "fixed in a search")

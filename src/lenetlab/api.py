@@ -77,6 +77,10 @@ class _Displays:
         for display in self.displays:
             display.done(result)
 
+    def note(self, line: str) -> None:
+        for display in self.displays:
+            display.note(line)
+
 
 def _tracking(mlflow: str | bool | None):
     """The tracking module and the URI ('' for the default) when logging to MLflow, its extra

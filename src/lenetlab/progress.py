@@ -59,6 +59,10 @@ class Progress:
         self.bar.set_postfix(running=self.running, failed=self.failed)
         self.bar.update(1)
 
+    def note(self, line: str) -> None:
+        if not self.quiet:
+            self.echo(line) if self.bar is None or self.bar.disable else self.bar.write(line)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -34,6 +34,7 @@ class Display(Protocol):
     def begin(self, todo: int, finished: int) -> None: ...
     def start(self, trial: Trial) -> None: ...
     def done(self, result: TrialResult) -> None: ...
+    def note(self, line: str) -> None: ...  # a line of news between trials (a teacher training)
 
 
 def study_configs(variants: list[str], epochs_scale: float, warm_start: bool) -> list[tuple[str, Recipe]]:
@@ -112,7 +113,8 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
     # the teachers of distilling recipes first, each once for the whole run (not on the display)
     teaching.prepare(run_dir, [t.recipe for t in todo], plan.run_id, plan.options, data,
                      lambda trials, folder: run_trials(trials, folder, lambda trial: None,
-                                                       lambda result: record_elapsed()))
+                                                       lambda result: record_elapsed()),
+                     display.note if display else None)
     run_trials(todo, run_dir, start_one, done)
     record_elapsed()
     return finalize(run_dir, plan, data)

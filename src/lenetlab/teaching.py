@@ -79,10 +79,12 @@ TrainTrials = Callable[[list[Trial], Path], None]  # runs trials into a folder w
 
 
 def prepare(run_dir: Path, recipes: Iterable[Recipe], run_id: str, options: RunOptions, data: FashionMNIST,
-            train: TrainTrials) -> None:
+            train: TrainTrials, say: Callable[[str], None] | None = None) -> None:
     """Make sure every teacher of recipes has its models and their outputs in run_dir: the
     models not yet trained are trained (train), the outputs not yet stored computed here.
-    data without test images: a search's run, whose teachers are trained without it too."""
+    data without test images: a search's run, whose teachers are trained without it too.
+    say: told what is being done, in a line."""
+    say = say or (lambda line: None)
     needs: dict[Teacher, set[tuple[int, bool]]] = {}
     for recipe in recipes:
         if (teacher := teacher_of(recipe)) is not None:
@@ -94,6 +96,8 @@ def prepare(run_dir: Path, recipes: Iterable[Recipe], run_id: str, options: RunO
         (where / "checkpoints").mkdir(parents=True, exist_ok=True)
         todo = [t for t in teacher.trials() if not _done(where, t, run_id, search)]
         if todo:
+            say(f"teacher {teacher.name}: training {len(todo)} of its {teacher.models} models before its "
+                f"students (seeds {', '.join(str(t.seed) for t in todo)})")
             train(todo, where)
         failed = [t.seed for t in teacher.trials() if not _done(where, t, run_id, search)]
         if failed:
@@ -105,6 +109,8 @@ def prepare(run_dir: Path, recipes: Iterable[Recipe], run_id: str, options: RunO
                 if splits is None:
                     splits = make_splits(data, options.split_seed, "cpu", options.train_subset)
                 models = [_load_model(where, teacher, t, run_id, search) for t in teacher.trials()]
+                say(f"teacher {teacher.name}: its outputs on every shift{' and flip' if flip else ''} of the "
+                    f"{len(splits.train_x):,} training images")
                 forward = native.forward if native.native_gap(teacher.recipe) is None else fast_forward
                 table = ensemble_log_probs(models, splits.train_x, translate, flip, forward)
                 write_outputs(path, table, _stamp(teacher, run_id, where, options, search))

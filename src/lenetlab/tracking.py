@@ -317,6 +317,9 @@ class Tracker:
         self.running.discard(result.trial.key)
         self._try(lambda: self.log.log_trial(result))
 
+    def note(self, line: str) -> None:  # the progress display shows it
+        pass
+
     def finish(self) -> None:
         """After finalize: every recorded trial and the summary, tried again once after a failure."""
         from .runner import read_results

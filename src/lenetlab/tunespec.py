@@ -80,8 +80,10 @@ class TuneSpec:
     @property
     def base(self) -> Recipe:
         """The recipe every trial starts from: the variant with the fixed fields. (The best is
-        confirmed against the variant as published: tuning/run.py's best_spec.)"""
-        return with_fields(RECIPES[self.variant], self.fixed)
+        confirmed against the variant as published: tuning/run.py's best_spec.) A searched
+        distill starts at its first value, as a fixed teacher needs one above 0."""
+        start = {"distill": _ends(self.space["distill"])[0]} if "distill" in self.space else {}
+        return with_fields(RECIPES[self.variant], {**self.fixed, **start})
 
     def recipe(self, params: dict) -> Recipe:
         """The recipe of a trial: the base with the sampled fields."""
@@ -208,14 +210,19 @@ def parse(table: dict) -> TuneSpec:
     if twice:
         raise SpecError(f"{twice[0]}: both fixed and in [search]; keep one")
     space = {key: _dimension(key, value) for key, value in search.items()}
+    # the teacher trains once, before the trials, and stores its outputs for one layout of moves
+    for key in ("teacher", "teacher_models", "teacher_epochs", "translate", "flip"):
+        if key in space and (key.startswith("teacher") or fixed.get("teacher", RECIPES[variant].teacher)):
+            raise SpecError(f"search.{key}: fixed in a search with a teacher (the teacher trains once, "
+                            "before the trials, for one translate and flip); set it outside [search]")
     min_epochs = _whole("min_epochs", settings["min_epochs"], 1, 1000)
+    spec = TuneSpec(name, variant, fixed, space, trials, None if timeout is None else float(timeout), seed,
+                    pruner, min_epochs, trial_seed, confirm_seeds)
     try:
-        base = with_fields(RECIPES[variant], fixed)
+        base = spec.base
     except OptionError as exc:  # fields that do not fit together (a warm-up as long as the run)
         raise SpecError(str(exc)) from None
     _check_together(base, space)
-    spec = TuneSpec(name, variant, fixed, space, trials, None if timeout is None else float(timeout), seed,
-                    pruner, min_epochs, trial_seed, confirm_seeds)
     if min_epochs > spec.max_epochs():
         raise SpecError(f"min_epochs: {min_epochs} is more than a trial's most epochs ({spec.max_epochs()})")
     return spec

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from .. import teaching
 from ..data import FashionMNIST
 from ..engines import run_local, run_ray
 from ..options import DEFAULT_RAY_RETRIES
@@ -157,6 +158,17 @@ class Search:
             if on_start:
                 on_start(trial)
 
+        def train(trials: list[Trial], folder: Path) -> None:  # the teacher's models, before any trial
+            count = max(1, min(workers, len(trials)))
+            if self.plan.engine == "ray":
+                run_ray(trials, self.plan.run_id, folder, self.plan.options, address, count, data,
+                        lambda trial: None, lambda result: None, ray_retries)
+            else:
+                run_local(trials, self.plan.run_id, folder, self.plan.options, data, count,
+                          lambda trial: None, lambda result: None)
+
+        teaching.prepare(self.run_dir, [self.spec.base], self.plan.run_id, self.plan.options, data, train,
+                         self.display.echo if self.display else None)
         referee = Referee(str(self.run_dir), self.spec)
         try:
             if self.plan.engine == "ray":
