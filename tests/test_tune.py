@@ -80,6 +80,9 @@ def test_the_docs_spec_and_the_example_are_valid_specs():
     assert set(parse(tomllib.loads(shown)).space) == {"lr", "batch_size", "epochs"}
     assert set(load_tune_spec(repo / "examples" / "tune.toml").space) == {"lr", "weight_decay", "batch_size",
                                                                           "epochs"}
+    distilling = load_tune_spec(repo / "examples" / "distill-search.toml")
+    assert distilling.base.teacher == "tuned" and set(distilling.space) == {
+        "distill", "distill_temp", "epochs", "label_smoothing"}
 
 
 @pytest.mark.parametrize("flag, value", [("--trials", "0"), ("--timeout", "0"), ("--timeout", "-5")])
