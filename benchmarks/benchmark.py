@@ -419,11 +419,17 @@ def print_fixed_cost(cost: dict) -> None:
 
 
 def variants(text: str) -> list[str]:
-    names = [name for v in text.split(",") for name in (RECIPES if v == "all" else [v])]
+    # all: the recipes the conventional loop can train (distillation's teacher is lenetlab's alone)
+    every = [name for name, recipe in RECIPES.items() if not recipe.teacher]
+    names = [name for v in text.split(",") for name in (every if v == "all" else [v])]
     unknown = [v for v in names if v not in RECIPES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r} (choose from "
                                          f"{', '.join(RECIPES)} or all)")
+    taught = [v for v in names if RECIPES[v].teacher]
+    if taught:
+        raise argparse.ArgumentTypeError(f"{taught[0]} learns from a teacher, which the conventional loop "
+                                         "has not: choose from " + ", ".join(every))
     return list(dict.fromkeys(names))
 
 

@@ -268,7 +268,7 @@ def test_study_runs_the_published_five_unless_tuned_is_asked_for(tmp_path):
 
     five = ["baseline", "dropout", "l2_regularization", "batch_norm", "l2_optimized"]
     assert list(PUBLISHED_RECIPES) == five
-    assert list(RECIPES) == [*PUBLISHED_RECIPES, "tuned"]
+    assert list(RECIPES) == [*PUBLISHED_RECIPES, "tuned", "distilled"]
     assert_one_line_error(run_cli("study", "--variants", "tuned,nothing", "--out", tmp_path), "'nothing'")
     listing = run_cli("variants").stdout
     assert "tuned" in listing and "activation relu" in listing

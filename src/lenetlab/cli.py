@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=options.typed("seeds"), default=options.DEFAULT_SEEDS,
                    help=f"seeds per variant, 1 to {MAX_SEEDS} (default {options.DEFAULT_SEEDS})")
     p.add_argument("--variants", type=options.list_of(str), help="comma-separated, e.g. baseline,dropout; "
-                   "tuned is lenetlab's best recipe; all: the five and tuned (default: the five published)")
+                   "tuned and distilled are lenetlab's own recipes; all: every recipe "
+                   "(default: the five published)")
     p.add_argument("--epochs-scale", type=options.typed("epochs_scale"),
                    default=1.0,
                    help=f"multiply every recipe's epochs, more than 0 to {options.MAX_EPOCHS_SCALE:g} "
