@@ -589,6 +589,19 @@ def _soft_torch_step(model, optimizer, x, target, keep, smoothing: float):
     optimizer.step()
 
 
+def _soft_reference(variant: Variant, optimizer: str, x, y, target):
+    """A fresh model and optimiser for a step on soft targets, with the float64 step's state
+    and loss that the native step must match (torch's own float32 step checked against them)."""
+    model, opt = _fresh(variant, optimizer)
+    keep, scale = _mask(model, len(x), 0)
+    want = rounding.step(model, opt, x, target, scale, variant.smoothing)
+    totals = rounding.loss(model, x, target, scale, variant.smoothing, labels=y)
+    twin = _fresh(variant, optimizer)
+    _soft_torch_step(*twin, x, target, keep, variant.smoothing)
+    _within(_state(*twin), want, TORCH_OUTSIDE.format(0))
+    return model, opt, scale, want, totals
+
+
 @pytest.mark.parametrize(("build", "variant", "optimizer"), _on_builds(
     SOFT_CASES, lambda v, o: v.original or v == ALL_ON_RELU_MAX), indirect=["build"])
 def check_one_step_on_soft_targets_matches_torch(build, variant, optimizer):
@@ -599,13 +612,8 @@ def check_one_step_on_soft_targets_matches_torch(build, variant, optimizer):
     float64 ones' but for those rounding may change."""
     for cut in (False, True):
         x, y, mixes, target = _soft_batch(cut)
-        model, opt = _fresh(variant, optimizer)
-        keep, scale = _mask(model, len(x), 0)
-        want = rounding.step(model, opt, x, target, scale, variant.smoothing)
-        loss, bound, correct, uncertain = rounding.loss(model, x, target, scale, variant.smoothing, labels=y)
-        twin = _fresh(variant, optimizer)
-        _soft_torch_step(*twin, x, target, keep, variant.smoothing)
-        _within(_state(*twin), want, TORCH_OUTSIDE.format(0))
+        model, opt, scale, want, (loss, bound, correct, uncertain) = _soft_reference(variant, optimizer, x, y,
+                                                                                   target)
         trainer = native.NativeTrainer(model, opt, label_smoothing=variant.smoothing, lib=build)
         trainer.train_step(x, y, scale, mixes, premixed=True)
         _within(_state(model, opt), want, f"the native step on {'CutMix' if cut else 'mixup'}'s targets")
@@ -682,13 +690,8 @@ def check_one_step_on_given_targets_matches_torch(build, variant, optimizer):
             x = mixes.images(data_x[order], 0)
             target = mixes.blend(_given_targets(y), 0).contiguous()
             assert (target - mixes.targets(y, 0)).abs().max() > 0.5  # mixing's targets would fail
-        model, opt = _fresh(variant, optimizer)
-        keep, scale = _mask(model, len(x), 0)
-        want = rounding.step(model, opt, x, target, scale, variant.smoothing)
-        loss, bound, correct, uncertain = rounding.loss(model, x, target, scale, variant.smoothing, labels=y)
-        twin = _fresh(variant, optimizer)
-        _soft_torch_step(*twin, x, target, keep, variant.smoothing)
-        _within(_state(*twin), want, TORCH_OUTSIDE.format(0))
+        model, opt, scale, want, (loss, bound, correct, uncertain) = _soft_reference(variant, optimizer, x, y,
+                                                                                   target)
         trainer = native.NativeTrainer(model, opt, label_smoothing=variant.smoothing, lib=build)
         if mix is None:
             trainer.train_step(x, y, scale, targets=target)
