@@ -99,10 +99,12 @@ RECIPES["tuned"] = Recipe(
 RECIPES["distilled"] = replace(
     RECIPES["tuned"], name="distilled",
     teacher="tuned", teacher_models=4,  # the four models' ensemble: 0.938 test accuracy
-    distill=0.97, distill_temp=2.3,  # almost all teacher, softened: validation 0.9367
+    distill=0.97, distill_temp=2.3,  # almost all teacher, softened (the search's trial 0)
     epochs=200,  # every trial of the search above validation 0.933 trained 200 epochs
     label_smoothing=0.095,
+    # the goal was 0.935 mean test accuracy; this reaches 0.930, +0.002 over itself untaught
 )
+
 
 @dataclass(frozen=True)
 class Field:

@@ -193,6 +193,7 @@ class TrialOutput:
     pruned: bool = False  # stopped early by on_epoch (a search's pruner)
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch trained here: steps and evaluations
 
+
 class Teacher(Protocol):
     """A teacher's soft targets for a batch (teaching.Outputs)."""
 
