@@ -344,6 +344,18 @@ def _ray_trial(trial: Trial, run_id: str, data_refs: list, options: RunOptions, 
                          run_dir=run if here else None)
 
 
+def run_trials(engine: str, trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOptions,
+               data: FashionMNIST, workers: int, on_start: OnStart, on_done: OnDone,
+               address: str | None = None, ray_retries: int = DEFAULT_RAY_RETRIES,
+               referee: Referee | None = None) -> None:
+    """Run trials on the engine a plan names: Ray's (at address, or a local instance) or the local pool."""
+    if engine == "ray":
+        run_ray(trials, run_id, run_dir, options, address, workers, data, on_start, on_done, ray_retries,
+                referee=referee)
+    else:
+        run_local(trials, run_id, run_dir, options, data, workers, on_start, on_done, referee=referee)
+
+
 def run_ray(trials: Iterable[Trial], run_id: str, run_dir: Path, options: RunOptions, address: str | None,
             workers: int, data: FashionMNIST, on_start: OnStart, on_done: OnDone,
             retries: int = DEFAULT_RAY_RETRIES, referee: Referee | None = None) -> None:

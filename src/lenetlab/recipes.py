@@ -201,9 +201,9 @@ def with_fields(base: Recipe, changes: dict, where: str = "") -> Recipe:
     if "dropout_rate" in checked and not base.use_dropout:
         raise problem("dropout_rate", f"variant {base.name!r} has no dropout layer")
     recipe = replace(base, **checked)
-    if (recipe.distill > 0) != bool(recipe.teacher):
+    if (text := distill_problem(recipe)) is not None:
         key = "distill" if "distill" in checked or "teacher" not in checked else "teacher"
-        raise problem(key, distill_problem(recipe))
+        raise problem(key, text)
     if recipe.warmup_epochs >= recipe.epochs and recipe.warmup_epochs > 0:
         key = "warmup_epochs" if "warmup_epochs" in checked or "epochs" not in checked else "epochs"
         raise problem(key, f"the warm-up ({recipe.warmup_epochs} epochs) must be shorter than the run "
@@ -226,8 +226,8 @@ def recipe_from_dict(entry: dict) -> Recipe:
     except SpecError as exc:
         raise ValueError(str(exc)) from None
     checked(recipe, "recipe")
-    if (recipe.distill > 0) != bool(recipe.teacher):
-        raise ValueError(f"recipe.distill: {distill_problem(recipe)}")
+    if (text := distill_problem(recipe)) is not None:
+        raise ValueError(f"recipe.distill: {text}")
     if recipe.warm_start_from is not None and recipe.warm_start_from not in RECIPES:
         raise ValueError(f"recipe.warm_start_from: unknown variant {recipe.warm_start_from!r}")
     if not 0 <= recipe.warm_start_epochs <= 1000:
@@ -235,8 +235,10 @@ def recipe_from_dict(entry: dict) -> Recipe:
     return recipe
 
 
-def distill_problem(recipe: Recipe) -> str:
-    """Why distill and teacher do not go together (one set without the other)."""
+def distill_problem(recipe: Recipe) -> str | None:
+    """Why distill and teacher do not go together (one set without the other); None if they do."""
+    if (recipe.distill > 0) == bool(recipe.teacher):
+        return None
     if recipe.teacher:
         return f"a teacher ({recipe.teacher!r}) teaches only with distill above 0"
     return f"distill {recipe.distill} needs a teacher (the recipe whose models teach)"

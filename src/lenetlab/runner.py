@@ -18,7 +18,7 @@ from typing import Protocol
 
 from . import teaching
 from .data import FashionMNIST
-from .engines import default_workers, run_local, run_ray, usable_cores
+from .engines import default_workers, run_trials, usable_cores
 from .errors import RunDirError
 from .options import DEFAULT_RAY_RETRIES
 from .recipes import Recipe, get_recipe, scale_epochs
@@ -102,20 +102,15 @@ def execute(run_dir: Path, plan: RunPlan, data: FashionMNIST, address: str | Non
         if display:
             display.done(result)
 
-    def run_trials(trials: list[Trial], folder: Path, on_start, on_done) -> None:
-        count = max(1, min(workers, len(trials)))
-        if plan.engine == "ray":
-            run_ray(trials, plan.run_id, folder, plan.options, address, count, data, on_start, on_done,
-                    ray_retries)
-        else:
-            run_local(trials, plan.run_id, folder, plan.options, data, count, on_start, on_done)
+    def teach(trials: list[Trial], folder: Path) -> None:  # not on the display: its count is the plan's
+        run_trials(plan.engine, trials, plan.run_id, folder, plan.options, data, min(workers, len(trials)),
+                   lambda trial: None, lambda result: record_elapsed(), address, ray_retries)
 
-    # the teachers of distilling recipes first, each once for the whole run (not on the display)
-    teaching.prepare(run_dir, [t.recipe for t in todo], plan.run_id, plan.options, data,
-                     lambda trials, folder: run_trials(trials, folder, lambda trial: None,
-                                                       lambda result: record_elapsed()),
+    # the teachers of distilling recipes first, each once for the whole run
+    teaching.prepare(run_dir, [t.recipe for t in todo], plan.run_id, plan.options, data, teach,
                      display.note if display else None)
-    run_trials(todo, run_dir, start_one, done)
+    run_trials(plan.engine, todo, plan.run_id, run_dir, plan.options, data, workers, start_one, done, address,
+               ray_retries)
     record_elapsed()
     return finalize(run_dir, plan, data)
 

@@ -19,6 +19,7 @@ images' targets, as mixup and CutMix mix labels.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,51 +91,47 @@ def prepare(run_dir: Path, recipes: Iterable[Recipe], run_id: str, options: RunO
         if (teacher := teacher_of(recipe)) is not None:
             needs.setdefault(teacher, set()).add((recipe.translate, recipe.flip))
     search = data.test_images is None
+    where = folder(run_dir)
     splits = None
     for teacher, layouts in needs.items():
-        where = folder(run_dir)
         (where / "checkpoints").mkdir(parents=True, exist_ok=True)
-        todo = [t for t in teacher.trials() if not _done(where, t, run_id, search)]
+        todo = [t for t in teacher.trials() if not _done(read_result(where, t, run_id, search))]
         if todo:
             say(f"teacher {teacher.name}: training {len(todo)} of its {teacher.models} models before its "
                 f"students (seeds {', '.join(str(t.seed) for t in todo)})")
             train(todo, where)
-        failed = [t.seed for t in teacher.trials() if not _done(where, t, run_id, search)]
+        results = [read_result(where, t, run_id, search) for t in teacher.trials()]
+        failed = [t.seed for t, result in zip(teacher.trials(), results) if not _done(result)]
         if failed:
             raise TeacherError(f"{where}: teacher {teacher.name}'s models from seeds {failed} did not train "
                                "(their trial files say why); its students cannot train")
+        # what the outputs are computed from: these models (their weights' digests) on the run's split
+        stamp = {"teacher": teacher.name, "models": [r.weights_sha256 for r in results],
+                 "split_seed": options.split_seed, "train_subset": options.train_subset}
+        models = None
         for translate, flip in sorted(layouts):
             path = outputs_path(run_dir, teacher, translate, flip)
-            if _stamp_problem(path, teacher, run_id, where, options, search) is not None:
-                if splits is None:
-                    splits = make_splits(data, options.split_seed, "cpu", options.train_subset)
-                models = [_load_model(where, teacher, t, run_id, search) for t in teacher.trials()]
-                say(f"teacher {teacher.name}: its outputs on every shift{' and flip' if flip else ''} of the "
-                    f"{len(splits.train_x):,} training images")
-                forward = native.forward if native.native_gap(teacher.recipe) is None else fast_forward
-                table = ensemble_log_probs(models, splits.train_x, translate, flip, forward)
-                write_outputs(path, table, _stamp(teacher, run_id, where, options, search))
+            if _stamp_problem(path, stamp) is None:
+                continue
+            if splits is None:
+                splits = make_splits(data, options.split_seed, "cpu", options.train_subset)
+            if models is None:
+                models = [_load_model(where / r.weights, teacher.recipe) for r in results]
+            say(f"teacher {teacher.name}: its outputs on every shift{' and flip' if flip else ''} of the "
+                f"{len(splits.train_x):,} training images")
+            forward = native.forward if native.native_gap(teacher.recipe) is None else fast_forward
+            table = ensemble_log_probs(models, splits.train_x, translate, flip, forward)
+            write_outputs(path, table, stamp)
 
 
-def _done(where: Path, trial: Trial, run_id: str, search: bool) -> bool:
-    result = read_result(where, trial, run_id, search)
+def _done(result) -> bool:
     return result is not None and result.done
 
 
-def _load_model(where: Path, teacher: Teacher, trial: Trial, run_id: str, search: bool) -> LeNet5V1:
-    result = read_result(where, trial, run_id, search)
-    model = LeNet5V1(dropout_rate=teacher.recipe.dropout_rate, **architecture(teacher.recipe))
-    state = torch.load(where / result.weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+def _load_model(weights: Path, recipe: Recipe) -> LeNet5V1:
+    model = LeNet5V1(dropout_rate=recipe.dropout_rate, **architecture(recipe))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
-
-
-def _stamp(teacher: Teacher, run_id: str, where: Path, options: RunOptions, search: bool) -> dict:
-    """What the outputs were computed from: the teacher's models (their weights' digests) on
-    the run's training split."""
-    digests = [read_result(where, t, run_id, search).weights_sha256 for t in teacher.trials()]
-    return {"teacher": teacher.name, "models": digests, "split_seed": options.split_seed,
-            "train_subset": options.train_subset}
 
 
 @torch.inference_mode()
@@ -163,17 +160,16 @@ def write_outputs(path: Path, table: np.ndarray, stamp: dict) -> None:
                        {**stamp, "shape": list(table.shape), "table_sha256": files.sha256_file(path)})
 
 
-def _stamp_problem(path: Path, teacher: Teacher, run_id: str, where: Path, options: RunOptions,
-                   search: bool) -> str | None:
-    """None if path holds the outputs of teacher's current models on the run's split."""
+def _stamp_problem(path: Path, stamp: dict) -> str | None:
+    """None if path holds the outputs that stamp describes (the teacher's current models on
+    the run's split)."""
     try:
         body = files.read_record(path.with_suffix(".json"), FORMAT)
     except Exception as exc:  # none yet, or damaged: compute them again
         return str(exc)
     if files.sha256_file(path) != body.get("table_sha256"):
         return "the table is not the one its stamp describes"
-    want = _stamp(teacher, run_id, where, options, search)
-    if any(body.get(k) != v for k, v in want.items()):
+    if any(body.get(k) != v for k, v in stamp.items()):
         return "computed from other models or another split"
     return None
 
@@ -195,7 +191,7 @@ def load_outputs(path: Path, n: int) -> torch.Tensor:
     data = path.read_bytes() if path.exists() else b""
     if hashlib.sha256(data).hexdigest() != body["table_sha256"]:
         raise TeacherError(f"{path}: not the teacher's outputs its stamp describes (digest differs)")
-    table = torch.from_numpy(np.load(path, allow_pickle=False))
+    table = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))  # the bytes just checked
     if list(table.shape) != body["shape"] or table.shape[0] != n or table.shape[2] != 10:
         raise TeacherError(f"{path}: shape {tuple(table.shape)}, not ({n}, moves, 10)")
     _loaded.clear()  # one table at a time: they are large

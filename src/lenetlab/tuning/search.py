@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from .. import teaching
 from ..data import FashionMNIST
-from ..engines import run_local, run_ray
+from ..engines import run_trials
 from ..options import DEFAULT_RAY_RETRIES
 from ..records import Trial, TrialResult
 from ..rundir import read_result
@@ -158,24 +158,16 @@ class Search:
             if on_start:
                 on_start(trial)
 
-        def train(trials: list[Trial], folder: Path) -> None:  # the teacher's models, before any trial
-            count = max(1, min(workers, len(trials)))
-            if self.plan.engine == "ray":
-                run_ray(trials, self.plan.run_id, folder, self.plan.options, address, count, data,
-                        lambda trial: None, lambda result: None, ray_retries)
-            else:
-                run_local(trials, self.plan.run_id, folder, self.plan.options, data, count,
-                          lambda trial: None, lambda result: None)
+        def teach(trials: list[Trial], folder: Path) -> None:  # the teacher's models, before any trial
+            run_trials(self.plan.engine, trials, self.plan.run_id, folder, self.plan.options, data,
+                       min(workers, len(trials)), lambda trial: None, lambda result: None, address,
+                       ray_retries)
 
-        teaching.prepare(self.run_dir, [self.spec.base], self.plan.run_id, self.plan.options, data, train,
+        teaching.prepare(self.run_dir, [self.spec.base], self.plan.run_id, self.plan.options, data, teach,
                          self.display.echo if self.display else None)
         referee = Referee(str(self.run_dir), self.spec)
         try:
-            if self.plan.engine == "ray":
-                run_ray(self.trials(again), self.plan.run_id, self.run_dir, self.plan.options, address,
-                        workers, data, start, done, ray_retries, referee=referee)
-            else:
-                run_local(self.trials(again), self.plan.run_id, self.run_dir, self.plan.options, data,
-                          workers, start, done, referee=referee)
+            run_trials(self.plan.engine, self.trials(again), self.plan.run_id, self.run_dir,
+                       self.plan.options, data, workers, start, done, address, ray_retries, referee=referee)
         finally:  # Ctrl-C too: the timeout counts this session (a kill -9 loses what the last trial left)
             self.record_elapsed()
